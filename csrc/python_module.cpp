@@ -1,0 +1,47 @@
+// The Python module dagfm_ext._C: importing it loads the op registrations (ops.cpp and the
+// backend files are linked into it); build_info() says what this build contains.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifdef DAGFM_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
+
+namespace {
+
+#ifndef DAGFM_CUDA_ARCH_LIST
+#define DAGFM_CUDA_ARCH_LIST ""
+#endif
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef DAGFM_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = std::string(DAGFM_CUDA_ARCH_LIST);
+#ifdef CUDA_VERSION
+  info["cuda_version"] = CUDA_VERSION;
+#endif
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = std::string();
+#endif
+  info["torch_version"] = std::string(TORCH_VERSION);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  info["compiler"] = std::string("msvc ") + std::to_string(_MSC_VER);
+#endif
+  info["cpu_kernels"] = true;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dagfm_ext compiled kernels (registers the dagfm_ext::* custom ops on import)";
+  m.def("build_info", &build_info, "What this build contains: CUDA, architectures, torch, compiler");
+}

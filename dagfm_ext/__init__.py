@@ -1,0 +1,16 @@
+"""dagfm_ext: fused CPU/CUDA kernels for KD-DAGFM and the distillation pipeline around them."""
+from __future__ import annotations
+
+from . import _C  # noqa: F401  (registers the dagfm_ext::* custom ops)
+from . import reference
+from .functional import dagfm_propagate
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What this build of the extension contains: CUDA kernels, architectures, torch, compiler."""
+    return dict(_C.build_info())
+
+
+__all__ = ["dagfm_propagate", "reference", "build_info", "__version__"]

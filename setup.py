@@ -1,0 +1,51 @@
+"""Builds the one extension dagfm_ext._C.
+
+C++ always; the CUDA sources only when a CUDA toolkit and a CUDA build of torch are both present.
+DAGFM_USE_CUDA=0/1 forces the choice; TORCH_CUDA_ARCH_LIST picks the architectures as usual.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("DAGFM_USE_CUDA")
+    if forced is not None:
+        return forced.strip() not in ("", "0", "false", "False", "no")
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    use_cuda = _want_cuda()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd"] if sys.platform != "win32" else ["/O2"]
+    define_macros = []
+    extra = {"cxx": cxx_flags}
+    ext_cls = cpp_extension.CppExtension
+    if use_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("DAGFM_WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        ext_cls = cpp_extension.CUDAExtension
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if use_cuda else ""
+    define_macros.append(("DAGFM_CUDA_ARCH_LIST", '"%s"' % arch_list.replace('"', "")))
+    return ext_cls(
+        name="dagfm_ext._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
