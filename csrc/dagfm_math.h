@@ -1,4 +1,4 @@
-// Per-sample DAG-propagation arithmetic (DESIGN.md §2), shared by the CPU kernels and the CUDA
+// Per-sample (and per-tile) DAG-propagation arithmetic (DESIGN.md §2), shared by the CPU kernels and the CUDA
 // fallback path. No torch includes. `T` is the storage type of the weights, `Acc` the type the
 // states and sums are kept in (float for float/half/bfloat16, double for double).
 //
@@ -11,9 +11,13 @@
 #if defined(__CUDACC__)
 #define DAGFM_HD __host__ __device__ __forceinline__
 #define DAGFM_RESTRICT __restrict__
+#elif defined(__GNUC__)
+// Always inlined so that each ISA clone of a CPU caller (target_clones) compiles these for its ISA.
+#define DAGFM_HD inline __attribute__((always_inline))
+#define DAGFM_RESTRICT __restrict__
 #else
 #define DAGFM_HD inline
-#define DAGFM_RESTRICT __restrict__
+#define DAGFM_RESTRICT
 #endif
 
 // Lets the host compiler vectorise the short reductions over D without -ffast-math
@@ -50,163 +54,242 @@ DAGFM_HD Acc sum(const Acc* DAGFM_RESTRICT x, int D) {
   return s;
 }
 
-// One layer forward for one sample: a_j = sum_{i<=j} message(i -> j), h_next_j = h0_j * a_j.
-template <typename T, typename Acc>
+// Every per-sample (F, D) array below comes as a tile of S samples, sample s at offset s*F*D:
+// the CPU runs tiles so that each weight it loads serves S samples; S = 1 is one sample.
+
+// One layer forward: a_j = sum_{i<=j} message(i -> j), h_next_j = h0_j * a_j.
+// kD > 0 fixes D at compile time: the accumulator of a_j then lives in registers.
+template <typename T, typename Acc, int kD = 0>
 DAGFM_HD void layer_forward(Interaction kind, const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
                             const Acc* DAGFM_RESTRICT h0, const Acc* DAGFM_RESTRICT h_prev,
-                            Acc* DAGFM_RESTRICT a, Acc* DAGFM_RESTRICT h_next, int F, int D) {
+                            Acc* DAGFM_RESTRICT a, Acc* DAGFM_RESTRICT h_next, int F, int D_arg,
+                            int S = 1) {
+  const int D = kD > 0 ? kD : D_arg;
+  const int64_t FD = int64_t(F) * D;
   const int edge_numel = kind == Interaction::Kernel ? D * D : D;
+  int s0 = 0;
+  if constexpr (kD > 0) {
+    // D fixed: one weight load serves a block of samples, accumulators in registers.
+    constexpr int kBlock = 4;
+    if (kind != Interaction::Kernel)
+      for (; s0 + kBlock <= S; s0 += kBlock)
+        for (int j = 0; j < F; ++j) {
+          Acc acc[kBlock][kD > 0 ? kD : 1] = {};
+          for (int i = 0; i <= j; ++i) {
+            const T* DAGFM_RESTRICT w = p + edge_offset(i, j, F, D);
+            if (kind == Interaction::Inner) {
+              for (int b = 0; b < kBlock; ++b) {
+                const Acc* DAGFM_RESTRICT hi = h_prev + (s0 + b) * FD + int64_t(i) * D;
+                DAGFM_SIMD
+                for (int d = 0; d < kD; ++d) acc[b][d] += Acc(w[d]) * hi[d];
+              }
+            } else {
+              const T* DAGFM_RESTRICT qij = q + edge_offset(i, j, F, D);
+              for (int b = 0; b < kBlock; ++b) {
+                const Acc c = dot(w, h_prev + (s0 + b) * FD + int64_t(i) * D, kD);
+                DAGFM_SIMD
+                for (int e = 0; e < kD; ++e) acc[b][e] += c * Acc(qij[e]);
+              }
+            }
+          }
+          for (int b = 0; b < kBlock; ++b) {
+            const int64_t oj = (s0 + b) * FD + int64_t(j) * D;
+            DAGFM_SIMD
+            for (int d = 0; d < kD; ++d) {
+              a[oj + d] = acc[b][d];
+              h_next[oj + d] = h0[oj + d] * acc[b][d];
+            }
+          }
+        }
+  }
   for (int j = 0; j < F; ++j) {
-    Acc* DAGFM_RESTRICT aj = a + int64_t(j) * D;
-    for (int d = 0; d < D; ++d) aj[d] = Acc(0);
-    for (int i = 0; i <= j; ++i) {
-      const Acc* DAGFM_RESTRICT hi = h_prev + int64_t(i) * D;
-      const T* DAGFM_RESTRICT w = p + edge_offset(i, j, F, edge_numel);
-      if (kind == Interaction::Inner) {
-        DAGFM_SIMD
-        for (int d = 0; d < D; ++d) aj[d] += Acc(w[d]) * hi[d];
-      } else if (kind == Interaction::Outer) {
-        const Acc c = dot(w, hi, D);
-        const T* DAGFM_RESTRICT qij = q + edge_offset(i, j, F, D);
-        DAGFM_SIMD
-        for (int e = 0; e < D; ++e) aj[e] += c * Acc(qij[e]);
-      } else {
-        for (int d = 0; d < D; ++d) {
-          const Acc hd = hi[d];
-          const T* DAGFM_RESTRICT wd = w + int64_t(d) * D;
+    for (int s = s0; s < S; ++s) {
+      const int64_t oj = s * FD + int64_t(j) * D;
+      Acc local[kD > 0 ? kD : 1];
+      Acc* DAGFM_RESTRICT acc;
+      if constexpr (kD > 0) acc = local; else acc = a + oj;
+      for (int d = 0; d < D; ++d) acc[d] = Acc(0);
+      const Acc* DAGFM_RESTRICT hs = h_prev + s * FD;
+      for (int i = 0; i <= j; ++i) {
+        const T* DAGFM_RESTRICT w = p + edge_offset(i, j, F, edge_numel);
+        const Acc* DAGFM_RESTRICT hi = hs + int64_t(i) * D;
+        if (kind == Interaction::Inner) {
           DAGFM_SIMD
-          for (int e = 0; e < D; ++e) aj[e] += hd * Acc(wd[e]);
+          for (int d = 0; d < D; ++d) acc[d] += Acc(w[d]) * hi[d];
+        } else if (kind == Interaction::Outer) {
+          const Acc c = dot(w, hi, D);
+          const T* DAGFM_RESTRICT qij = q + edge_offset(i, j, F, D);
+          DAGFM_SIMD
+          for (int e = 0; e < D; ++e) acc[e] += c * Acc(qij[e]);
+        } else {
+          for (int d = 0; d < D; ++d) {
+            const Acc hd = hi[d];
+            const T* DAGFM_RESTRICT wd = w + int64_t(d) * D;
+            DAGFM_SIMD
+            for (int e = 0; e < D; ++e) acc[e] += hd * Acc(wd[e]);
+          }
         }
       }
+      DAGFM_SIMD
+      for (int d = 0; d < D; ++d) {
+        a[oj + d] = acc[d];
+        h_next[oj + d] = h0[oj + d] * acc[d];
+      }
     }
-    const Acc* DAGFM_RESTRICT h0j = h0 + int64_t(j) * D;
-    Acc* DAGFM_RESTRICT hj = h_next + int64_t(j) * D;
-    DAGFM_SIMD
-    for (int d = 0; d < D; ++d) hj[d] = h0j[d] * aj[d];
   }
 }
 
-// One layer backward for one sample (DESIGN.md §2, t = the layer, h_prev = h^{t-1}, a = a^t).
-//   delta      in : dLoss/dh^t (F, D)
+// One layer backward (DESIGN.md §2, t = the layer, h_prev = h^{t-1}, a = a^t).
+//   delta      in : dLoss/dh^t
 //   delta_prev in : G[t-1] broadcast over d;  out: dLoss/dh^{t-1}
-//   alpha      scratch (F, D)
+//   alpha      scratch
 //   grad_h0    accumulates delta * a
-//   grad_p, grad_q accumulate this sample's weight gradients for the layer
-template <typename T, typename Acc>
+//   grad_p, grad_q accumulate the tile's weight gradients for the layer, samples in order
+template <typename T, typename Acc, int kD = 0>
 DAGFM_HD void layer_backward(Interaction kind, const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
                              const Acc* DAGFM_RESTRICT h0, const Acc* DAGFM_RESTRICT h_prev,
                              const Acc* DAGFM_RESTRICT a, const Acc* DAGFM_RESTRICT delta,
                              Acc* DAGFM_RESTRICT delta_prev, Acc* DAGFM_RESTRICT alpha,
                              Acc* DAGFM_RESTRICT grad_h0, Acc* DAGFM_RESTRICT grad_p,
-                             Acc* DAGFM_RESTRICT grad_q, int F, int D) {
+                             Acc* DAGFM_RESTRICT grad_q, int F, int D_arg, int S = 1) {
+  const int D = kD > 0 ? kD : D_arg;
   const int64_t FD = int64_t(F) * D;
   DAGFM_SIMD
-  for (int64_t k = 0; k < FD; ++k) {
+  for (int64_t k = 0; k < S * FD; ++k) {
     alpha[k] = delta[k] * h0[k];
     grad_h0[k] += delta[k] * a[k];
   }
   const int edge_numel = kind == Interaction::Kernel ? D * D : D;
   for (int j = 0; j < F; ++j) {
-    const Acc* DAGFM_RESTRICT alj = alpha + int64_t(j) * D;
     for (int i = 0; i <= j; ++i) {
-      const Acc* DAGFM_RESTRICT hi = h_prev + int64_t(i) * D;
-      Acc* DAGFM_RESTRICT di = delta_prev + int64_t(i) * D;
       const int64_t off = edge_offset(i, j, F, edge_numel);
       const T* DAGFM_RESTRICT w = p + off;
       Acc* DAGFM_RESTRICT gw = grad_p + off;
-      if (kind == Interaction::Inner) {
-        DAGFM_SIMD
-        for (int d = 0; d < D; ++d) {
-          gw[d] += alj[d] * hi[d];
-          di[d] += Acc(w[d]) * alj[d];
-        }
-      } else if (kind == Interaction::Outer) {
-        const T* DAGFM_RESTRICT qij = q + off;
-        Acc* DAGFM_RESTRICT gq = grad_q + off;
-        const Acc c = dot(w, hi, D);
-        const Acc r = dot(qij, alj, D);
-        DAGFM_SIMD
-        for (int d = 0; d < D; ++d) {
-          gq[d] += c * alj[d];
-          gw[d] += r * hi[d];
-          di[d] += r * Acc(w[d]);
-        }
-      } else {
-        for (int d = 0; d < D; ++d) {
-          const Acc hd = hi[d];
-          const T* DAGFM_RESTRICT wd = w + int64_t(d) * D;
-          Acc* DAGFM_RESTRICT gwd = gw + int64_t(d) * D;
-          Acc s = Acc(0);
-          DAGFM_SIMD_REDUCE(s)
-          for (int e = 0; e < D; ++e) {
-            gwd[e] += hd * alj[e];
-            s += Acc(wd[e]) * alj[e];
+      for (int s = 0; s < S; ++s) {
+        const Acc* DAGFM_RESTRICT alj = alpha + s * FD + int64_t(j) * D;
+        const Acc* DAGFM_RESTRICT hi = h_prev + s * FD + int64_t(i) * D;
+        Acc* DAGFM_RESTRICT di = delta_prev + s * FD + int64_t(i) * D;
+        if (kind == Interaction::Inner) {
+          DAGFM_SIMD
+          for (int d = 0; d < D; ++d) {
+            gw[d] += alj[d] * hi[d];
+            di[d] += Acc(w[d]) * alj[d];
           }
-          di[d] += s;
+        } else if (kind == Interaction::Outer) {
+          const T* DAGFM_RESTRICT qij = q + off;
+          Acc* DAGFM_RESTRICT gq = grad_q + off;
+          const Acc c = dot(w, hi, D);
+          const Acc r = dot(qij, alj, D);
+          DAGFM_SIMD
+          for (int d = 0; d < D; ++d) {
+            gq[d] += c * alj[d];
+            gw[d] += r * hi[d];
+            di[d] += r * Acc(w[d]);
+          }
+        } else {
+          for (int d = 0; d < D; ++d) {
+            const Acc hd = hi[d];
+            const T* DAGFM_RESTRICT wd = w + int64_t(d) * D;
+            Acc* DAGFM_RESTRICT gwd = gw + int64_t(d) * D;
+            Acc acc = Acc(0);
+            DAGFM_SIMD_REDUCE(acc)
+            for (int e = 0; e < D; ++e) {
+              gwd[e] += hd * alj[e];
+              acc += Acc(wd[e]) * alj[e];
+            }
+            di[d] += acc;
+          }
         }
       }
     }
   }
 }
 
-// Workspace one sample needs, in Acc elements: h^0..h^L, a^1..a^L, delta, delta_prev, alpha.
-DAGFM_HD int64_t sample_workspace_numel(int F, int D, int L) {
-  return int64_t(F) * D * (2 * L + 4);
+// Workspace a tile of S samples needs, in Acc elements: h^0..h^L, a^1..a^L, delta,
+// delta_prev, alpha.
+DAGFM_HD int64_t tile_workspace_numel(int F, int D, int L, int S = 1) {
+  return int64_t(S) * F * D * (2 * L + 4);
 }
 
-// Forward for one sample, keeping every state in `ws` (see sample_workspace_numel).
-// Writes states[t * F + j] = sum_d h^t_j[d]. Leaves h^t at ws + t*F*D and a^t at ws + (L+t)*F*D.
-template <typename T, typename Acc>
-DAGFM_HD void sample_forward(Interaction kind, const T* h0_in, const T* p, const T* q, T* states,
-                             Acc* ws, int F, int D, int L) {
-  const int64_t FD = int64_t(F) * D;
+// Forward for a tile of S consecutive samples (h0_in: S rows of F*D; states: S rows of (L+1)*F,
+// or nullptr), keeping every state in `ws`: h^t at ws + t*S*F*D, a^t at ws + (L+t)*S*F*D.
+template <typename T, typename Acc, int kD = 0>
+DAGFM_HD void tile_forward(Interaction kind, const T* h0_in, const T* p, const T* q, T* states,
+                           Acc* ws, int F, int D, int L, int S = 1) {
+  const int64_t FD = int64_t(F) * D, SFD = S * FD;
   const int64_t layer_numel = FD * F * (kind == Interaction::Kernel ? D : 1);
   const int64_t q_layer_numel = FD * F;
+  const int64_t states_row = int64_t(L + 1) * F;
   Acc* h0 = ws;
-  for (int64_t k = 0; k < FD; ++k) h0[k] = Acc(h0_in[k]);
-  if (states != nullptr)
-    for (int j = 0; j < F; ++j) states[j] = T(sum(h0 + int64_t(j) * D, D));
-  for (int t = 1; t <= L; ++t) {
-    Acc* h_prev = ws + (t - 1) * FD;
-    Acc* h = ws + t * FD;
-    Acc* a = ws + (L + t) * FD;
-    layer_forward(kind, p + (t - 1) * layer_numel, q == nullptr ? q : q + (t - 1) * q_layer_numel,
-                  h0, h_prev, a, h, F, D);
+  for (int64_t k = 0; k < SFD; ++k) h0[k] = Acc(h0_in[k]);
+  for (int t = 0; t <= L; ++t) {
+    Acc* h = ws + t * SFD;
+    if (t > 0)
+      layer_forward<T, Acc, kD>(kind, p + (t - 1) * layer_numel,
+                    q == nullptr ? q : q + (t - 1) * q_layer_numel, h0, ws + (t - 1) * SFD,
+                    ws + (L + t) * SFD, h, F, D, S);
     if (states != nullptr)
-      for (int j = 0; j < F; ++j) states[int64_t(t) * F + j] = T(sum(h + int64_t(j) * D, D));
+      for (int s = 0; s < S; ++s)
+        for (int j = 0; j < F; ++j)
+          states[s * states_row + int64_t(t) * F + j] = T(sum(h + s * FD + int64_t(j) * D, D));
   }
 }
 
-// Backward for one sample. grad_states is this sample's (L+1, F) slice. grad_h0_out receives the
-// full dLoss/dh0 (D-vectors per field); grad_p / grad_q accumulate into the caller's partial sums.
+// out[s, j, :] = grad_states[s, t, j] (G[t] broadcast over d).
 template <typename T, typename Acc>
-DAGFM_HD void sample_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
-                              const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
-                              int F, int D, int L) {
-  const int64_t FD = int64_t(F) * D;
+DAGFM_HD void broadcast_grad_states(const T* grad_states, int t, Acc* out, int F, int D, int L,
+                                    int S) {
+  const int64_t FD = int64_t(F) * D, states_row = int64_t(L + 1) * F;
+  for (int s = 0; s < S; ++s)
+    for (int j = 0; j < F; ++j) {
+      const Acc g = Acc(grad_states[s * states_row + int64_t(t) * F + j]);
+      for (int d = 0; d < D; ++d) out[s * FD + int64_t(j) * D + d] = g;
+    }
+}
+
+// Backward for a tile of S consecutive samples. grad_states: S rows of (L+1)*F. grad_h0 receives
+// the full dLoss/dh0 (S rows of F*D); grad_p / grad_q accumulate into the caller's partial sums.
+template <typename T, typename Acc, int kD = 0>
+DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
+                            const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
+                            int F, int D, int L, int S = 1) {
+  const int64_t FD = int64_t(F) * D, SFD = S * FD;
   const int64_t layer_numel = FD * F * (kind == Interaction::Kernel ? D : 1);
   const int64_t q_layer_numel = FD * F;
-  sample_forward<T, Acc>(kind, h0_in, p, q, static_cast<T*>(nullptr), ws, F, D, L);
+  tile_forward<T, Acc, kD>(kind, h0_in, p, q, static_cast<T*>(nullptr), ws, F, D, L, S);
   const Acc* h0 = ws;
-  Acc* delta = ws + (2 * L + 1) * FD;
-  Acc* delta_prev = delta + FD;
-  Acc* alpha = delta_prev + FD;
-  for (int64_t k = 0; k < FD; ++k) grad_h0[k] = Acc(0);
-  for (int j = 0; j < F; ++j)
-    for (int d = 0; d < D; ++d) delta[int64_t(j) * D + d] = Acc(grad_states[int64_t(L) * F + j]);
+  Acc* delta = ws + (2 * L + 1) * SFD;
+  Acc* delta_prev = delta + SFD;
+  Acc* alpha = delta_prev + SFD;
+  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = Acc(0);
+  broadcast_grad_states(grad_states, L, delta, F, D, L, S);
   for (int t = L; t >= 1; --t) {
-    for (int j = 0; j < F; ++j)
-      for (int d = 0; d < D; ++d)
-        delta_prev[int64_t(j) * D + d] = Acc(grad_states[int64_t(t - 1) * F + j]);
-    layer_backward(kind, p + (t - 1) * layer_numel, q == nullptr ? q : q + (t - 1) * q_layer_numel,
-                   h0, ws + (t - 1) * FD, ws + (L + t) * FD, delta, delta_prev, alpha, grad_h0,
+    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S);
+    layer_backward<T, Acc, kD>(kind, p + (t - 1) * layer_numel, q == nullptr ? q : q + (t - 1) * q_layer_numel,
+                   h0, ws + (t - 1) * SFD, ws + (L + t) * SFD, delta, delta_prev, alpha, grad_h0,
                    grad_p + (t - 1) * layer_numel,
-                   grad_q == nullptr ? grad_q : grad_q + (t - 1) * q_layer_numel, F, D);
+                   grad_q == nullptr ? grad_q : grad_q + (t - 1) * q_layer_numel, F, D, S);
     Acc* tmp = delta;
     delta = delta_prev;
     delta_prev = tmp;
   }
-  for (int64_t k = 0; k < FD; ++k) grad_h0[k] += delta[k];
+  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
+}
+
+// One sample (S = 1): what a CUDA thread of the fallback path runs.
+DAGFM_HD int64_t sample_workspace_numel(int F, int D, int L) { return tile_workspace_numel(F, D, L, 1); }
+
+template <typename T, typename Acc>
+DAGFM_HD void sample_forward(Interaction kind, const T* h0_in, const T* p, const T* q, T* states,
+                             Acc* ws, int F, int D, int L) {
+  tile_forward<T, Acc>(kind, h0_in, p, q, states, ws, F, D, L, 1);
+}
+
+template <typename T, typename Acc>
+DAGFM_HD void sample_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
+                              const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
+                              int F, int D, int L) {
+  tile_backward<T, Acc>(kind, h0_in, p, q, grad_states, grad_h0, grad_p, grad_q, ws, F, D, L, 1);
 }
 
 }  // namespace dagfm

@@ -1,6 +1,8 @@
 """dagfm_ext: fused CPU/CUDA kernels for KD-DAGFM and the distillation pipeline around them."""
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers the dagfm_ext::* custom ops)
 from . import reference
 from .functional import dagfm_propagate

@@ -28,6 +28,24 @@ def _propagate_bwd_fake(grad_states, h0, p, q, interaction):
     return torch.empty_like(h0), torch.empty_like(p), grad_q
 
 
+def _setup_context(ctx, inputs, output):
+    h0, p, q, interaction = inputs
+    ctx.interaction = interaction
+    ctx.has_q = q is not None
+    ctx.save_for_backward(h0, p, q)
+
+
+def _backward(ctx, grad_states):
+    # The backward op recomputes the intermediate states from the inputs instead of saving them.
+    h0, p, q = ctx.saved_tensors
+    grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction)
+    return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
+
+
+# The raw forward op is differentiable too (e.g. when called as torch.ops.dagfm_ext.propagate_fwd).
+torch.library.register_autograd("dagfm_ext::propagate_fwd", _backward, setup_context=_setup_context)
+
+
 class DagfmPropagate(torch.autograd.Function):
     """Forward and backward are the registered custom ops; the backward recomputes the states."""
 
@@ -35,18 +53,8 @@ class DagfmPropagate(torch.autograd.Function):
     def forward(h0, p, q, interaction):
         return _fwd_op(h0, p, q, interaction)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        h0, p, q, interaction = inputs
-        ctx.interaction = interaction
-        ctx.has_q = q is not None
-        ctx.save_for_backward(h0, p, q)
-
-    @staticmethod
-    def backward(ctx, grad_states):
-        h0, p, q = ctx.saved_tensors
-        grad_h0, grad_p, grad_q = _bwd_op(grad_states, h0, p, q, ctx.interaction)
-        return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,

@@ -39,17 +39,28 @@ int mkl_set_num_threads_local_(const int* nt) DAGFM_WEAK;
 #define DAGFM_HAVE_WEAK_BLAS 0
 #endif
 
+// The per-row loops are compiled for the baseline ISA and for AVX2+FMA / AVX-512; the loader
+// picks the best the machine has (ifunc), so one binary runs anywhere and fast where it can.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DAGFM_ISA_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define DAGFM_ISA_CLONES
+#endif
+
 namespace dagfm {
 namespace {
 
 // Below this embedding size the per-row loops beat BLAS calls on tiny (D-wide) blocks.
 constexpr int kBlasMinEmbedDim = 8;
+// Rows per tile of the per-row path: each weight loaded from cache serves this many rows.
+constexpr int kRowTile = 8;
 // Rows per BLAS tile: a tile's states (~(2L+4) * kTileRows * F * D values) stay in L2.
 constexpr int64_t kTileRows = 64;
 // Gradient chunks: at least this many rows each, at most this many chunks, within this memory.
-constexpr int64_t kMinChunkRows = 64;
+// Partials are zeroed and summed once more at the end, so their total stays small next to the work.
+constexpr int64_t kMinChunkRows = 256;
 constexpr int64_t kMaxChunks = 64;
-constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 
 // ---------------------------------------------------------------------------------------------
 // BLAS glue
@@ -161,23 +172,52 @@ int64_t per_row_flops(const PropagateParams<T>& pr) {
 // ---------------------------------------------------------------------------------------------
 // Per-row path (all interactions)
 
+// Calls f.template operator()<kD>() with D fixed at compile time for the common embedding sizes.
+template <typename Fn>
+void with_static_embed_dim(int D, Fn&& f) {
+  switch (D) {
+    case 4: f.template operator()<4>(); break;
+    case 8: f.template operator()<8>(); break;
+    case 16: f.template operator()<16>(); break;
+    case 32: f.template operator()<32>(); break;
+    default: f.template operator()<0>(); break;
+  }
+}
+
+template <typename T, int kD>
+DAGFM_ISA_CLONES void forward_tile(const PropagateParams<T>& pr, int64_t b, int rows, T* ws) {
+  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
+  tile_forward<T, T, kD>(pr.interaction, pr.h0 + b * F * D, pr.p, pr.q,
+                         pr.states + b * (L + 1) * F, ws, F, D, L, rows);
+}
+
+template <typename T, int kD>
+DAGFM_ISA_CLONES void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int rows,
+                                    T* grad_p, T* grad_q, T* ws) {
+  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
+  tile_backward<T, T, kD>(pr.interaction, pr.h0 + b * F * D, pr.p, pr.q,
+                          pr.grad_states + b * (L + 1) * F, pr.grad_h0 + b * F * D, grad_p, grad_q,
+                          ws, F, D, L, rows);
+}
+
 template <typename T>
 void forward_rows(const PropagateParams<T>& pr) {
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
-  const int64_t FD = int64_t(F) * D;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_row_flops(pr));
-  at::parallel_for(0, pr.batch, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<T> ws(sample_workspace_numel(F, D, L));
-    for (int64_t b = b0; b < b1; ++b)
-      sample_forward<T, T>(pr.interaction, pr.h0 + b * FD, pr.p, pr.q,
-                           pr.states + b * (L + 1) * F, ws.data(), F, D, L);
+  const int64_t num_tiles = (pr.batch + kRowTile - 1) / kRowTile;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (per_row_flops(pr) * kRowTile));
+  at::parallel_for(0, num_tiles, grain, [&](int64_t tile0, int64_t tile1) {
+    std::vector<T> ws(tile_workspace_numel(F, D, L, kRowTile));
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t b = tile * kRowTile;
+      const int rows = int(std::min<int64_t>(kRowTile, pr.batch - b));
+      with_static_embed_dim(D, [&]<int kD>() { forward_tile<T, kD>(pr, b, rows, ws.data()); });
+    }
   });
 }
 
 template <typename T>
 void backward_rows(const PropagateBackwardParams<T>& pr) {
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
-  const int64_t FD = int64_t(F) * D;
   const int64_t wnum = pr.weight_numel();
   const int64_t qnum = pr.q != nullptr ? wnum : 0;
   const ChunkPlan plan = plan_gradient_chunks(pr.batch, (wnum + qnum) * int64_t(sizeof(T)));
@@ -189,15 +229,15 @@ void backward_rows(const PropagateBackwardParams<T>& pr) {
     partial_q.assign(plan.num_chunks * qnum, T(0));
   }
   at::parallel_for(0, plan.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> ws(sample_workspace_numel(F, D, L));
+    std::vector<T> ws(tile_workspace_numel(F, D, L, kRowTile));
     for (int64_t c = c0; c < c1; ++c) {
       T* gp = direct ? pr.grad_p : partial_p.data() + c * wnum;
       T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q.data() + c * qnum;
       const int64_t b_end = std::min(pr.batch, (c + 1) * plan.chunk_rows);
-      for (int64_t b = c * plan.chunk_rows; b < b_end; ++b)
-        sample_backward<T, T>(pr.interaction, pr.h0 + b * FD, pr.p, pr.q,
-                              pr.grad_states + b * (L + 1) * F, pr.grad_h0 + b * FD, gp, gq,
-                              ws.data(), F, D, L);
+      for (int64_t b = c * plan.chunk_rows; b < b_end; b += kRowTile) {
+        const int rows = int(std::min<int64_t>(kRowTile, b_end - b));
+        with_static_embed_dim(D, [&]<int kD>() { backward_tile<T, kD>(pr, b, rows, gp, gq, ws.data()); });
+      }
     }
   });
   if (!direct) {

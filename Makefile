@@ -1,0 +1,44 @@
+# Two commands set up and run everything on a fresh machine (each installs what it needs):
+#   make run    the distillation pipeline on MovieLens-100K (python -m dagfm_ext run)
+#   make test   build, then the Python tests, the C++ tests (ctest), the CUDA compile check and
+#               the benchmark smoke test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dagfm-installed
+RUN_ARGS ?=
+
+.PHONY: install run test test-python test-cpp check-cuda bench-smoke clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+$(STAMP): $(PY) requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp)
+	$(PY) -m pip install -r requirements-dev.txt
+	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m dagfm_ext run $(RUN_ARGS)
+
+test: test-python test-cpp check-cuda bench-smoke
+
+test-python: install
+	$(PY) -m pytest tests -q
+
+test-cpp: install
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build-cmake -j2
+	ctest --test-dir build-cmake --output-on-failure
+
+check-cuda:
+	bash scripts/check_cuda_compile.sh
+
+bench-smoke: install
+	$(VENV)/bin/dagfm-ext bench --quick --device cpu --json build/bench-smoke.json --plot build/bench-smoke.png
+
+clean:
+	rm -rf build build-cmake dagfm_ext/_C*.so

@@ -1,0 +1,200 @@
+// CUDA implementations of dagfm_ext::propagate_fwd / propagate_bwd: argument checks (ops.cpp),
+// launch planning and launches. The kernels themselves are in dagfm_kernels.cuh.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+
+#include "../ops.h"
+#include "dagfm_kernels.cuh"
+
+namespace dagfm {
+namespace {
+
+using cuda::DeviceLimits;
+using cuda::LaunchPlan;
+using cuda::Pass;
+
+DeviceLimits device_limits(int device) {
+  DeviceLimits lim;
+  int optin = 0, sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  lim.smem_optin = optin;
+  lim.num_sms = sms;
+  return lim;
+}
+
+// DAGFM_CUDA_FORCE_FALLBACK=1 sends every shape down the global-memory path (tests use it to
+// check that path on small shapes too). Read per call so a test can flip it.
+bool force_fallback() {
+  const char* v = std::getenv("DAGFM_CUDA_FORCE_FALLBACK");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+template <typename T, typename Acc>
+LaunchPlan make_plan(Pass pass, Interaction kind, const PropagateParams<T>& prm,
+                     const DeviceLimits& lim) {
+  DeviceLimits use = lim;
+  if (force_fallback()) use.smem_optin = 0;
+  return cuda::plan_launch<T, Acc>(pass, kind, prm.batch, prm.num_fields, prm.embed_dim,
+                                   prm.depth, use);
+}
+
+// Raises the kernel's dynamic shared-memory limit when the plan needs more than the default
+// 48 KB, and returns the grid: a persistent one, as many blocks as can be resident (capped by
+// the tile count and the workspace budget).
+template <typename Kernel>
+int64_t prepare_launch(Kernel kernel, const LaunchPlan& plan, const DeviceLimits& lim,
+                       int64_t tiles, int64_t acc_size) {
+  if (plan.smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(plan.smem_bytes)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kThreads,
+                                                               size_t(plan.smem_bytes)));
+  const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * lim.num_sms;
+  return cuda::choose_grid(tiles, resident, plan.ws_block_numel * acc_size);
+}
+
+template <typename Acc>
+at::Tensor workspace(int64_t numel, const at::Tensor& like) {
+  // Caching allocator on the current stream; never read before written (see the kernels).
+  return at::empty({numel > 0 ? numel : 1}, like.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+}
+
+template <Interaction K, typename T, typename Acc>
+void launch_forward(const PropagateParams<T>& prm, const at::Tensor& like) {
+  const int device = like.get_device();
+  const DeviceLimits lim = device_limits(device);
+  const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
+  auto kernel = cuda::propagate_fwd_kernel<K, T, Acc>;
+  const int64_t tiles = cuda::ceil_div64(prm.batch, plan.cfg.tile_b);
+  const int64_t grid = prepare_launch(kernel, plan, lim, tiles, sizeof(Acc));
+  at::Tensor ws;
+  Acc* ws_ptr = nullptr;
+  if (plan.ws_block_numel > 0) {
+    ws = workspace<Acc>(grid * plan.ws_block_numel, like);
+    ws_ptr = ws.data_ptr<Acc>();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
+  kernel<<<unsigned(grid), cuda::kThreads, size_t(plan.smem_bytes), stream>>>(prm, plan.cfg, ws_ptr,
+                                                                            plan.ws_block_numel);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Acc>
+void launch_reduce(const Acc* ws, int64_t ws_block_numel, int64_t num_blocks, int64_t part_offset,
+                   int F, int64_t elems, int64_t total, T* out, int device, cudaStream_t stream) {
+  if (total == 0) return;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t blocks = std::min<int64_t>(cuda::ceil_div64(total, cuda::kThreads), int64_t(sms) * 16);
+  cuda::reduce_weight_grad_kernel<T, Acc><<<unsigned(blocks), cuda::kThreads, 0, stream>>>(
+      ws, ws_block_numel, num_blocks, part_offset, F, elems, total, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <Interaction K, typename T, typename Acc>
+void launch_backward(const PropagateBackwardParams<T>& prm, const at::Tensor& like) {
+  const int device = like.get_device();
+  const DeviceLimits lim = device_limits(device);
+  const LaunchPlan plan = make_plan<T, Acc>(Pass::Backward, K, prm, lim);
+  auto kernel = cuda::propagate_bwd_kernel<K, T, Acc>;
+  const int64_t tiles = cuda::ceil_div64(prm.batch, plan.cfg.tile_b);
+  const int64_t grid = prepare_launch(kernel, plan, lim, tiles, sizeof(Acc));
+  at::Tensor ws;
+  Acc* ws_ptr = nullptr;
+  if (plan.ws_block_numel > 0) {
+    ws = workspace<Acc>(grid * plan.ws_block_numel, like);
+    ws_ptr = ws.data_ptr<Acc>();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
+  kernel<<<unsigned(grid), cuda::kThreads, size_t(plan.smem_bytes), stream>>>(prm, plan.cfg, ws_ptr,
+                                                                            plan.ws_block_numel);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Weight gradients: add the per-block partials in block order (deterministic, no atomics).
+  const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
+  const int64_t elems = cuda::edge_elems<K>(D);
+  const int64_t total_p = int64_t(L) * F * F * elems;
+  launch_reduce<T, Acc>(ws_ptr, plan.ws_block_numel, grid, 0, F, elems, total_p, prm.grad_p, device,
+                        stream);
+  if (K == Interaction::Outer) {
+    const int64_t total_q = int64_t(L) * F * F * D;
+    launch_reduce<T, Acc>(ws_ptr, plan.ws_block_numel, grid, int64_t(L) * cuda::num_edges(F) * elems,
+                          F, int64_t(D), total_q, prm.grad_q, device, stream);
+  }
+}
+
+// Calls fn with the interaction as a compile-time constant (one kernel instantiation each).
+template <typename Fn>
+void dispatch_interaction(Interaction kind, Fn&& fn) {
+  switch (kind) {
+    case Interaction::Inner: fn(std::integral_constant<Interaction, Interaction::Inner>{}); break;
+    case Interaction::Outer: fn(std::integral_constant<Interaction, Interaction::Outer>{}); break;
+    case Interaction::Kernel: fn(std::integral_constant<Interaction, Interaction::Kernel>{}); break;
+  }
+}
+
+at::Tensor propagate_fwd_cuda(const at::Tensor& h0, const at::Tensor& p,
+                              const std::optional<at::Tensor>& q, c10::string_view interaction) {
+  const PropagateArgs args =
+      check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
+  const c10::cuda::CUDAGuard guard(args.h0.device());
+  at::Tensor states = empty_states(args);
+  if (args.batch == 0) return states;
+  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_cuda", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const auto params = make_params<scalar_t>(args, states);
+    dispatch_interaction(args.interaction, [&](auto k) {
+      launch_forward<decltype(k)::value, scalar_t, Acc>(params, args.h0);
+    });
+  });
+  return states;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
+    const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
+    const std::optional<at::Tensor>& q, c10::string_view interaction) {
+  const PropagateArgs args =
+      check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
+  const c10::cuda::CUDAGuard guard(args.h0.device());
+  const at::Tensor gs = check_grad_states(grad_states, args);
+  at::Tensor grad_h0 = at::empty_like(args.h0);
+  at::Tensor grad_p, grad_q;
+  if (args.batch == 0) {
+    grad_p = at::zeros_like(args.p);
+    grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
+    return {grad_h0, grad_p, grad_q};
+  }
+  // Every element (lower triangle included) is written by the reduction kernel.
+  grad_p = at::empty_like(args.p);
+  grad_q = args.q.defined() ? at::empty_like(args.q) : at::empty({0}, args.p.options());
+  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cuda", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    const auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
+    dispatch_interaction(args.interaction, [&](auto k) {
+      launch_backward<decltype(k)::value, scalar_t, Acc>(params, args.h0);
+    });
+  });
+  return {grad_h0, grad_p, grad_q};
+}
+
+}  // namespace
+}  // namespace dagfm
+
+TORCH_LIBRARY_IMPL(dagfm_ext, CUDA, m) {
+  m.impl("propagate_fwd", &dagfm::propagate_fwd_cuda);
+  m.impl("propagate_bwd", &dagfm::propagate_bwd_cuda);
+}

@@ -1,0 +1,289 @@
+"""The fused op against dagfm_ext.reference: values, gradients, compile/export, bad inputs.
+
+Parametrised over the devices present (CPU always, CUDA when available), so every backend passes
+the same checks.
+"""
+import itertools
+import random
+
+import pytest
+import torch
+
+import dagfm_ext
+from dagfm_ext import reference
+
+KINDS = ("inner", "outer", "kernel")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make_inputs(kind, B, F, D, L, dtype=torch.float64, device="cpu", seed=0, scale=None):
+    gen = torch.Generator().manual_seed(seed)
+    # Scaled so the states stay O(1) through the layers, like trained weights.
+    scale = scale if scale is not None else 1.0 / max(1.0, (F * (D if kind == "kernel" else 1)) ** 0.5)
+    h0 = torch.randn(B, F, D, generator=gen, dtype=torch.float64)
+    pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
+    p = torch.randn(pshape, generator=gen, dtype=torch.float64) * scale
+    q = torch.randn(L, F, F, D, generator=gen, dtype=torch.float64) if kind == "outer" else None
+    if kind == "outer":
+        p = p * D ** -0.5
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return to(h0), to(p), to(q)
+
+
+def run_with_grads(fn, h0, p, q, kind, grad_out=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (h0, p)]
+    if q is not None:
+        leaves.append(q.detach().clone().requires_grad_())
+    states = fn(leaves[0], leaves[1], leaves[2] if q is not None else None, kind)
+    if grad_out is None:
+        grad_out = torch.randn(states.shape, generator=torch.Generator().manual_seed(1),
+                               dtype=torch.float64).to(states)
+    grads = torch.autograd.grad(states, leaves, grad_out) if states.numel() else [torch.zeros_like(t) for t in leaves]
+    return states.detach(), [g.detach() for g in grads], grad_out
+
+
+def rel_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def parity_shapes():
+    """Random combinations that cover every value of each axis (F, D, L, B) for every kind."""
+    Fs, Ds, Ls, Bs = (1, 2, 7, 39, 80), (1, 3, 16, 33), (1, 3, 5), (0, 1, 257)
+    rng = random.Random(1234)
+    cases = []
+    for kind in KINDS:
+        combos = list(itertools.product(Fs, Ds, Ls, Bs))
+        rng.shuffle(combos)
+        chosen, seen = [], set()
+        for F, D, L, B in combos:
+            wnum = L * F * F * D * (D if kind == "kernel" else 1)
+            work = max(B, 1) * wnum
+            if wnum > 3_000_000 or work > 60_000_000:
+                continue
+            new = {("F", F), ("D", D), ("L", L), ("B", B)} - seen
+            if new or len(chosen) < 10:
+                chosen.append((F, D, L, B))
+                seen |= new
+        missing = {("F", F) for F in Fs} | {("D", D) for D in Ds} | {("L", L) for L in Ls} | {("B", B) for B in Bs}
+        assert missing <= seen, (kind, missing - seen)
+        cases += [(kind,) + c for c in chosen]
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,F,D,L,B", parity_shapes())
+def test_float64_values_and_gradients_match_reference(device, kind, F, D, L, B):
+    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=F * 100 + D * 10 + L)
+    s_ref, g_ref, gout = run_with_grads(reference.dagfm_propagate, h0, p, q, kind)
+    s, g, _ = run_with_grads(dagfm_ext.dagfm_propagate, h0, p, q, kind, gout)
+    assert s.shape == (B, L + 1, F) and s.dtype == torch.float64
+    assert rel_err(s, s_ref) < 1e-10
+    for name, a, b in zip(("h0", "p", "q"), g, g_ref):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < 1e-10, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("F,D,L,B", [(39, 16, 3, 64), (7, 3, 5, 33), (23, 33, 2, 9)])
+def test_float32_within_twice_the_reference_error(device, kind, F, D, L, B):
+    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=7)
+    s64, g64, gout = run_with_grads(reference.dagfm_propagate, h0, p, q, kind)
+    f32 = lambda t: None if t is None else t.float()
+    s_ref, g_ref, _ = run_with_grads(reference.dagfm_propagate, f32(h0), f32(p), f32(q), kind, gout.float())
+    s, g, _ = run_with_grads(dagfm_ext.dagfm_propagate, f32(h0), f32(p), f32(q), kind, gout.float())
+    assert s.dtype == torch.float32
+    # The reference's own float32 error, floored at a few ulps of the result's scale.
+    def bound(ref32, exact):
+        return 2 * max(rel_err(ref32.double(), exact), 4 * torch.finfo(torch.float32).eps)
+    assert rel_err(s.double(), s64) <= bound(s_ref, s64)
+    for name, a, a_ref, exact in zip(("h0", "p", "q"), g, g_ref, g64):
+        assert rel_err(a.double(), exact) <= bound(a_ref, exact), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_lower_triangle_gradients_are_exactly_zero(device, kind):
+    F, D, L = 6, 5, 2
+    h0, p, q = make_inputs(kind, 17, F, D, L, device=device)
+    _, grads, _ = run_with_grads(dagfm_ext.dagfm_propagate, h0, p, q, kind)
+    lower = torch.tril(torch.ones(F, F, dtype=torch.bool), diagonal=-1).to(device)
+    for g in grads[1:]:
+        assert torch.count_nonzero(g[:, lower]) == 0
+        assert torch.count_nonzero(g[:, ~lower]) > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("F,D,L,B", [(3, 2, 2, 3), (1, 1, 1, 2), (4, 9, 1, 2)])
+def test_gradcheck(device, kind, F, D, L, B):
+    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=3)
+    inputs = [h0.requires_grad_(), p.requires_grad_()] + ([q.requires_grad_()] if q is not None else [])
+    fn = lambda h, w, *rest: dagfm_ext.dagfm_propagate(h, w, rest[0] if rest else None, kind)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_forward_and_backward_ops(device, kind):
+    h0, p, q = make_inputs(kind, 5, 4, 3, 2, device=device)
+    torch.library.opcheck(torch.ops.dagfm_ext.propagate_fwd.default, (h0, p, q, kind))
+    grad = torch.randn(5, 3, 4, dtype=h0.dtype, device=device)
+    torch.library.opcheck(torch.ops.dagfm_ext.propagate_bwd.default, (grad, h0, p, q, kind))
+    # With requires_grad inputs too: the raw forward op is differentiable on its own.
+    h0r, pr = h0.clone().requires_grad_(), p.clone().requires_grad_()
+    qr = q.clone().requires_grad_() if q is not None else None
+    torch.library.opcheck(torch.ops.dagfm_ext.propagate_fwd.default, (h0r, pr, qr, kind))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_compile_fullgraph_training_step(device, kind):
+    h0, p, q = make_inputs(kind, 9, 5, 4, 2, dtype=torch.float32, device=device)
+
+    def step(h, w, v):
+        s = dagfm_ext.dagfm_propagate(h, w, v, kind)
+        return (s * s).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    args_e = [t.clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
+    args_c = [t.clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
+    loss_e = step(*args_e)
+    loss_e.backward()
+    loss_c = compiled(*args_c)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(args_c, args_e):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_compile_inductor_cpu(kind):
+    h0, p, q = make_inputs(kind, 9, 5, 4, 2, dtype=torch.float32)
+    fn = torch.compile(lambda h, w, v: dagfm_ext.dagfm_propagate(h, w, v, kind), fullgraph=True)
+    torch.testing.assert_close(fn(h0, p, q), reference.dagfm_propagate(h0, p, q, kind))
+
+
+class _Student(torch.nn.Module):
+    def __init__(self, kind, F, D, L):
+        super().__init__()
+        self.kind = kind
+        _, p, q = make_inputs(kind, 1, F, D, L, dtype=torch.float32)
+        self.p = torch.nn.Parameter(p)
+        self.q = torch.nn.Parameter(q) if q is not None else None
+        self.readout = torch.nn.Linear((L + 1) * F, 1)
+
+    def forward(self, h0):
+        return self.readout(dagfm_ext.dagfm_propagate(h0, self.p, self.q, self.kind).flatten(1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_export_module(device, kind):
+    model = _Student(kind, 5, 4, 2).to(device)
+    h0 = torch.randn(6, 5, 4, device=device)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (h0,), dynamic_shapes={"h0": {0: batch}})
+    assert any("dagfm_ext.propagate_fwd" in str(n.target) for n in exported.graph.nodes)
+    other = torch.randn(11, 5, 4, device=device)
+    torch.testing.assert_close(exported.module()(other), model(other))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_bit_identical_across_runs_and_thread_counts(device, kind):
+    h0, p, q = make_inputs(kind, 1500, 9, 16, 3, dtype=torch.float32, device=device, seed=5)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in ([1, 2, 1, 2] if device == "cpu" else [threads, threads]):
+            torch.set_num_threads(n)
+            _, grads, _ = run_with_grads(dagfm_ext.dagfm_propagate, h0, p, q, kind)
+            results.append(grads)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs_are_read_correctly(device, kind):
+    h0, p, q = make_inputs(kind, 8, 5, 6, 2, device=device)
+    h0_nc = h0.transpose(0, 1).contiguous().transpose(0, 1)
+    p_nc = p.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not h0_nc.is_contiguous() and not p_nc.is_contiguous()
+    expected = reference.dagfm_propagate(h0, p, q, kind)
+    torch.testing.assert_close(dagfm_ext.dagfm_propagate(h0_nc, p_nc, q, kind), expected)
+    # Expanded (stride-0) h0 as well.
+    h0_b = h0[:1].expand(8, -1, -1)
+    torch.testing.assert_close(dagfm_ext.dagfm_propagate(h0_b, p, q, kind),
+                               reference.dagfm_propagate(h0_b.contiguous(), p, q, kind))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: each raises an error that names the argument.
+
+def _good(kind="inner", device="cpu"):
+    return make_inputs(kind, 4, 3, 2, 2, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutate,exc,pattern", [
+    (lambda h0, p, q: (h0[0], p, q, "inner"), RuntimeError, r"h0: expected a 3-D tensor .*\(B, F, D\)"),
+    (lambda h0, p, q: (h0, p[0], q, "inner"), RuntimeError, r"p: expected a 4-D tensor of shape \(L, F, F, D\)"),
+    (lambda h0, p, q: (h0, p[:, :2], q, "inner"), RuntimeError, r"p: expected shape \(L, F, F, D\) = \(2, 3, 3, 2\)"),
+    (lambda h0, p, q: (h0[:, :, :1], p, q, "inner"), RuntimeError, r"p: expected shape .*\(2, 3, 3, 1\)"),
+    (lambda h0, p, q: (h0, p, p.clone(), "inner"), RuntimeError, r"q: expected None for interaction='inner'"),
+    (lambda h0, p, q: (h0, p, None, "outer"), RuntimeError, r"q: expected a tensor of shape \(L, F, F, D\)"),
+    (lambda h0, p, q: (h0, p, p[:1].clone(), "outer"), RuntimeError, r"q: expected shape"),
+    (lambda h0, p, q: (h0, p, q, "kernel"), RuntimeError, r"p: expected a 5-D tensor of shape \(L, F, F, D, D\)"),
+    (lambda h0, p, q: (h0, p, q, "cross"), (RuntimeError, ValueError), r"interaction: expected one of"),
+    (lambda h0, p, q: (h0, p.float(), q, "inner"), RuntimeError, r"p: expected dtype .*Double"),
+    (lambda h0, p, q: (h0.int(), p, q, "inner"), RuntimeError, r"h0: expected dtype float32 or float64"),
+    (lambda h0, p, q: (h0[:, :0], p[:, :0, :0], q, "inner"), RuntimeError, r"h0: expected at least one field"),
+])
+def test_bad_inputs_name_the_argument(device, mutate, exc, pattern):
+    h0, p, q = _good(device=device)
+    args = mutate(h0, p, q)
+    with pytest.raises(exc, match=pattern):
+        dagfm_ext.dagfm_propagate(*args)
+
+
+def test_interaction_must_be_a_string():
+    h0, p, q = _good()
+    with pytest.raises(TypeError, match="interaction"):
+        dagfm_ext.dagfm_propagate(h0, p, q, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_device_mismatch_names_the_argument():
+    h0, p, q = _good()
+    with pytest.raises(RuntimeError, match=r"p: expected device"):
+        dagfm_ext.dagfm_propagate(h0.cuda(), p, q, "inner")
+
+
+def test_backward_op_checks_grad_states():
+    h0, p, q = _good()
+    with pytest.raises(RuntimeError, match=r"grad_states: expected shape \(B, L\+1, F\) = \(4, 3, 3\)"):
+        torch.ops.dagfm_ext.propagate_bwd(torch.zeros(4, 2, 3, dtype=h0.dtype), h0, p, q, "inner")
+    with pytest.raises(RuntimeError, match=r"grad_states: expected dtype"):
+        torch.ops.dagfm_ext.propagate_bwd(torch.zeros(4, 3, 3), h0, p, q, "inner")
+
+
+def test_build_info_reports_the_build():
+    info = dagfm_ext.build_info()
+    assert info["cpu_kernels"] is True
+    assert isinstance(info["cuda"], bool)
+    assert info["torch_version"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    assert info["compiler"]
+
+
+def test_states_t0_is_the_field_sum_of_h0():
+    h0, p, q = _good()
+    s = dagfm_ext.dagfm_propagate(h0, p, q, "inner")
+    torch.testing.assert_close(s[:, 0], h0.sum(-1), rtol=0, atol=0)
