@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# One prepared command for a machine with a GPU (DESIGN.md §7). From the repository root:
+#     scripts/gpu_check.sh
+# Builds the extension in place for sm_90 (TORCH_CUDA_ARCH_LIST overrides), compile-checks the
+# kernel headers and runs their host test, runs every test (`pytest tests -x -q`, CUDA included),
+# compute-sanitizer memcheck and racecheck on a small case, and the benchmark table. Logs go
+# under $OUT (./gpu_out when OUT is unset). Each step runs even when an earlier one failed; the
+# script exits non-zero when any step failed. Whole run bounded by GPU_CHECK_BUDGET_S (465 s).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-465}))
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export DAGFM_USE_CUDA=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# Toolkit location: torch guesses CUDA_HOME from nvcc's folder, wrong when nvcc is a wrapper
+# script in /usr/local/bin (then -lcudart is not found at link time).
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")")"; do
+    if [[ -x "$c/bin/nvcc" ]]; then export CUDA_HOME="$c"; break; fi
+  done
+fi
+# Some toolkits lack the library headers torch's CUDA headers include (cusparse.h, ...); the
+# nvidia-* wheels beside torch carry them.
+if [[ -n "${CUDA_HOME:-}" && ! -f "$CUDA_HOME/include/cusparse.h" ]]; then
+  wheel_inc="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)/nvidia/cu13/include"
+  [[ -d "$wheel_inc" ]] && export CPATH="$wheel_inc${CPATH:+:$CPATH}"
+fi
+SANITIZER="$(command -v compute-sanitizer || true)"
+for c in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
+  [[ -z "$SANITIZER" && -x "$c" ]] && SANITIZER="$c"
+done
+
+declare -a SUMMARY=()
+FAILED=0
+
+# step NAME CAP_S RESERVE_S COMMAND: runs COMMAND (a bash string) with its output in $OUT/NAME.log,
+# for at most CAP_S seconds and never into the RESERVE_S seconds kept for the later steps.
+step() {
+  local name="$1" cap="$2" reserve="$3" cmd="$4"
+  local now left limit t0 rc
+  now=$(date +%s)
+  left=$((DEADLINE - now - reserve))
+  limit=$((cap < left ? cap : left))
+  if ((limit < 10)); then
+    SUMMARY+=("$(printf '%-14s SKIPPED (out of time)' "$name")")
+    FAILED=1
+    echo "== $name: skipped, out of time"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $cmd"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -c "$cmd" >"$OUT/$name.log" 2>&1
+  rc=$?
+  local took=$(($(date +%s) - t0))
+  local verdict="ok"
+  if ((rc == 124 || rc == 137)); then
+    verdict="FAILED (timed out after ${limit}s)"
+  elif ((rc != 0)); then
+    verdict="FAILED (exit $rc)"
+  fi
+  [[ "$verdict" != ok ]] && FAILED=1
+  SUMMARY+=("$(printf '%-14s %-34s %4ss  %s' "$name" "$verdict" "$took" "$OUT/$name.log")")
+  echo "   $verdict in ${took}s"
+  tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
+}
+
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  nvcc --version 2>&1 | tail -n 2
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
+  echo "CUDA_HOME=${CUDA_HOME:-} CPATH=${CPATH:-} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS sanitizer=${SANITIZER:-none}"
+  git -C "$ROOT" rev-parse HEAD 2>/dev/null && git -C "$ROOT" status --short 2>/dev/null | head -n 20
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+# Reserves: what the later steps need at least (compile 15, pytest 90, memcheck 45, racecheck 45,
+# bench 45).
+step build 240 240 "'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
+step compile_check 60 225 "scripts/check_cuda_compile.sh '$OUT/compile_check'"
+pytest_extra=""
+"$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && pytest_extra="--timeout=180"
+step pytest 300 135 "'$PY' -m pytest tests -x -q -rs $pytest_extra"
+
+if [[ -n "$SANITIZER" ]]; then
+  # No caching allocator under memcheck: every tensor is its own allocation, so an access past
+  # the end of one is caught instead of landing in a neighbour inside a cached block.
+  step memcheck 120 90 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 3 --leak-check no '$PY' scripts/sanitizer_case.py && grep -q 'ERROR SUMMARY: 0 errors' '$OUT/memcheck.log'"
+  # racecheck looks at shared memory, which only the on-chip path uses.
+  step racecheck 120 45 "'$SANITIZER' --tool racecheck --racecheck-report all --error-exitcode 3 '$PY' scripts/sanitizer_case.py --fast-only && grep -qE 'RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors' '$OUT/racecheck.log'"
+else
+  SUMMARY+=("$(printf '%-14s FAILED (compute-sanitizer not found)' sanitizer)")
+  FAILED=1
+fi
+
+# Guarded on the source, not on `bench --help`: a bench that exists but fails must show as failed.
+if [[ -f dagfm_ext/__main__.py ]] && grep -q '"bench"' dagfm_ext/cli.py 2>/dev/null; then
+  step bench 150 0 "'$PY' -m dagfm_ext bench --device cuda --json '$OUT/bench_cuda.json'"
+else
+  SUMMARY+=("$(printf '%-14s SKIPPED (no \"python -m dagfm_ext bench\" in this tree)' bench)")
+fi
+
+echo
+echo "================ gpu_check summary ($(($(date +%s) - START))s, logs in $OUT)"
+grep -hE '^(=+ )?[0-9]+ (passed|failed)|passed|failed|error' "$OUT/pytest.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest: /'
+[[ -f "$OUT/bench.log" ]] && { echo "--- benchmark (tail of $OUT/bench.log)"; tail -n 25 "$OUT/bench.log"; }
+echo "---"
+for line in "${SUMMARY[@]}"; do echo "$line"; done
+if ((FAILED)); then
+  echo "gpu_check: FAILED"
+  exit 1
+fi
+echo "gpu_check: all steps passed"

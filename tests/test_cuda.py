@@ -1,0 +1,234 @@
+"""CUDA-only checks of the fused kernels, beyond the device-parametrised tests in test_propagate.py:
+the global-memory fallback path, determinism, streams, empty and large batches, the upper-triangle
+contract and full output coverage. Skipped without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dagfm_ext
+from dagfm_ext import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+KINDS = ("inner", "outer", "kernel")
+FALLBACK_ENV = "DAGFM_CUDA_FORCE_FALLBACK"
+
+
+def make_inputs(kind, B, F, D, L, dtype=torch.float64, device="cuda", seed=0, requires_grad=False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h0 = torch.randn(B, F, D, generator=g, dtype=torch.float64)
+    pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
+    # Scaled so that states stay O(1) through the layers.
+    p = torch.randn(pshape, generator=g, dtype=torch.float64) / (F * (D if kind == "kernel" else 1)) ** 0.5
+    q = torch.randn(L, F, F, D, generator=g, dtype=torch.float64) / D**0.5 if kind == "outer" else None
+    out = [t.to(device=device, dtype=dtype) if t is not None else None for t in (h0, p, q)]
+    if requires_grad:
+        for t in out:
+            if t is not None:
+                t.requires_grad_(True)
+    return out
+
+
+def run(kind, h0, p, q, grad_states=None):
+    """States and (with grad_states) the gradients of <states, grad_states> wrt h0, p, q."""
+    s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    if grad_states is None:
+        return s, None
+    inputs = [t for t in (h0, p, q) if t is not None]
+    grads = torch.autograd.grad(s, inputs, grad_states)
+    return s, grads
+
+
+def run_reference(kind, h0, p, q, grad_states):
+    """Float64 reference (on the inputs' device: the GPU's float64 is fast enough for B=65k)."""
+    h0, p = h0.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    q = q.detach().double().requires_grad_() if q is not None else None
+    s = reference.dagfm_propagate(h0, p, q, kind)
+    inputs = [t for t in (h0, p, q) if t is not None]
+    return s, torch.autograd.grad(s, inputs, grad_states.detach().double())
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double().to(a.device)
+    assert torch.isfinite(a).all(), "non-finite values in the output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_float64(kind, B, F, D, L, seed=0):
+    h0, p, q = make_inputs(kind, B, F, D, L, requires_grad=True, seed=seed)
+    gs = torch.randn(B, L + 1, F, dtype=torch.float64, device="cuda")
+    s, grads = run(kind, h0, p, q, gs)
+    s_ref, grads_ref = run_reference(kind, h0, p, q, gs)
+    assert rel(s, s_ref) < 1e-10
+    for name, g, g_ref in zip(("h0", "p", "q"), grads, grads_ref):
+        assert rel(g, g_ref) < 1e-10, name
+
+
+@pytest.fixture
+def force_fallback(monkeypatch):
+    monkeypatch.setenv(FALLBACK_ENV, "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fallback path (tile buffers in global memory)
+
+@pytest.mark.parametrize("kind", ["inner", "outer"])
+def test_fallback_large_shape(kind):
+    # F=200, D=64: the backward's on-chip tile does not fit any GPU's shared memory.
+    check_float64(kind, B=5, F=200, D=64, L=2)
+
+
+def test_fallback_large_shape_kernel():
+    # Kernel weights at F=200, D=64 are 1.3 GB per layer in float64; D=64 with F=40 already
+    # exceeds shared memory (one row of W is 40 * 64 * 64 * 8 bytes = 1.3 MB).
+    check_float64("kernel", B=3, F=40, D=64, L=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (7, 5, 3, 2), (33, 13, 8, 3), (4, 6, 2, 0)])
+def test_forced_fallback_matches_reference(kind, shape, force_fallback):
+    check_float64(kind, *shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_and_fallback_agree(kind, monkeypatch):
+    h0, p, q = make_inputs(kind, 300, 11, 8, 3, dtype=torch.float32)
+    gs = torch.randn(300, 4, 11, device="cuda")
+    fast = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    fast_g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    monkeypatch.setenv(FALLBACK_ENV, "1")
+    slow = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    slow_g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    assert rel(fast, slow) < 1e-5
+    for a, b in zip(fast_g, slow_g):
+        if a.numel():
+            assert rel(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: awkward, empty, large
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 2, 1, 5), (129, 39, 16, 3), (17, 23, 5, 1), (2, 8, 33, 2)])
+def test_awkward_shapes(kind, shape):
+    check_float64(kind, *shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch(kind):
+    h0, p, q = make_inputs(kind, 0, 5, 4, 2, dtype=torch.float32)
+    s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    assert s.shape == (0, 3, 5) and s.is_cuda
+    gs = torch.empty(0, 3, 5, device="cuda")
+    g_h0, g_p, g_q = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    assert g_h0.shape == h0.shape and g_p.shape == p.shape
+    assert (g_p == 0).all()
+    assert g_q.shape == (q.shape if q is not None else (0,))
+    if q is not None:
+        assert (g_q == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_batch_float32(kind):
+    # More tiles than resident blocks (each block loops over tiles) and a ragged last tile.
+    B, F, D, L = 65536 + 3, 39, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, requires_grad=True, seed=1)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    s, grads = run(kind, h0, p, q, gs)
+    s_ref, grads_ref = run_reference(kind, h0, p, q, gs)
+    # Float32 reference on the same inputs, for the error it makes itself.
+    h32, p32 = h0.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    q32 = q.detach().clone().requires_grad_() if q is not None else None
+    s32 = reference.dagfm_propagate(h32, p32, q32, kind)
+    grads32 = torch.autograd.grad(s32, [t for t in (h32, p32, q32) if t is not None], gs)
+    assert rel(s, s_ref) <= 2 * rel(s32, s_ref) + 1e-6
+    for name, g, g32, g_ref in zip(("h0", "p", "q"), grads, grads32, grads_ref):
+        assert rel(g, g_ref) <= 2 * rel(g32, g_ref) + 1e-6, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, streams, the upper-triangle contract, output coverage
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fallback", [False, True])
+def test_gradients_bit_identical_across_runs(kind, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setenv(FALLBACK_ENV, "1")
+    B, F, D, L = 4099, 39, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=2)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    first = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    second = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_default_stream(kind):
+    B, F, D, L = 2048, 39, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=3)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    expect_s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    expect_g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # Keep the side stream busy first: a launch on the wrong stream would race with this.
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(1_000_000)
+        s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+        g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(s, expect_s)
+    for a, b in zip(g, expect_g):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fallback", [False, True])
+def test_lower_triangle_never_read_and_grad_zero(kind, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setenv(FALLBACK_ENV, "1")
+    B, F, D, L = 37, 9, 4, 2
+    h0, p, q = make_inputs(kind, B, F, D, L, seed=4)
+    lower = torch.ones(F, F, dtype=torch.bool, device="cuda").tril(-1)
+    shape = (1, F, F) + (1,) * (p.dim() - 3)
+    p_nan = p.masked_fill(lower.view(shape), float("nan"))
+    q_nan = q.masked_fill(lower.view(1, F, F, 1), float("nan")) if q is not None else None
+    gs = torch.randn(B, L + 1, F, dtype=torch.float64, device="cuda")
+    s = dagfm_ext.dagfm_propagate(h0, p_nan, q_nan, kind)
+    assert rel(s, reference.dagfm_propagate(h0, p, q, kind)) < 1e-10
+    _, g_p, g_q = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p_nan, q_nan, kind)
+    assert (g_p[lower.view(shape).expand_as(g_p)] == 0).all()
+    if q is not None:
+        assert (g_q[lower.view(1, F, F, 1).expand_as(g_q)] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fallback", [False, True])
+def test_every_output_element_written(kind, fallback, monkeypatch):
+    # Fill the caching allocator's blocks with NaN first: an unwritten output element shows.
+    if fallback:
+        monkeypatch.setenv(FALLBACK_ENV, "1")
+    B, F, D, L = 1000, 13, 8, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=5)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    for _ in range(2):
+        junk = [torch.full((n,), float("nan"), device="cuda") for n in (B * (L + 1) * F, B * F * D, p.numel())]
+        del junk
+        s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+        g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+        assert torch.isfinite(s).all()
+        for t in g:
+            assert torch.isfinite(t).all()
+
+
+def test_other_device_index():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    h0, p, q = make_inputs("inner", 64, 7, 4, 2, device="cuda:1")
+    s = dagfm_ext.dagfm_propagate(h0, p, q, "inner")
+    assert s.device == h0.device
+    assert rel(s, reference.dagfm_propagate(h0, p, q, "inner")) < 1e-10
