@@ -1,0 +1,124 @@
+"""Command line: ``dagfm-ext run`` (the distillation pipeline) and ``dagfm-ext bench``.
+
+    python -m dagfm_ext run                       # whole pipeline on MovieLens-100K, CPU
+    python -m dagfm_ext run --dataset criteo:train.txt --teacher cin --interaction outer
+    python -m dagfm_ext run --output runs/x --resume   # continue a killed run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _dataset(value: str) -> str:
+    if value in ("ml-100k", "synthetic") or (value.startswith("criteo:") and len(value) > len("criteo:")):
+        return value
+    raise argparse.ArgumentTypeError(f"expected 'ml-100k', 'criteo:PATH' or 'synthetic', got {value!r}")
+
+
+def _int_list(value: str):
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 256,128, got {value!r}")
+    return out
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .distill import RunConfig, STUDENTS
+    from .modules import INTERACTIONS
+    from .teachers import teacher_names
+    d = RunConfig()
+    p.add_argument("--dataset", type=_dataset, default=d.dataset, metavar="{ml-100k,criteo:PATH,synthetic}",
+                   help="data to train on (default: %(default)s, downloaded and cached on first use)")
+    p.add_argument("--teacher", choices=teacher_names(), default=d.teacher, help="teacher network (default: %(default)s)")
+    p.add_argument("--student", choices=STUDENTS, default=d.student,
+                   help="student network; 'fm' is the plain-FM baseline (default: %(default)s)")
+    p.add_argument("--interaction", choices=INTERACTIONS, default=d.interaction, help="DAGFM edge type (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=d.depth, help="student DAG depth L (default: %(default)s)")
+    p.add_argument("--teacher-depth", type=int, default=d.teacher_depth, help="CrossNet layers (default: %(default)s)")
+    p.add_argument("--cin-layers", type=_int_list, default=d.cin_layers, help="CIN layer sizes (default: 128,128)")
+    p.add_argument("--mlp", type=_int_list, default=d.mlp, help="DAGFM+ MLP sizes (default: 256,128)")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="embedding size D (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="Adam weight decay (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="distillation BCE weight (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=d.beta, help="distillation logit-MSE weight (default: %(default)s)")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="epoch limit per phase (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="early stop after this many epochs without a better val AUC (default: %(default)s)")
+    p.add_argument("--min-count", type=int, default=d.min_count,
+                   help="Criteo: categories seen fewer times become out-of-vocabulary (default: %(default)s)")
+    p.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="rows of --dataset synthetic")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for init, split and shuffling (default: %(default)s)")
+    p.add_argument("--output", default=d.output, metavar="DIR",
+                   help="run directory: checkpoint, logs, report.json (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output after its last finished epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dagfm-ext", description="KD-DAGFM: distil a CTR teacher into a fast DAGFM student.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,bench}")
+    run = sub.add_parser("run", help="train teacher, distil, finetune; print the teacher-vs-student table")
+    _add_run_arguments(run)
+    # bench's own options are added only when it runs (the module is imported lazily).
+    sub.add_parser("bench", help="benchmark the fused op (see 'dagfm-ext bench --help')", add_help=False)
+    return parser
+
+
+def _bench(argv: Sequence[str]) -> int:
+    try:
+        from . import bench
+    except Exception as e:  # noqa: BLE001  (any failure to import is reported the same way)
+        print(f"dagfm-ext bench: the benchmark module could not be loaded: {e}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="dagfm-ext bench", description="Benchmarks of the fused DAGFM op.")
+    bench.add_arguments(parser)
+    return int(bench.main(parser.parse_args(list(argv))) or 0)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .distill import Pipeline, RunConfig, format_table
+    cfg = RunConfig(dataset=args.dataset, teacher=args.teacher, student=args.student, interaction=args.interaction,
+                    depth=args.depth, teacher_depth=args.teacher_depth, cin_layers=args.cin_layers, mlp=args.mlp,
+                    embed_dim=args.embed_dim, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    alpha=args.alpha, beta=args.beta, max_epochs=args.max_epochs, patience=args.patience,
+                    seed=args.seed, device=args.device or _default_device(), min_count=args.min_count,
+                    synthetic_size=args.synthetic_size, output=args.output, progress=not args.quiet)
+    try:
+        report = Pipeline(cfg, resume=args.resume).run()
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"dagfm-ext run: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"report: {args.output}/report.json")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
