@@ -25,7 +25,14 @@ def _want_cuda() -> bool:
 def _extension():
     use_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd"] if sys.platform != "win32" else ["/O2"]
+    # -fopenmp: at::parallel_for is header code that parallelises through OpenMP pragmas (torch's
+    # CPU builds use the OpenMP backend); without it the CPU kernels silently run on one thread.
+    if sys.platform == "win32":
+        cxx_flags, link_flags = ["/O2", "/openmp"], []
+    elif sys.platform == "darwin":
+        cxx_flags, link_flags = ["-O3", "-std=c++20"], []
+    else:
+        cxx_flags, link_flags = ["-O3", "-std=c++20", "-fopenmp"], ["-fopenmp"]
     define_macros = []
     extra = {"cxx": cxx_flags}
     ext_cls = cpp_extension.CppExtension
@@ -42,6 +49,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
     )
 
 

@@ -56,6 +56,8 @@ constexpr int kBlasMinEmbedDim = 8;
 constexpr int kRowTile = 8;
 // Rows per BLAS tile: a tile's states (~(2L+4) * kTileRows * F * D values) stay in L2.
 constexpr int64_t kTileRows = 64;
+constexpr int64_t kBackwardTileRows = 256;
+constexpr int64_t kBackwardWorkspaceBytes = int64_t(8) << 20;
 // Gradient chunks: at least this many rows each, at most this many chunks, within this memory.
 // Partials are zeroed and summed once more at the end, so their total stays small next to the work.
 constexpr int64_t kMinChunkRows = 256;
@@ -340,7 +342,9 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr) {
 
   at::parallel_for(0, plan.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     SingleThreadedBlas single;
-    const int64_t R = kTileRows;
+    // Larger tiles give the dW products a longer inner dimension; cap the workspace per thread.
+    const int64_t R = std::clamp<int64_t>(kBackwardWorkspaceBytes / ((2 * L + 4) * FD * int64_t(sizeof(T))),
+                                          8, kBackwardTileRows);
     // h^0..h^L, a^1..a^L, delta, delta_prev, alpha, each R x FD.
     std::vector<T> buf((2 * L + 4) * R * FD);
     auto H = [&](int t) { return buf.data() + t * R * FD; };
