@@ -1,14 +1,14 @@
 # Two commands set up and run everything on a fresh machine (each installs what it needs):
 #   make run    the distillation pipeline on MovieLens-100K (python -m dagfm_ext run)
-#   make test   build, then the Python tests, the C++ tests (ctest), the CUDA compile check and
-#               the benchmark smoke test
+#   make test   build, then the Python tests (the benchmark smoke run `bench --quick --device cpu`
+#               among them), the C++ tests (ctest) and the CUDA compile check
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dagfm-installed
 RUN_ARGS ?=
 
-.PHONY: install run test test-python test-cpp check-cuda bench-smoke clean
+.PHONY: install run test test-python test-cpp check-cuda bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ install: $(STAMP)
 run: install
 	$(PY) -m dagfm_ext run $(RUN_ARGS)
 
-test: test-python test-cpp check-cuda bench-smoke
+test: test-python test-cpp check-cuda
 
 test-python: install
 	$(PY) -m pytest tests -q
@@ -37,8 +37,8 @@ test-cpp: install
 check-cuda:
 	bash scripts/check_cuda_compile.sh
 
-bench-smoke: install
-	$(VENV)/bin/dagfm-ext bench --quick --device cpu --json build/bench-smoke.json --plot build/bench-smoke.png
+bench: install
+	$(VENV)/bin/dagfm-ext bench --device cpu --json benchmarks/results_cpu.json --plot benchmarks/speedup_cpu.png
 
 clean:
 	rm -rf build build-cmake dagfm_ext/_C*.so

@@ -147,7 +147,7 @@ def test_torch_compile_fullgraph_training_step(device, kind):
         s = dagfm_ext.dagfm_propagate(h, w, v, kind)
         return (s * s).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(step, fullgraph=True)
     args_e = [t.clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
     args_c = [t.clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
     loss_e = step(*args_e)
@@ -252,6 +252,19 @@ def test_bad_inputs_name_the_argument(device, mutate, exc, pattern):
     args = mutate(h0, p, q)
     with pytest.raises(exc, match=pattern):
         dagfm_ext.dagfm_propagate(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_on_cpu_is_a_clear_error(kind, dtype):
+    # float16 / bfloat16 run on CUDA only (tests/test_cuda.py); on the CPU both ops say so.
+    h0, p, q = (t if t is None else t.to(dtype) for t in make_inputs(kind, 4, 3, 2, 2))
+    pattern = (r"h0: expected dtype float32 or float64 on device cpu, got (Half|BFloat16) "
+               r"\(float16 and bfloat16 are supported on CUDA only")
+    with pytest.raises(RuntimeError, match=pattern):
+        dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.dagfm_ext.propagate_bwd(torch.zeros(4, 3, 3, dtype=dtype), h0, p, q, kind)
 
 
 def test_interaction_must_be_a_string():
