@@ -1,16 +1,29 @@
 """dagfm_ext: fused CPU/CUDA kernels for KD-DAGFM and the distillation pipeline around them."""
 from __future__ import annotations
 
+import importlib
+
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (registers the dagfm_ext::* custom ops)
 from . import reference
 from .functional import dagfm_propagate
-from .modules import DAGFM, DAGFMPlus
-from .teachers import CIN, FM, CrossNet, build_teacher, register_teacher
-from . import data, distill, metrics, teachers  # noqa: E402  (after the op: they use it)
 
 __version__ = "0.1.0"
+
+# Everything above the op is imported on first use, so a serving process (``dagfm-ext predict``,
+# ``dagfm_ext.serving``) loads only torch and the ops, not the training stack (sklearn, tqdm).
+_SUBMODULES = ("data", "distill", "metrics", "modules", "serving", "teachers")
+_ATTRS = {"DAGFM": "modules", "DAGFMPlus": "modules", "CrossNet": "teachers", "CIN": "teachers",
+          "FM": "teachers", "build_teacher": "teachers", "register_teacher": "teachers"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _ATTRS:
+        return getattr(importlib.import_module(f".{_ATTRS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_info() -> dict:
@@ -21,5 +34,5 @@ def build_info() -> dict:
 __all__ = [
     "dagfm_propagate", "reference", "build_info", "__version__",
     "DAGFM", "DAGFMPlus", "CrossNet", "CIN", "FM", "build_teacher", "register_teacher",
-    "data", "distill", "metrics", "teachers",
+    "data", "distill", "metrics", "serving", "teachers",
 ]

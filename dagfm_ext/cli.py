@@ -1,8 +1,11 @@
-"""Command line: ``dagfm-ext run`` (the distillation pipeline) and ``dagfm-ext bench``.
+"""Command line: ``dagfm-ext run`` (the distillation pipeline), ``export``, ``predict``, ``bench``.
 
     python -m dagfm_ext run                       # whole pipeline on MovieLens-100K, CPU
     python -m dagfm_ext run --dataset criteo:train.txt --teacher cin --interaction outer
     python -m dagfm_ext run --output runs/x --resume   # continue a killed run
+    torchrun --nproc_per_node=2 -m dagfm_ext run --output runs/x   # DistributedDataParallel
+    python -m dagfm_ext export --checkpoint runs/x --output student.pt2
+    python -m dagfm_ext predict --model student.pt2 --input rows.tsv --output preds.csv
 """
 from __future__ import annotations
 
@@ -71,9 +74,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dagfm-ext", description="KD-DAGFM: distil a CTR teacher into a fast DAGFM student.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,bench}")
-    run = sub.add_parser("run", help="train teacher, distil, finetune; print the teacher-vs-student table")
+    sub = parser.add_subparsers(dest="command", metavar="{run,export,predict,bench}")
+    run = sub.add_parser("run", help="train teacher, distil, finetune; print the teacher-vs-student table "
+                                     "(under torchrun: one DDP process per rank)")
     _add_run_arguments(run)
+    # export and predict have their own parsers (see _serving): predict must not import the training code.
+    sub.add_parser("export", help="write a finished run's student as a torch.export program (.pt2)", add_help=False)
+    sub.add_parser("predict", help="score raw TSV/CSV rows with an exported student", add_help=False)
     # bench's own options are added only when it runs (the module is imported lazily).
     sub.add_parser("bench", help="benchmark the fused op (see 'dagfm-ext bench --help')", add_help=False)
     return parser
@@ -91,20 +98,61 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .distill import Pipeline, RunConfig, format_table
-    cfg = RunConfig(dataset=args.dataset, teacher=args.teacher, student=args.student, interaction=args.interaction,
-                    depth=args.depth, teacher_depth=args.teacher_depth, cin_layers=args.cin_layers, mlp=args.mlp,
-                    embed_dim=args.embed_dim, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                    alpha=args.alpha, beta=args.beta, max_epochs=args.max_epochs, patience=args.patience,
-                    seed=args.seed, device=args.device or _default_device(), min_count=args.min_count,
-                    synthetic_size=args.synthetic_size, output=args.output, progress=not args.quiet)
     try:
+        # Under torchrun this joins the process group; the device becomes cuda:LOCAL_RANK on GPUs.
+        device = distributed.init_from_env(args.device or _default_device())
+        cfg = RunConfig(dataset=args.dataset, teacher=args.teacher, student=args.student,
+                        interaction=args.interaction, depth=args.depth, teacher_depth=args.teacher_depth,
+                        cin_layers=args.cin_layers, mlp=args.mlp, embed_dim=args.embed_dim,
+                        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, alpha=args.alpha,
+                        beta=args.beta, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
+                        device=device, min_count=args.min_count, synthetic_size=args.synthetic_size,
+                        output=args.output, progress=not args.quiet)
         report = Pipeline(cfg, resume=args.resume).run()
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"dagfm-ext run: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(report))
-    print(f"report: {args.output}/report.json")
+    finally:
+        distributed.shutdown()
+    if report is not None:  # only rank 0 reports
+        print(format_table(report))
+        print(f"report: {args.output}/report.json")
+    return 0
+
+
+def _serving(command: str, argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"dagfm-ext {command}")
+    if command == "export":
+        parser.description = ("Write the finetuned student of a finished run (embeddings, schema, field mixing, "
+                              "propagation, readout) as a torch.export program with a dynamic batch dimension.")
+        parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory (or its checkpoint.pt)")
+        parser.add_argument("--output", required=True, metavar="FILE", help="the .pt2 file to write")
+        parser.add_argument("--aoti", metavar="FILE", help="also write an AOTInductor package (compiled for this "
+                            "CPU; for C++ serving, see examples/cpp/serve_student.cpp)")
+    else:
+        parser.description = "Score raw rows with a student written by 'dagfm-ext export'."
+        parser.add_argument("--model", required=True, metavar="FILE", help="the .pt2 written by 'dagfm-ext export'")
+        parser.add_argument("--input", required=True, metavar="ROWS",
+                            help="TSV/CSV rows: a header naming the fields, or the fields in order with an "
+                                 "optional leading label column (Criteo format)")
+        parser.add_argument("--output", metavar="FILE", help="CSV of logit,probability (default: stdout)")
+    args = parser.parse_args(list(argv))
+    from . import serving
+    try:
+        if command == "export":
+            serving.export_checkpoint(args.checkpoint, args.output, args.aoti)
+            print(f"exported: {args.output}" + (f" and {args.aoti}" if args.aoti else ""))
+        elif args.output:
+            with open(args.output, "w") as f:
+                n = len(serving.predict_file(args.model, args.input, f))
+            print(f"scored {n} rows: {args.output}", file=sys.stderr)
+        else:
+            serving.predict_file(args.model, args.input, sys.stdout)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"dagfm-ext {command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -112,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] in ("export", "predict"):
+        return _serving(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

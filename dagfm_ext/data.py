@@ -216,7 +216,13 @@ class TabularData:
         return len(self.splits[split])
 
     def batches(self, split: str, batch_size: int, shuffle: bool = False,
-                rng: Optional[np.random.Generator] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                rng: Optional[np.random.Generator] = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``batch_size`` rows in split order (or shuffled by ``rng``). With
+        ``world_size`` > 1 each batch is dealt round-robin across the ranks and only this
+        ``rank``'s rows (r, r + W, ...) are yielded, so the global batch is unchanged."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
         idx = self.splits[split]
         if shuffle:
             idx = (rng or np.random.default_rng()).permutation(idx)
@@ -224,6 +230,7 @@ class TabularData:
             part = idx[start:start + batch_size]
             if shuffle:
                 part = np.sort(part)  # locality for memmaps; order inside a batch is irrelevant
+            part = part[rank::world_size]
             yield (torch.from_numpy(np.asarray(self.x[part], dtype=np.int64)),
                    torch.from_numpy(np.asarray(self.y[part], dtype=np.float32)))
 

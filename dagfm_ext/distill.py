@@ -13,6 +13,11 @@ file + ``os.replace``) after every epoch and at every phase end: model, best-so-
 optimizer, RNG states, counters, the epoch log. ``resume=True`` continues right after the last
 finished epoch; batches are shuffled by an RNG keyed on (seed, phase, epoch), so a resumed run
 sees exactly the batches an uninterrupted one would.
+
+Under torchrun (``dagfm_ext.distributed``) every rank trains a DistributedDataParallel replica on
+its round-robin share of each global batch; the loss is scaled so the averaged gradient is the
+global-batch mean, validation/test predictions are gathered from all ranks before scoring, and
+rank 0 alone writes the checkpoint, logs and report (every rank reads the checkpoint on resume).
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import distributed, metrics
 from .data import FeatureSchema, FieldEmbedding, TabularData, load_dataset
 from .modules import DAGFM, DAGFMPlus, INTERACTIONS
+from .serving import Scorer
 from .teachers import FM, build_teacher, teacher_names
 
 __all__ = ["RunConfig", "KDModel", "Pipeline", "run_pipeline", "PHASES", "STUDENTS",
@@ -188,6 +195,7 @@ class Pipeline:
     """Runs (or resumes) the three phases for one ``RunConfig``; ``run()`` returns the report."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, data: Optional[TabularData] = None):
+        self.ctx = distributed.context()
         self.out = Path(cfg.output)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out / CHECKPOINT
@@ -207,9 +215,17 @@ class Pipeline:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed % 2**32)
             torch.manual_seed(cfg.seed)
-        self.data = data if data is not None else load_dataset(
-            cfg.dataset, seed=cfg.seed, min_count=cfg.min_count, work_dir=self.out / "data",
-            synthetic_size=cfg.synthetic_size)
+        if data is None:
+            # Rank 0 first: it fills the download cache the others then read. Each rank has its
+            # own work dir, since a memmap being written must not be one another rank has mapped.
+            work_dir = self.out / "data" / (f"rank{self.ctx.rank}" if self.ctx.distributed else "")
+            if not self.ctx.is_main:
+                self.ctx.barrier()
+            data = load_dataset(cfg.dataset, seed=cfg.seed, min_count=cfg.min_count, work_dir=work_dir,
+                                synthetic_size=cfg.synthetic_size)
+            if self.ctx.is_main:
+                self.ctx.barrier()
+        self.data = data
         if state is not None:
             # The vocabularies must be those the saved weights were trained with.
             if state["schema"] != self.data.schema.to_dict():
@@ -223,6 +239,7 @@ class Pipeline:
         self.summaries: list = []
         self.teacher_test_logits: Optional[np.ndarray] = None
         self.optimizer = self._make_optimizer()
+        self._ddp: Optional[Tuple[int, nn.Module]] = None
         if state is not None:
             self._load_state(state)
 
@@ -284,9 +301,13 @@ class Pipeline:
             torch.cuda.set_rng_state_all(s["rng"]["cuda"])
 
     def save_checkpoint(self) -> None:
-        state = self._state()
-        _atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
-        self._write_logs()
+        if self.ctx.is_main:
+            state = self._state()
+            _atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+            self._write_logs()
+        # No rank starts the next epoch before this checkpoint is on disk: a rank killed there
+        # resumes from this epoch, not an older one.
+        self.ctx.barrier()
 
     def _write_logs(self) -> None:
         _atomic_write_text(self.out / "log.json", json.dumps(self.history, indent=1))
@@ -297,43 +318,65 @@ class Pipeline:
 
     # -- training and evaluation --------------------------------------------------------------
     def _logits(self, split: str, network: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
+        """Logits and labels of a whole split in split order (gathered from every rank)."""
         self.model.eval()
-        out, ys = [], []
+        ctx, bs, n = self.ctx, self.cfg.eval_batch_size, self.data.size(split)
+        out = []
         with torch.no_grad():
-            for x, y in self.data.batches(split, self.cfg.eval_batch_size):
-                out.append(network(self.model.embedding(x.to(self.device))).float().cpu().numpy())
-                ys.append(y.numpy())
-        return np.concatenate(out), np.concatenate(ys)
+            for k, (x, _) in enumerate(self.data.batches(split, bs, rank=ctx.rank, world_size=ctx.world_size)):
+                local = network(self.model.embedding(x.to(self.device))).float()
+                out.append(ctx.gather_batch(local, min(bs, n - k * bs)).cpu().numpy())
+        return np.concatenate(out), np.asarray(self.data.y[self.data.splits[split]], dtype=np.float32)
+
+    def _trainer(self) -> nn.Module:
+        """What a training step calls: encoded rows -> logits (embeddings + network), or in
+        distillation embeddings -> student logits; wrapped in DDP when there are several ranks."""
+        m = self.model
+        net = m.student if self.phase == "distill" else Scorer(m.embedding, self._phase_module())
+        if not self.ctx.distributed:
+            return net
+        if self._ddp is None or self._ddp[0] != self.phase_idx:
+            # One wrapper per phase: DDP registers the parameters that require grad at construction.
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = (self.phase_idx, DistributedDataParallel(net, device_ids=ids))
+        return self._ddp[1]
 
     def _train_epoch(self) -> float:
-        cfg, m = self.cfg, self.model
-        net = self._phase_module()
+        cfg, m, ctx = self.cfg, self.model, self.ctx
+        net = self._trainer()
         m.train()
         m.teacher.train(self.phase == "teacher")  # the teacher is only a target in phase 2
-        bce = nn.BCEWithLogitsLoss()
+        bce = nn.functional.binary_cross_entropy_with_logits
         rng = np.random.default_rng([cfg.seed, self.phase_idx, self.epoch])
-        total, n = 0.0, 0
-        steps = math.ceil(self.data.size("train") / cfg.batch_size)
-        bar = tqdm(self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng), total=steps,
-                   desc=f"{self.phase} {self.epoch + 1}/{cfg.max_epochs}", leave=False,
-                   disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-        for x, y in bar:
+        total, n, size = 0.0, 0, self.data.size("train")
+        steps = math.ceil(size / cfg.batch_size)
+        batches = self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng, rank=ctx.rank,
+                                    world_size=ctx.world_size)
+        bar = tqdm(batches, total=steps, desc=f"{self.phase} {self.epoch + 1}/{cfg.max_epochs}", leave=False,
+                   disable=not (cfg.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
+            # Means over the *global* batch: DDP averages gradients over the ranks, so each rank's
+            # sum is divided by the global row count and multiplied by the world size. Then W ranks
+            # step exactly as one process does on the whole batch, even when shares differ by a row.
+            rows = min(cfg.batch_size, size - step * cfg.batch_size)
+            mean = lambda t: t.sum() / rows  # noqa: E731
             if self.phase == "distill":
                 with torch.no_grad():
                     emb = m.embedding(x)
                     t_logit = m.teacher(emb)
                 s_logit = net(emb)
-                loss = cfg.alpha * bce(s_logit, y) + cfg.beta * torch.mean((t_logit - s_logit) ** 2)
+                loss = cfg.alpha * mean(bce(s_logit, y, reduction="none")) + cfg.beta * mean((t_logit - s_logit) ** 2)
             else:
-                loss = bce(net(m.embedding(x)), y)
+                loss = mean(bce(net(x), y, reduction="none"))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * ctx.world_size).backward()
             self.optimizer.step()
-            total += loss.item() * len(y)
+            total += loss.item() * rows  # this rank's share of the batch's summed loss
             n += len(y)
-            bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{total / max(n, 1):.4f}", refresh=False)
         bar.close()
+        total, n = ctx.sum([total, n], self.device)
         return total / max(n, 1)
 
     def _run_phase(self) -> None:
@@ -386,18 +429,22 @@ class Pipeline:
         self.save_checkpoint()
 
     def _say(self, msg: str) -> None:
-        if self.cfg.progress:
+        if self.cfg.progress and self.ctx.is_main:
             tqdm.write(msg, file=sys.stderr)
 
     def run(self) -> Optional[dict]:
-        """Run the remaining phases; returns the report (None if stopped before finetuning)."""
+        """Run the remaining phases; returns the report (None if stopped before finetuning, and
+        on every rank but 0)."""
         last = PHASES.index(self.cfg.stop_after)
         while self.phase_idx <= last:
             self._run_phase()
         if self.phase_idx < len(PHASES):
             return None
-        report = self.report()
-        _atomic_write_text(self.out / "report.json", json.dumps(report, indent=2))
+        report = None
+        if self.ctx.is_main:
+            report = self.report()
+            _atomic_write_text(self.out / "report.json", json.dumps(report, indent=2))
+        self.ctx.barrier()  # when run() returns on any rank, report.json is on disk
         return report
 
     def report(self) -> dict:

@@ -1,0 +1,192 @@
+"""Serving the distilled student: a ``torch.export`` program over encoded slots, plus its schema.
+
+What is exported (``export_student``) is ``Scorer``: encoded rows (B, num_slots) int64 -> logits
+(B,), i.e. the shared field embedding (per-field offsets, mean pooling of multi-valued fields),
+field mixing, the fused propagation (``dagfm_ext::propagate_fwd``) and the readout. The batch
+dimension is dynamic. Raw values become slots on the Python side with the training vocabularies
+(``FeatureSchema.encode``); the schema travels inside the .pt2 as the extra file ``schema.json``.
+
+Multi-valued fields (MovieLens genres) have a fixed width in the graph: ``max_len`` slots each,
+the ids of the first ``max_len`` tokens followed by ``-1`` padding (a row without tokens is one
+OOV id 0). The graph masks ``-1`` slots and averages the rest, so padding never reaches a lookup.
+
+Loading (``load_student``, ``dagfm-ext predict``) needs only torch and this package's ops: the
+model classes and the training stack are not imported.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, TextIO, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DataFormatError, FeatureSchema
+
+__all__ = ["Scorer", "export_student", "export_checkpoint", "load_student", "read_raw_rows",
+           "predict_file", "SCHEMA_FILE", "META_FILE"]
+
+SCHEMA_FILE = "schema.json"
+META_FILE = "meta.json"
+FORMAT = 1
+
+
+class Scorer(nn.Module):
+    """Encoded rows (B, num_slots) int64 -> logits (B,): the shared embedding, then one network."""
+
+    def __init__(self, embedding: nn.Module, network: nn.Module):
+        super().__init__()
+        self.embedding, self.network = embedding, network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.embedding(x))
+
+
+def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSchema, output,
+                   aoti_output=None, meta: Optional[dict] = None) -> torch.export.ExportedProgram:
+    """Write ``Scorer(embedding, student)`` (on CPU, eval mode) as a torch.export program to
+    ``output`` with the schema inside; with ``aoti_output`` also an AOTInductor package (a
+    compiled .so for this CPU, loadable from C++ with ``torch::inductor::AOTIModelPackageLoader``)."""
+    scorer = Scorer(embedding, student).to("cpu").eval()
+    # Batch 2 as the example: export specialises sizes 0 and 1. Id 0 (OOV) is valid in every slot.
+    example = torch.zeros(2, schema.num_slots, dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(scorer, (example,), dynamic_shapes={"x": {0: batch}})
+    info = {"format": FORMAT, "num_slots": schema.num_slots, "num_fields": schema.num_fields,
+            "slot_fields": schema.slot_fields(), **(meta or {})}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, output, extra_files={SCHEMA_FILE: json.dumps(schema.to_dict()),
+                                                    META_FILE: json.dumps(info)})
+    if aoti_output is not None:
+        Path(aoti_output).parent.mkdir(parents=True, exist_ok=True)
+        # The custom op has no C shim: the package calls it through the dispatcher by name, so the
+        # loading process must have the ops registered (dagfm_ext._C, or libdagfm_ops in C++).
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(aoti_output),
+            inductor_configs={"aot_inductor.metadata": {"num_slots": str(schema.num_slots)}})
+    return program
+
+
+def export_checkpoint(checkpoint, output, aoti_output=None) -> torch.export.ExportedProgram:
+    """Export the finetuned student of a finished run (a run directory or its checkpoint.pt)."""
+    from .distill import CHECKPOINT, PHASES, RunConfig, build_model  # the training side only
+
+    path = Path(checkpoint)
+    file = path / CHECKPOINT if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint: expected a run directory holding {CHECKPOINT} or the "
+                                f"file itself, got {str(path)!r}")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "schema" not in state:
+        raise ValueError(f"checkpoint: {file} is not a dagfm_ext run checkpoint")
+    if state["phase_idx"] < len(PHASES):
+        raise ValueError(f"checkpoint: the run in {file.parent} has not finished (in phase "
+                         f"{PHASES[state['phase_idx']]!r}, epoch {state['epoch']}); finish it with "
+                         "'dagfm-ext run --output DIR --resume' first")
+    cfg = RunConfig.from_dict(state["config"])
+    cfg.device = "cpu"
+    schema = FeatureSchema.from_dict(state["schema"])
+    model = build_model(cfg, schema)
+    model.load_state_dict(state["model"])
+    meta = {"student": cfg.student, "interaction": cfg.interaction, "depth": cfg.depth,
+            "embed_dim": cfg.embed_dim, "dataset": cfg.dataset}
+    return export_student(model.embedding, model.student, schema, output, aoti_output, meta=meta)
+
+
+def load_student(path) -> Tuple[nn.Module, FeatureSchema, dict]:
+    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model: no such file: {path}")
+    extra = {SCHEMA_FILE: "", META_FILE: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as e:  # noqa: BLE001  (any unreadable file is reported the same way)
+        raise ValueError(f"model: {path} is not a torch.export program written by "
+                         f"'dagfm-ext export' ({type(e).__name__}: {e})") from None
+    if not extra[SCHEMA_FILE]:
+        raise ValueError(f"model: {path} has no {SCHEMA_FILE}; write it with 'dagfm-ext export'")
+    return program.module(), FeatureSchema.from_dict(json.loads(extra[SCHEMA_FILE])), json.loads(extra[META_FILE] or "{}")
+
+
+def _delimiter(path: Path, first_line: str) -> str:
+    if path.suffix.lower() == ".csv":
+        return ","
+    if path.suffix.lower() in (".tsv", ".txt"):
+        return "\t"
+    return "\t" if "\t" in first_line else ","
+
+
+def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
+    """Raw records (field name -> raw string) from a TSV/CSV file, streamed.
+
+    With a header row naming every schema field, columns are matched by name (others, such as a
+    label, are ignored). Without one, the columns are the fields in schema order, optionally
+    preceded by a label column, as in Criteo's files (label, I1-I13, C1-C26). Multi-valued fields
+    hold space-separated tokens; empty cells are missing values (OOV)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input: no such file: {path}")
+    names = schema.names
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+        delim = _delimiter(path, first)
+        f.seek(0)
+        reader = csv.reader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
+        columns: Optional[List[int]] = None
+        width = None
+        for row in reader:
+            lineno = reader.line_num
+            if not row or row == [""]:
+                continue
+            if columns is None:
+                if set(names) <= set(row):  # a header
+                    columns, width = [row.index(n) for n in names], len(row)
+                    continue
+                if len(row) not in (len(names), len(names) + 1):
+                    raise DataFormatError(
+                        f"{path}:{lineno}: expected a header naming the fields {names}, or "
+                        f"{len(names)} columns (the fields in order) or {len(names) + 1} (a label "
+                        f"first), got {len(row)} columns")
+                skip = len(row) - len(names)
+                columns, width = list(range(skip, skip + len(names))), len(row)
+            if len(row) != width:
+                raise DataFormatError(f"{path}:{lineno}: expected {width} columns, got {len(row)}")
+            record = {}
+            for spec, c in zip(schema.fields, columns):
+                value = row[c]
+                if spec.kind == "integer" and value != "":
+                    try:
+                        int(value)
+                    except ValueError:
+                        raise DataFormatError(f"{path}:{lineno}: {spec.name}: expected an integer or "
+                                              f"empty, got {value!r}") from None
+                record[spec.name] = value
+            yield record
+
+
+def predict_file(model_path, input_path, output: Optional[TextIO] = None,
+                 chunk_rows: int = 65536) -> np.ndarray:
+    """Score every row of ``input_path`` with an exported student; writes ``logit,probability``
+    lines (with a header) to ``output`` when given and returns the logits."""
+    module, schema, _ = load_student(model_path)
+    if output is not None:
+        output.write("logit,probability\n")
+    parts = []
+    rows = read_raw_rows(input_path, schema)
+    with torch.no_grad():
+        while True:
+            chunk = [r for _, r in zip(range(chunk_rows), rows)]
+            if not chunk:
+                break
+            logits = module(torch.from_numpy(schema.encode(chunk))).float()
+            if output is not None:
+                for z, p in zip(logits.tolist(), torch.sigmoid(logits).tolist()):
+                    output.write(f"{z:.9g},{p:.9g}\n")
+            parts.append(logits.numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
