@@ -18,10 +18,22 @@ std::string shape_str(at::IntArrayRef sizes) {
   return out.str();
 }
 
-bool dtype_supported(const at::Tensor& t) {
-  const auto dt = t.scalar_type();
-  if (dt == at::kFloat || dt == at::kDouble) return true;
-  return false;
+// float32 / float64 everywhere; float16 / bfloat16 on CUDA only (float accumulation there). The CPU
+// kernels have no 16-bit path: rather than a silent upcast, a clear error that says where they run.
+void check_h0_dtype(const at::Tensor& h0) {
+  const auto dt = h0.scalar_type();
+  if (dt == at::kFloat || dt == at::kDouble) return;
+  const bool half = dt == at::kHalf || dt == at::kBFloat16;
+  if (h0.is_cuda()) {
+    TORCH_CHECK(half, "h0: expected dtype float32 or float64 (or float16 / bfloat16, supported on CUDA), got ",
+                dt);
+    return;
+  }
+  TORCH_CHECK(!half, "h0: expected dtype float32 or float64 on device ", h0.device(), ", got ", dt,
+              " (float16 and bfloat16 are supported on CUDA only; use h0.float() on ", h0.device().type(),
+              ")");
+  TORCH_CHECK(false, "h0: expected dtype float32 or float64 on device ", h0.device(),
+              " (float16 / bfloat16 also on CUDA), got ", dt);
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& h0) {
@@ -66,8 +78,7 @@ PropagateArgs check_propagate_args(const at::Tensor& h0, const at::Tensor& p,
   TORCH_CHECK(h0.defined(), "h0: expected a tensor, got an undefined tensor");
   TORCH_CHECK(h0.dim() == 3, "h0: expected a 3-D tensor of shape (B, F, D), got shape ",
               shape_str(h0.sizes()));
-  TORCH_CHECK(dtype_supported(h0), "h0: expected dtype float32 or float64, got ",
-              h0.scalar_type());
+  check_h0_dtype(h0);
   const int64_t B = h0.size(0), F = h0.size(1), D = h0.size(2);
   TORCH_CHECK(F >= 1 && D >= 1, "h0: expected at least one field and one embedding dim (F >= 1, D >= 1), got shape ",
               shape_str(h0.sizes()));

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-checks the torch-free CUDA kernel headers with plain nvcc (no torch, no GPU), for sm_80
-# and sm_90, warnings as errors; then builds and runs the host test of their tile arithmetic
-# (tests/cuda_host/tile_host_test.cpp) with the host compiler. Exits non-zero on any failure;
+# and sm_90, warnings as errors, every dtype (float, double, half, bfloat16); then builds and runs
+# the host tests of their tile arithmetic (tests/cuda_host/*_host_test.cpp) with the host compiler. Exits non-zero on any failure;
 # a no-op with a message when nvcc is absent. Usage: scripts/check_cuda_compile.sh [out_dir]
 set -uo pipefail
 
@@ -18,18 +18,22 @@ WORK="${1:-$(mktemp -d)}"
 mkdir -p "$WORK"
 status=0
 
-# The host test needs no CUDA at all: run it even without nvcc.
+# The host tests need no CUDA at all: run them even without nvcc. tile_host_test checks the
+# CUDA-core kernels' tile arithmetic, tc_host_test the tensor-core forward's tile algorithm.
 CXX="${CXX:-g++}"
 if command -v "$CXX" >/dev/null 2>&1; then
-  if "$CXX" -std=c++17 -O1 -fopenmp-simd -Wall -Wextra -Werror -I "$ROOT/csrc" \
-      "$ROOT/tests/cuda_host/tile_host_test.cpp" -o "$WORK/tile_host_test" && "$WORK/tile_host_test"; then
-    echo "check_cuda_compile: host test of the tile arithmetic passed"
-  else
-    echo "check_cuda_compile: FAILED host test of the tile arithmetic" >&2
-    status=1
-  fi
+  for src in "$ROOT"/tests/cuda_host/*_host_test.cpp; do
+    name="$(basename "$src" .cpp)"
+    if "$CXX" -std=c++17 -O1 -fopenmp-simd -Wall -Wextra -Werror -I "$ROOT/csrc" \
+        "$src" -o "$WORK/$name" && "$WORK/$name"; then
+      echo "check_cuda_compile: host test $name passed"
+    else
+      echo "check_cuda_compile: FAILED host test $name" >&2
+      status=1
+    fi
+  done
 else
-  echo "check_cuda_compile: no host compiler ($CXX), skipping the host test"
+  echo "check_cuda_compile: no host compiler ($CXX), skipping the host tests"
 fi
 
 if [[ -z "$NVCC" ]]; then
@@ -69,6 +73,25 @@ namespace cuda {
                                                              int, int64_t, int64_t, T*);
 DAGFM_CHECK_TYPES(float, float)
 DAGFM_CHECK_TYPES(double, double)
+DAGFM_CHECK_TYPES(__half, float)
+DAGFM_CHECK_TYPES(__nv_bfloat16, float)
+}  // namespace cuda
+}  // namespace dagfm
+EOF
+    elif [[ "$name" == "dagfm_tc" ]]; then
+      cat <<'EOF'
+namespace dagfm {
+namespace cuda {
+namespace tc {
+#define DAGFM_CHECK_TC(T)                                                                       \
+  template __global__ void kernel_fwd_tc_kernel<T, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 2>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 3>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 4>(PropagateParams<T>, int64_t, int64_t, int64_t);
+DAGFM_CHECK_TC(float)
+DAGFM_CHECK_TC(__half)
+DAGFM_CHECK_TC(__nv_bfloat16)
+}  // namespace tc
 }  // namespace cuda
 }  // namespace dagfm
 EOF
@@ -76,7 +99,11 @@ EOF
   } >"$tu"
   for arch in 80 90; do
     log="$WORK/check_${name}_sm${arch}.log"
+    # The __CUDA_NO_*_CONVERSIONS__ flags are the ones torch's extension build passes: they
+    # remove __half's implicit conversions, which the kernels must therefore never rely on.
     if "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
         -gencode "arch=compute_${arch},code=sm_${arch}" -Xptxas -v -Xcompiler -Wall,-Wextra \
         -I "$ROOT/csrc" -c "$tu" -o "$WORK/check_${name}_sm${arch}.o" >"$log" 2>&1; then
       # ptxas -v goes to the log; flag local-memory use (spills, stack frames) without failing.

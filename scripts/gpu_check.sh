@@ -2,10 +2,14 @@
 # One prepared command for a machine with a GPU (DESIGN.md §7). From the repository root:
 #     scripts/gpu_check.sh
 # Builds the extension in place for sm_90 (TORCH_CUDA_ARCH_LIST overrides), compile-checks the
-# kernel headers and runs their host test, runs every test (`pytest tests -x -q`, CUDA included),
-# compute-sanitizer memcheck and racecheck on a small case, and the benchmark table. Logs go
-# under $OUT (./gpu_out when OUT is unset). Each step runs even when an earlier one failed; the
-# script exits non-zero when any step failed. Whole run bounded by GPU_CHECK_BUDGET_S (465 s).
+# kernel headers and runs their host tests, runs every test (`pytest tests -x -q`, CUDA included:
+# float32/64, float16/bfloat16 and the TF32 tensor-core forward), the low-precision / tensor-core
+# benchmark (scripts/bench_tc.py), compute-sanitizer memcheck and racecheck on a small case (every
+# dtype, the tensor-core forward too), and the float32 benchmark table. Logs go under $OUT
+# (./gpu_out when OUT is unset); at the end they are bundled so that at most 8 files remain there
+# (the device tool returns no more): summary.txt, the two benchmark JSONs, pytest.log, bench_tc.log
+# and gpu_check_logs.tar.gz with everything. Each step runs even when an earlier one failed; the
+# script exits non-zero when any step failed. Whole run bounded by GPU_CHECK_BUDGET_S (470 s).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +18,7 @@ OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-465}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-470}))
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export DAGFM_USE_CUDA=1
@@ -82,20 +86,23 @@ step() {
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-# Reserves: what the later steps need at least (compile 15, pytest 90, memcheck 45, racecheck 45,
-# bench 45).
-step build 240 240 "'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
-step compile_check 60 225 "scripts/check_cuda_compile.sh '$OUT/compile_check'"
+# Reserves: what the later steps need at least (compile 15, pytest 90, bench_tc 60, memcheck 45,
+# racecheck 30, bench 45).
+step build 240 285 "'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
+# The compile check's objects and logs stay out of $OUT (the tool returns 8 files at most).
+step compile_check 60 270 "scripts/check_cuda_compile.sh '$(mktemp -d)'"
 pytest_extra=""
 "$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && pytest_extra="--timeout=180"
-step pytest 300 135 "'$PY' -m pytest tests -x -q -rs $pytest_extra"
+step pytest 240 180 "'$PY' -m pytest tests -x -q -rs $pytest_extra"
+# float16 / bfloat16 / TF32 against exact float32, eager and torch.compile, with measured ceilings.
+step bench_tc 120 120 "'$PY' scripts/bench_tc.py --json '$OUT/bench_tc.json'"
 
 if [[ -n "$SANITIZER" ]]; then
   # No caching allocator under memcheck: every tensor is its own allocation, so an access past
   # the end of one is caught instead of landing in a neighbour inside a cached block.
-  step memcheck 120 90 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 3 --leak-check no '$PY' scripts/sanitizer_case.py && grep -q 'ERROR SUMMARY: 0 errors' '$OUT/memcheck.log'"
+  step memcheck 120 75 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 3 --leak-check no '$PY' scripts/sanitizer_case.py && grep -q 'ERROR SUMMARY: 0 errors' '$OUT/memcheck.log'"
   # racecheck looks at shared memory, which only the on-chip path uses.
-  step racecheck 120 45 "'$SANITIZER' --tool racecheck --racecheck-report all --error-exitcode 3 '$PY' scripts/sanitizer_case.py --fast-only && grep -qE 'RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors' '$OUT/racecheck.log'"
+  step racecheck 90 45 "'$SANITIZER' --tool racecheck --racecheck-report all --error-exitcode 3 '$PY' scripts/sanitizer_case.py --fast-only && grep -qE 'RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors' '$OUT/racecheck.log'"
 else
   SUMMARY+=("$(printf '%-14s FAILED (compute-sanitizer not found)' sanitizer)")
   FAILED=1
@@ -103,7 +110,7 @@ fi
 
 # Guarded on the source, not on `bench --help`: a bench that exists but fails must show as failed.
 if [[ -f dagfm_ext/__main__.py ]] && grep -q '"bench"' dagfm_ext/cli.py 2>/dev/null; then
-  step bench 150 0 "'$PY' -m dagfm_ext bench --device cuda --json '$OUT/bench_cuda.json'"
+  step bench 120 0 "'$PY' -m dagfm_ext bench --device cuda --json '$OUT/bench_cuda.json'"
 else
   SUMMARY+=("$(printf '%-14s SKIPPED (no \"python -m dagfm_ext bench\" in this tree)' bench)")
 fi
@@ -111,11 +118,22 @@ fi
 echo
 echo "================ gpu_check summary ($(($(date +%s) - START))s, logs in $OUT)"
 grep -hE '^(=+ )?[0-9]+ (passed|failed)|passed|failed|error' "$OUT/pytest.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest: /'
+[[ -f "$OUT/bench_tc.log" ]] && { echo "--- low precision / tensor cores (tail of $OUT/bench_tc.log)"; sed -n '/bench_tc summary/,$p' "$OUT/bench_tc.log" | tail -n 40; }
 [[ -f "$OUT/bench.log" ]] && { echo "--- benchmark (tail of $OUT/bench.log)"; tail -n 25 "$OUT/bench.log"; }
 echo "---"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
-if ((FAILED)); then
-  echo "gpu_check: FAILED"
-  exit 1
-fi
-echo "gpu_check: all steps passed"
+verdict="gpu_check: all steps passed"
+((FAILED)) && verdict="gpu_check: FAILED"
+echo "$verdict"
+# Bundle: everything into one archive, and keep only a few files beside it (8 at most come back).
+{
+  cat "$OUT/env.log"
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  echo "$verdict"
+} >"$OUT/summary.txt" 2>/dev/null
+tar -C "$OUT" -czf "$ROOT/.gpu_check_logs.tar.gz" --exclude=gpu_check_logs.tar.gz . 2>/dev/null &&
+  mv "$ROOT/.gpu_check_logs.tar.gz" "$OUT/gpu_check_logs.tar.gz"
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name gpu_check_logs.tar.gz ! -name pytest.log \
+  ! -name bench_tc.log ! -name bench_tc.json ! -name bench_cuda.json -exec rm -rf {} +
+((FAILED)) && exit 1
+exit 0

@@ -1,6 +1,7 @@
 """A small run of the CUDA kernels for compute-sanitizer (scripts/gpu_check.sh runs it under
-memcheck and racecheck). Every interaction, float32 and float64, the shared-memory path and the
-global-memory fallback, a ragged last tile, and a grid smaller than the tile count. Inputs are
+memcheck and racecheck). Every interaction, float32 and float64, float16 and bfloat16, the
+shared-memory path and the global-memory fallback, a ragged last tile, a grid smaller than the
+tile count, and the tensor-core forward of the kernel interaction (float16, bfloat16, TF32). Inputs are
 made on the CPU and results checked on the CPU, so few kernels besides ours run under the tool.
 
     python scripts/sanitizer_case.py [--fast-only]     (exit 0: all results match the reference)
@@ -19,10 +20,14 @@ SHAPES = [  # (B, F, D, L)
     (5, 7, 4, 2),      # ragged tile, several chunks of rows for the kernel interaction
     (3001, 6, 3, 1),   # more tiles than resident blocks: blocks loop over tiles
 ]
+TC_SHAPE = (37, 7, 16, 2)  # the tensor-core forward (kernel interaction, D = 16): ragged warp tiles
+# Relative error against float64 that each dtype must stay under (TF32: float32 with TF32 allowed).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
-def check(kind, B, F, D, L, dtype, fallback):
+def check(kind, B, F, D, L, dtype, fallback, tf32=False):
     os.environ["DAGFM_CUDA_FORCE_FALLBACK"] = "1" if fallback else "0"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     g = torch.Generator().manual_seed(B * 1000 + F)
     h0 = torch.randn(B, F, D, generator=g, dtype=torch.float64)
     p = torch.randn((L, F, F, D, D) if kind == "kernel" else (L, F, F, D), generator=g, dtype=torch.float64) / F
@@ -32,15 +37,15 @@ def check(kind, B, F, D, L, dtype, fallback):
     s = torch.ops.dagfm_ext.propagate_fwd(dev[0], dev[1], dev[2], kind).cpu().double()
     grads = [t.cpu().double() for t in torch.ops.dagfm_ext.propagate_bwd(dev[3], dev[0], dev[1], dev[2], kind)]
     torch.cuda.synchronize()
-    # CPU reference in float64
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
+    # CPU reference in float64, on the inputs as rounded to dtype
+    leaves = [t.cpu().double().requires_grad_() if t is not None else None for t in dev[:3]]
     s_ref = reference.dagfm_propagate(leaves[0], leaves[1], leaves[2], kind)
-    want = torch.autograd.grad(s_ref, [t for t in leaves if t is not None], gs)
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    want = torch.autograd.grad(s_ref, [t for t in leaves if t is not None], dev[3].cpu().double())
+    tol = TOL["tf32" if tf32 else dtype]
     errs = [((s - s_ref.detach()).norm() / s_ref.norm()).item()]
     errs += [((a - b).norm() / b.norm().clamp_min(1e-300)).item() for a, b in zip(grads, want)]
     ok = all(e < tol for e in errs)
-    print(f"{'ok  ' if ok else 'FAIL'} {kind:6s} B={B} F={F} D={D} L={L} {str(dtype):13s} "
+    print(f"{'ok  ' if ok else 'FAIL'} {kind:6s} B={B} F={F} D={D} L={L} {str(dtype) + ('/tf32' if tf32 else ''):19s} "
           f"fallback={int(fallback)} max rel err {max(errs):.1e}", flush=True)
     return ok
 
@@ -49,10 +54,15 @@ def main():
     fast_only = "--fast-only" in sys.argv
     ok = True
     for kind in ("inner", "outer", "kernel"):
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             for fallback in ((False,) if fast_only else (False, True)):
                 for shape in SHAPES:
                     ok &= check(kind, *shape, dtype, fallback)
+    # Tensor-core forward (shared memory only: racecheck looks at it too).
+    for dtype in (torch.float16, torch.bfloat16):
+        ok &= check("kernel", *TC_SHAPE, dtype, False)
+    ok &= check("kernel", *TC_SHAPE, torch.float32, False, tf32=True)
+    torch.set_float32_matmul_precision("highest")
     print("sanitizer_case:", "all results match" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -232,3 +232,153 @@ def test_other_device_index():
     s = dagfm_ext.dagfm_propagate(h0, p, q, "inner")
     assert s.device == h0.device
     assert rel(s, reference.dagfm_propagate(h0, p, q, "inner")) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 / bfloat16 (float accumulation) and the tensor-core forward of the kernel interaction
+# (float16 / bfloat16 always, float32 when the matmul precision allows TF32). The precision rule:
+# within twice the reference's own error in the same low precision on the same device, both
+# measured against float64 (DESIGN.md §3, issue 4).
+
+LOW = (torch.float16, torch.bfloat16)
+TC_ENV = "DAGFM_CUDA_TENSOR_CORES"
+
+
+def low_precision_case(kind, B, F, D, L, dtype, seed=0):
+    """Values and gradients of the fused op in `dtype`, of the reference in `dtype`, and of the
+    reference in float64, on the same inputs (rounded to `dtype` first)."""
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=dtype, seed=seed)
+    gs = torch.randn(B, L + 1, F, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
+    s, grads = run(kind, *leaves, gs)
+    lo = [t.detach().clone().requires_grad_() if t is not None else None for t in (h0, p, q)]
+    s_lo = reference.dagfm_propagate(lo[0], lo[1], lo[2], kind)
+    grads_lo = torch.autograd.grad(s_lo, [t for t in lo if t is not None], gs)
+    s64, grads64 = run_reference(kind, h0, p, q, gs)
+    return (s, grads), (s_lo, grads_lo), (s64, grads64)
+
+
+def assert_within_twice_reference(ours, ref_lo, ref64, what):
+    assert ours.dtype == ref_lo.dtype, what
+    e, e_ref = rel(ours, ref64), rel(ref_lo, ref64)
+    # The small absolute slack covers outputs the low-precision reference happens to get nearly exact.
+    assert e <= 2 * e_ref + 1e-4, f"{what}: error {e:.3g} vs the {ours.dtype} reference's own {e_ref:.3g}"
+
+
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(257, 39, 16, 3), (100, 23, 32, 2), (37, 8, 8, 3), (19, 5, 48, 1), (40, 6, 64, 2)])
+def test_low_precision_within_twice_the_reference_error(kind, shape, dtype, tensor_cores, monkeypatch):
+    if tensor_cores == "0" and kind != "kernel":
+        pytest.skip("the switch only affects the kernel interaction")
+    monkeypatch.setenv(TC_ENV, tensor_cores)
+    (s, grads), (s_lo, grads_lo), (s64, grads64) = low_precision_case(kind, *shape, dtype)
+    assert s.dtype == dtype and s.shape == s64.shape
+    assert_within_twice_reference(s, s_lo, s64, "states")
+    for name, g, g_lo, g64 in zip(("h0", "p", "q"), grads, grads_lo, grads64):
+        assert g.dtype == dtype
+        assert_within_twice_reference(g, g_lo, g64, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_fallback_path(kind, dtype, force_fallback):
+    (s, grads), (s_lo, grads_lo), (s64, grads64) = low_precision_case(kind, 33, 13, 16, 3, dtype, seed=7)
+    assert_within_twice_reference(s, s_lo, s64, "states")
+    for name, g, g_lo, g64 in zip(("h0", "p", "q"), grads, grads_lo, grads64):
+        assert_within_twice_reference(g, g_lo, g64, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["float16", "bfloat16"])
+def test_low_precision_large_batch_kernel(dtype):
+    # The tensor-core forward with many more warp tiles than resident warps and a ragged last tile.
+    B, F, D, L = 65536 + 3, 39, 16, 3
+    h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=dtype, seed=8)
+    s = dagfm_ext.dagfm_propagate(h0, p, None, "kernel")
+    s_lo = reference.dagfm_propagate(h0, p, None, "kernel")
+    s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
+    assert_within_twice_reference(s, s_lo, s64, "states")
+
+
+@pytest.mark.parametrize("dtype", LOW + (torch.float32,), ids=["float16", "bfloat16", "tf32"])
+def test_tensor_core_forward_poisoned_outputs_and_lower_triangle(dtype, restore_matmul_precision):
+    # NaN below the diagonal of W must never be read; every state must be written (the output is
+    # allocated into blocks that held NaN just before); results are deterministic.
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")
+    B, F, D, L = 1000, 13, 16, 3
+    h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=dtype, seed=9)
+    lower = torch.ones(F, F, dtype=torch.bool, device="cuda").tril(-1).view(1, F, F, 1, 1)
+    p_nan = p.masked_fill(lower, float("nan"))
+    for _ in range(2):
+        junk = torch.full((B * (L + 1) * F,), float("nan"), device="cuda", dtype=dtype)
+        del junk
+        s = dagfm_ext.dagfm_propagate(h0, p_nan, None, "kernel")
+        assert torch.isfinite(s).all()
+    assert torch.equal(s, dagfm_ext.dagfm_propagate(h0, p_nan, None, "kernel"))
+    s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
+    assert rel(s, s64) < (3e-3 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    # Restored through the legacy setter first (it makes the legacy and the per-backend settings
+    # agree again), then the per-backend value.
+    legacy, per_backend = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    torch.backends.cuda.matmul.fp32_precision = per_backend
+
+
+@pytest.mark.parametrize("shape", [(257, 39, 16, 3), (100, 23, 32, 2), (65, 7, 64, 2)])
+def test_tf32_kernel_forward_follows_matmul_precision(shape, restore_matmul_precision):
+    B, F, D, L = shape
+    h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=torch.float32, seed=10)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    s64, _ = run_reference("kernel", h0, p, None, gs)
+    torch.set_float32_matmul_precision("highest")
+    exact = dagfm_ext.dagfm_propagate(h0, p, None, "kernel")
+    assert rel(exact, s64) < 1e-5
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: the tensor-core forward
+    fast = dagfm_ext.dagfm_propagate(h0, p, None, "kernel")
+    ref_tf32 = reference.dagfm_propagate(h0, p, None, "kernel")  # torch's own matmuls in TF32
+    e, e_ref = rel(fast, s64), rel(ref_tf32, s64)
+    assert e < 1e-2, e
+    assert rel(fast, exact) > 1e-7, "TF32 allowed, yet the result is the exact float32 one"
+    assert e <= 2 * max(e_ref, 3e-4) + 1e-5, (e, e_ref)
+    # The setting is read per call, through either API.
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert torch.equal(dagfm_ext.dagfm_propagate(h0, p, None, "kernel"), exact)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    assert torch.equal(dagfm_ext.dagfm_propagate(h0, p, None, "kernel"), fast)
+
+
+def test_tf32_leaves_other_paths_exact(restore_matmul_precision):
+    # TF32 only changes the kernel interaction's forward; the backward and inner/outer stay exact.
+    torch.set_float32_matmul_precision("high")
+    for kind in KINDS:
+        h0, p, q = make_inputs(kind, 129, 39, 16, 3, dtype=torch.float32, requires_grad=True, seed=11)
+        gs = torch.randn(129, 4, 39, device="cuda")
+        g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
+        _, g64 = run_reference(kind, h0, p, q, gs)
+        for a, b in zip(g, g64):
+            assert rel(a, b) < 1e-5, kind
+        if kind != "kernel":
+            s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+            s64, _ = run_reference(kind, h0, p, q, gs)
+            assert rel(s, s64) < 1e-5, kind
+
+
+def test_tf32_misaligned_weights_take_the_exact_path(restore_matmul_precision):
+    # A weight view that is not 32-byte aligned cannot feed WMMA loads: the CUDA-core kernel runs.
+    torch.set_float32_matmul_precision("high")
+    B, F, D, L = 64, 5, 16, 1
+    h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=torch.float32, seed=12)
+    flat = torch.empty(p.numel() + 1, device="cuda")
+    p_off = flat[1:].view_as(p)
+    p_off.copy_(p)
+    assert p_off.data_ptr() % 32 != 0
+    s = dagfm_ext.dagfm_propagate(h0, p_off, None, "kernel")
+    s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
+    assert rel(s, s64) < 1e-5

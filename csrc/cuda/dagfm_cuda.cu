@@ -1,5 +1,14 @@
 // CUDA implementations of dagfm_ext::propagate_fwd / propagate_bwd: argument checks (ops.cpp),
-// launch planning and launches. The kernels themselves are in dagfm_kernels.cuh.
+// launch planning and launches. The kernels themselves are in dagfm_kernels.cuh (CUDA cores, every
+// interaction and dtype) and dagfm_tc.cuh (tensor cores: the kernel interaction's forward).
+//
+// dtypes: float32 and float64 exactly; float16 and bfloat16 (storage __half / __nv_bfloat16,
+// float accumulation, weight gradients summed in float and rounded once at the end).
+// Tensor cores: the kernel interaction's forward for float16 / bfloat16 always, and for float32
+// when PyTorch's float32 matmul precision allows TF32 (torch.set_float32_matmul_precision("high")
+// or torch.backends.cuda.matmul.fp32_precision = "tf32"), read per call from ATen's global context
+// (no schema change). Exact float32 stays the default. DAGFM_CUDA_TENSOR_CORES=0 turns the
+// tensor-core path off (comparisons, debugging). The backward always runs on CUDA cores.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -7,6 +16,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -18,6 +31,7 @@
 
 #include "../ops.h"
 #include "dagfm_kernels.cuh"
+#include "dagfm_tc.cuh"
 
 namespace dagfm {
 namespace {
@@ -28,12 +42,58 @@ using cuda::Pass;
 
 DeviceLimits device_limits(int device) {
   DeviceLimits lim;
-  int optin = 0, sms = 0;
+  int optin = 0, sms = 0, per_sm = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   lim.smem_optin = optin;
   lim.num_sms = sms;
+  lim.smem_per_sm = per_sm;
+  lim.cc_major = major;
   return lim;
+}
+
+// ATen's scalar types -> the storage types the torch-free kernels use (same size and bits).
+template <typename scalar_t>
+struct KernelScalar {
+  using type = scalar_t;
+};
+template <>
+struct KernelScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+static_assert(sizeof(at::Half) == sizeof(__half) && sizeof(at::BFloat16) == sizeof(__nv_bfloat16),
+              "16-bit storage types must match");
+
+template <typename K, typename S>
+PropagateParams<K> as_kernel_params(const PropagateParams<S>& s) {
+  PropagateParams<K> k;
+  k.h0 = reinterpret_cast<const K*>(s.h0);
+  k.p = reinterpret_cast<const K*>(s.p);
+  k.q = reinterpret_cast<const K*>(s.q);
+  k.states = reinterpret_cast<K*>(s.states);
+  k.batch = s.batch;
+  k.num_fields = s.num_fields;
+  k.embed_dim = s.embed_dim;
+  k.depth = s.depth;
+  k.interaction = s.interaction;
+  return k;
+}
+
+template <typename K, typename S>
+PropagateBackwardParams<K> as_kernel_params(const PropagateBackwardParams<S>& s) {
+  PropagateBackwardParams<K> k;
+  static_cast<PropagateParams<K>&>(k) = as_kernel_params<K>(static_cast<const PropagateParams<S>&>(s));
+  k.grad_states = reinterpret_cast<const K*>(s.grad_states);
+  k.grad_h0 = reinterpret_cast<K*>(s.grad_h0);
+  k.grad_p = reinterpret_cast<K*>(s.grad_p);
+  k.grad_q = reinterpret_cast<K*>(s.grad_q);
+  return k;
 }
 
 // DAGFM_CUDA_FORCE_FALLBACK=1 sends every shape down the global-memory path (tests use it to
@@ -41,6 +101,88 @@ DeviceLimits device_limits(int device) {
 bool force_fallback() {
   const char* v = std::getenv("DAGFM_CUDA_FORCE_FALLBACK");
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+bool env_flag_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
+// PyTorch's float32 matmul precision for CUDA allows TF32 (the convention of torch.matmul):
+// torch.set_float32_matmul_precision("high"/"medium"), torch.backends.cuda.matmul.allow_tf32 =
+// True or torch.backends.cuda.matmul.fp32_precision = "tf32"; torch's NoTF32Guard wins.
+bool float32_tf32_allowed() {
+  if (at::NoTF32Guard::should_disable_tf32()) return false;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+  // The per-backend setting (this enum form is in torch 2.13 and 2.14, checked; older releases
+  // spelled it differently). It reflects the legacy and the per-backend API alike, where
+  // allowTF32CuBLAS() throws once a program has mixed the two.
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  // Older torch: the legacy query, which throws when the legacy and the per-backend API were
+  // mixed (or only the per-backend one was used). Then stay exact: never less precise than asked.
+  try {
+    return at::globalContext().allowTF32CuBLAS();
+  } catch (const c10::Error&) {
+    return false;
+  }
+#endif
+}
+
+// The tensor-core forward applies: kernel interaction, 16-bit storage or float32 with TF32
+// allowed, D in {16, 32, 48, 64}, compute capability 8.0+, the weights 32-byte aligned (WMMA
+// fragment loads), and a plan that fits shared memory.
+template <typename T>
+bool use_tensor_cores(const PropagateParams<T>& prm, const DeviceLimits& lim, const cuda::tc::TcPlan& plan) {
+  constexpr bool half = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+  constexpr bool single = std::is_same_v<T, float>;
+  if constexpr (!half && !single) {
+    return false;
+  } else {
+    if (prm.interaction != Interaction::Kernel || !plan.ok || lim.cc_major < 8) return false;
+    if (force_fallback() || env_flag_off("DAGFM_CUDA_TENSOR_CORES")) return false;
+    if (reinterpret_cast<uintptr_t>(prm.p) % 32 != 0) return false;
+    return half || float32_tf32_allowed();
+  }
+}
+
+template <typename T, int NF>
+void launch_forward_tc(const PropagateParams<T>& prm, const cuda::tc::TcPlan& plan,
+                       const DeviceLimits& lim, cudaStream_t stream) {
+  auto kernel = cuda::tc::kernel_fwd_tc_kernel<T, NF>;
+  const int threads = plan.warps * cuda::tc::kWarpSize;
+  if (plan.smem_bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(plan.smem_bytes)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
+                                                               size_t(plan.smem_bytes)));
+  const int64_t warp_tiles = cuda::ceil_div64(prm.batch, cuda::tc::kRows);
+  const int64_t blocks = cuda::ceil_div64(warp_tiles, plan.warps);
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(std::max(per_sm, 1)) * lim.num_sms));
+  kernel<<<unsigned(grid), threads, size_t(plan.smem_bytes), stream>>>(prm, plan.ld, plan.state_bytes,
+                                                                        plan.warp_bytes);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Returns false (nothing launched) when the tensor-core forward does not apply.
+template <typename T>
+bool try_forward_tc(const PropagateParams<T>& prm, const DeviceLimits& lim, cudaStream_t stream) {
+  if (prm.interaction != Interaction::Kernel) return false;
+  const cuda::tc::TcPlan plan =
+      cuda::tc::plan_forward(prm.num_fields, prm.embed_dim, int(sizeof(T)), lim);
+  if (!use_tensor_cores(prm, lim, plan)) return false;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    switch (prm.embed_dim / 16) {
+      case 1: launch_forward_tc<T, 1>(prm, plan, lim, stream); return true;
+      case 2: launch_forward_tc<T, 2>(prm, plan, lim, stream); return true;
+      case 3: launch_forward_tc<T, 3>(prm, plan, lim, stream); return true;
+      case 4: launch_forward_tc<T, 4>(prm, plan, lim, stream); return true;
+      default: return false;
+    }
+  }
+  return false;
 }
 
 template <typename T, typename Acc>
@@ -78,6 +220,7 @@ template <Interaction K, typename T, typename Acc>
 void launch_forward(const PropagateParams<T>& prm, const at::Tensor& like) {
   const int device = like.get_device();
   const DeviceLimits lim = device_limits(device);
+  if (K == Interaction::Kernel && try_forward_tc(prm, lim, at::cuda::getCurrentCUDAStream(device))) return;
   const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
   auto kernel = cuda::propagate_fwd_kernel<K, T, Acc>;
   const int64_t tiles = cuda::ceil_div64(prm.batch, plan.cfg.tile_b);
@@ -154,11 +297,12 @@ at::Tensor propagate_fwd_cuda(const at::Tensor& h0, const at::Tensor& p,
   const c10::cuda::CUDAGuard guard(args.h0.device());
   at::Tensor states = empty_states(args);
   if (args.batch == 0) return states;
-  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_cuda", [&] {
-    using Acc = at::opmath_type<scalar_t>;
-    const auto params = make_params<scalar_t>(args, states);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h0.scalar_type(), "propagate_fwd_cuda", [&] {
+    using Acc = at::opmath_type<scalar_t>;  // float for float16 / bfloat16
+    using T = typename KernelScalar<scalar_t>::type;
+    const auto params = as_kernel_params<T>(make_params<scalar_t>(args, states));
     dispatch_interaction(args.interaction, [&](auto k) {
-      launch_forward<decltype(k)::value, scalar_t, Acc>(params, args.h0);
+      launch_forward<decltype(k)::value, T, Acc>(params, args.h0);
     });
   });
   return states;
@@ -181,11 +325,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
   // Every element (lower triangle included) is written by the reduction kernel.
   grad_p = at::empty_like(args.p);
   grad_q = args.q.defined() ? at::empty_like(args.q) : at::empty({0}, args.p.options());
-  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h0.scalar_type(), "propagate_bwd_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    const auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
+    using T = typename KernelScalar<scalar_t>::type;
+    const auto params =
+        as_kernel_params<T>(make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q));
     dispatch_interaction(args.interaction, [&](auto k) {
-      launch_backward<decltype(k)::value, scalar_t, Acc>(params, args.h0);
+      launch_backward<decltype(k)::value, T, Acc>(params, args.h0);
     });
   });
   return {grad_h0, grad_p, grad_q};

@@ -23,8 +23,48 @@
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 namespace dagfm {
 namespace cuda {
+
+// Conversions between the storage type T and the accumulator type. Explicit intrinsics for the
+// 16-bit types: torch builds its CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's and __nv_bfloat16's implicit conversions.
+// Storage is __half / __nv_bfloat16 for float16 / bfloat16, always with a float accumulator.
+template <typename To, typename From>
+DAGFM_HD To cvt(From x) {
+  return static_cast<To>(x);
+}
+#if defined(__CUDACC__)
+template <>
+DAGFM_HD float cvt<float, __half>(__half x) {
+  return __half2float(x);
+}
+template <>
+DAGFM_HD __half cvt<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+DAGFM_HD float cvt<float, __nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+DAGFM_HD __nv_bfloat16 cvt<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+#endif
+
+// <w, h> over D with w in storage type T and h in Acc (dagfm_math.h's dot, through cvt).
+template <typename Acc, typename T>
+DAGFM_HD Acc dot_cvt(const T* DAGFM_RESTRICT w, const Acc* DAGFM_RESTRICT h, int D) {
+  Acc s = Acc(0);
+  for (int d = 0; d < D; ++d) s += cvt<Acc>(w[d]) * h[d];
+  return s;
+}
 
 constexpr int kThreads = 256;  // threads per block for every kernel here
 constexpr int kMaxTileB = 8;   // samples per tile, at most
@@ -150,7 +190,7 @@ DAGFM_HD void layer_accumulate_tile(const T* p, const T* q, const Acc* DAGFM_RES
         const int64_t b = r / rows;
         if (j < i) continue;
         scratch[b * cap + row_start(i, F) - rs0 + (j - i)] =
-            dot<T, Acc>(wp.edge(i, j), hprev + b * FD + int64_t(i) * D, D);
+            dot_cvt<Acc>(wp.edge(i, j), hprev + b * FD + int64_t(i) * D, D);
       }
       team_sync();
     }
@@ -167,13 +207,13 @@ DAGFM_HD void layer_accumulate_tile(const T* p, const T* q, const Acc* DAGFM_RES
       Acc s = Acc(0);
       for (int i = i0; i <= imax; ++i) {
         if (K == Interaction::Inner) {
-          s += Acc(wp.edge(i, j)[e]) * hb[int64_t(i) * D + e];
+          s += cvt<Acc>(wp.edge(i, j)[e]) * hb[int64_t(i) * D + e];
         } else if (K == Interaction::Outer) {
-          s += scratch[b * cap + row_start(i, F) - rs0 + (j - i)] * Acc(wq.edge(i, j)[e]);
+          s += scratch[b * cap + row_start(i, F) - rs0 + (j - i)] * cvt<Acc>(wq.edge(i, j)[e]);
         } else {
           const T* DAGFM_RESTRICT w = wp.edge(i, j) + e;  // W[i, j, d, e], stride D over d
           const Acc* DAGFM_RESTRICT hi = hb + int64_t(i) * D;
-          for (int d = 0; d < D; ++d) s += hi[d] * Acc(w[int64_t(d) * D]);
+          for (int d = 0; d < D; ++d) s += hi[d] * cvt<Acc>(w[int64_t(d) * D]);
         }
       }
       acc_out[b * FD + int64_t(j) * D + e] += s;
@@ -204,7 +244,7 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const TileConfig& cfg,
 
   const int64_t n = int64_t(nb) * FD;
   for (int64_t k = team.rank; k < n; k += team.size) {
-    h0s[k] = Acc(h0g[k]);
+    h0s[k] = cvt<Acc>(h0g[k]);
     buf_odd[k] = Acc(0);
     buf_even[k] = Acc(0);
   }
@@ -212,7 +252,7 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const TileConfig& cfg,
   for (int64_t k = team.rank; k < int64_t(nb) * F; k += team.size) {
     const int64_t b = k / F;
     const int j = int(k % F);
-    st[b * sample_states + j] = T(sum(h0s + b * FD + int64_t(j) * D, D));
+    st[b * sample_states + j] = cvt<T>(sum(h0s + b * FD + int64_t(j) * D, D));
   }
   const Acc* hprev = h0s;
   for (int t = 1; t <= L; ++t) {
@@ -233,7 +273,7 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const TileConfig& cfg,
         s += v;
         clear[off + d] = Acc(0);
       }
-      st[b * sample_states + int64_t(t) * F + j] = T(s);
+      st[b * sample_states + int64_t(t) * F + j] = cvt<T>(s);
     }
     team_sync();
     hprev = hnext;
@@ -272,8 +312,8 @@ DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTR
         const int64_t b = r / rows;
         if (j < i) continue;
         const int64_t le = b * cap + row_start(i, F) - rs0 + (j - i);
-        sc[le] = dot<T, Acc>(wp.edge(i, j), hprev + b * FD + int64_t(i) * D, D);
-        sr[le] = dot<T, Acc>(wq.edge(i, j), alpha + b * FD + int64_t(j) * D, D);
+        sc[le] = dot_cvt<Acc>(wp.edge(i, j), hprev + b * FD + int64_t(i) * D, D);
+        sr[le] = dot_cvt<Acc>(wq.edge(i, j), alpha + b * FD + int64_t(j) * D, D);
       }
       team_sync();
     }
@@ -289,16 +329,16 @@ DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTR
         Acc s = Acc(0);
         for (int j = i; j < F; ++j) {
           if (K == Interaction::Inner) {
-            s += Acc(wp.edge(i, j)[d]) * ab[int64_t(j) * D + d];
+            s += cvt<Acc>(wp.edge(i, j)[d]) * ab[int64_t(j) * D + d];
           } else if (K == Interaction::Outer) {
-            s += sr[b * cap + row_start(i, F) - rs0 + (j - i)] * Acc(wp.edge(i, j)[d]);
+            s += sr[b * cap + row_start(i, F) - rs0 + (j - i)] * cvt<Acc>(wp.edge(i, j)[d]);
           } else {
             const T* DAGFM_RESTRICT w = wp.edge(i, j) + int64_t(d) * D;
             const Acc* DAGFM_RESTRICT aj = ab + int64_t(j) * D;
-            for (int e = 0; e < D; ++e) s += Acc(w[e]) * aj[e];
+            for (int e = 0; e < D; ++e) s += cvt<Acc>(w[e]) * aj[e];
           }
         }
-        dprev[b * FD + int64_t(i) * D + d] = Acc(gs_prev[b * gs_stride + i]) + s;
+        dprev[b * FD + int64_t(i) * D + d] = cvt<Acc>(gs_prev[b * gs_stride + i]) + s;
       }
     }
     // This tile's weight gradients for the chunk's edges, samples summed in order. One row at a
@@ -361,7 +401,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
   const int64_t n = int64_t(nb) * FD;
 
   for (int64_t k = team.rank; k < n; k += team.size) {
-    h0s[k] = Acc(h0g[k]);
+    h0s[k] = cvt<Acc>(h0g[k]);
     gh0[k] = Acc(0);
     for (int t = 1; t <= L; ++t) a(t)[k] = Acc(0);
   }
@@ -383,7 +423,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
   for (int64_t k = team.rank; k < n; k += team.size) {
     const int64_t b = k / FD;
     const int j = int((k % FD) / D);
-    delta[k] = Acc(gs[b * sample_states + int64_t(L) * F + j]);
+    delta[k] = cvt<Acc>(gs[b * sample_states + int64_t(L) * F + j]);
   }
   team_sync();
   for (int t = L; t >= 1; --t) {
@@ -408,7 +448,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
   }
   // dh0 = delta^0 + sum_t delta^t * a^t
   T* DAGFM_RESTRICT gh0g = prm.grad_h0 + b0 * FD;
-  for (int64_t k = team.rank; k < n; k += team.size) gh0g[k] = T(gh0[k] + delta[k]);
+  for (int64_t k = team.rank; k < n; k += team.size) gh0g[k] = cvt<T>(gh0[k] + delta[k]);
   team_sync();  // the next tile overwrites every buffer
 }
 
@@ -476,13 +516,13 @@ DAGFM_HD void reduce_weight_grad_element(int64_t idx, const Acc* DAGFM_RESTRICT 
   const int i = int(r % F);
   const int64_t l = r / F;
   if (i > j) {
-    out[idx] = T(0);
+    out[idx] = cvt<T>(Acc(0));
     return;
   }
   const int64_t off = part_offset + (l * num_edges(F) + row_start(i, F) + (j - i)) * elems + x;
   Acc s = Acc(0);
   for (int64_t g = 0; g < num_blocks; ++g) s += ws[g * ws_block_numel + off];
-  out[idx] = T(s);
+  out[idx] = cvt<T>(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -494,6 +534,8 @@ enum class Pass { Forward, Backward };
 struct DeviceLimits {
   int64_t smem_optin = 48 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
   int num_sms = 1;
+  int64_t smem_per_sm = 0;         // cudaDevAttrMaxSharedMemoryPerMultiprocessor (0: unknown)
+  int cc_major = 0;                // compute capability (0: unknown; tensor-core paths need 8+)
 };
 
 struct LaunchPlan {
