@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import dagfm_ext
+
 from dagfm_ext.cli import main
 from dagfm_ext.data import make_synthetic
 from dagfm_ext.distill import PHASES, CHECKPOINT, Pipeline, RunConfig, run_pipeline
@@ -138,7 +140,9 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_bench_subcommand_is_lazy(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, "dagfm_ext.bench", None)  # makes 'from . import bench' fail
+    # Makes 'from . import bench' fail, also when an earlier test already imported it.
+    monkeypatch.setitem(sys.modules, "dagfm_ext.bench", None)
+    monkeypatch.delattr(dagfm_ext, "bench", raising=False)
     assert main(["bench"]) == 2
     assert "benchmark module could not be loaded" in capsys.readouterr().err
     assert main(["run", *SMALL, "--max-epochs", "1", "--output", str(tmp_path / "r")]) == 0
