@@ -301,7 +301,7 @@ DAGFM_HD void layer_forward(Interaction kind, const T* DAGFM_RESTRICT p, const T
 #ifdef DAGFM_HOST_VECTORS
   if constexpr (host_vector_fits<T, kD>() && std::is_same_v<T, Acc>) {
     if (kind == Interaction::Inner) {
-      constexpr int kBlock = 4;
+      constexpr int kBlock = 8;
       for (; s0 + kBlock <= S; s0 += kBlock) inner_forward_block<T, kD, kBlock>(p, h0, h_prev, a, h_next, F, s0);
       for (; s0 < S; ++s0) inner_forward_block<T, kD, 1>(p, h0, h_prev, a, h_next, F, s0);
     } else if (kind == Interaction::Outer) {
@@ -473,9 +473,10 @@ DAGFM_HD int64_t tile_workspace_numel(int F, int D, int L, int S = 1) {
 
 // Forward for a tile of S consecutive samples (h0_in: S rows of F*D; states: S rows of (L+1)*F,
 // or nullptr), keeping every state in `ws`: h^t at ws + t*S*F*D, a^t at ws + (L+t)*S*F*D.
+// saved_a (or nullptr) receives the messages a^1..a^L as S rows of (L, F, D).
 template <typename T, typename Acc, int kD = 0>
 DAGFM_HD void tile_forward(Interaction kind, const T* h0_in, const T* p, const T* q, T* states,
-                           Acc* ws, int F, int D, int L, int S = 1) {
+                           Acc* ws, int F, int D, int L, int S = 1, T* saved_a = nullptr) {
   const int64_t FD = int64_t(F) * D, SFD = S * FD;
   const int64_t layer_numel = FD * F * (kind == Interaction::Kernel ? D : 1);
   const int64_t q_layer_numel = FD * F;
@@ -492,6 +493,10 @@ DAGFM_HD void tile_forward(Interaction kind, const T* h0_in, const T* p, const T
       for (int s = 0; s < S; ++s)
         for (int j = 0; j < F; ++j)
           states[s * states_row + int64_t(t) * F + j] = T(sum(h + s * FD + int64_t(j) * D, D));
+    if (saved_a != nullptr && t > 0)
+      for (int s = 0; s < S; ++s)
+        for (int64_t k = 0; k < FD; ++k)
+          saved_a[(int64_t(s) * L + t - 1) * FD + k] = T(ws[(L + t) * SFD + s * FD + k]);
   }
 }
 
@@ -509,14 +514,26 @@ DAGFM_HD void broadcast_grad_states(const T* grad_states, int t, Acc* out, int F
 
 // Backward for a tile of S consecutive samples. grad_states: S rows of (L+1)*F. grad_h0 receives
 // the full dLoss/dh0 (S rows of F*D); grad_p / grad_q accumulate into the caller's partial sums.
+// saved_a: the forward's messages (S rows of (L, F, D)), or nullptr to recompute them.
 template <typename T, typename Acc, int kD = 0>
 DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
                             const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
-                            int F, int D, int L, int S = 1) {
+                            int F, int D, int L, int S = 1, const T* saved_a = nullptr) {
   const int64_t FD = int64_t(F) * D, SFD = S * FD;
   const int64_t layer_numel = FD * F * (kind == Interaction::Kernel ? D : 1);
   const int64_t q_layer_numel = FD * F;
-  tile_forward<T, Acc, kD>(kind, h0_in, p, q, static_cast<T*>(nullptr), ws, F, D, L, S);
+  if (saved_a == nullptr) {
+    tile_forward<T, Acc, kD>(kind, h0_in, p, q, static_cast<T*>(nullptr), ws, F, D, L, S);
+  } else {  // the forward kept a^t: h^t = h0 * a^t, no layer products
+    for (int64_t k = 0; k < SFD; ++k) ws[k] = Acc(h0_in[k]);
+    for (int t = 1; t <= L; ++t)
+      for (int s = 0; s < S; ++s)
+        for (int64_t k = 0; k < FD; ++k) {
+          const Acc a = Acc(saved_a[(int64_t(s) * L + t - 1) * FD + k]);
+          ws[(L + t) * SFD + s * FD + k] = a;
+          ws[t * SFD + s * FD + k] = ws[s * FD + k] * a;
+        }
+  }
   const Acc* h0 = ws;
   Acc* delta = ws + (2 * L + 1) * SFD;
   Acc* delta_prev = delta + SFD;

@@ -126,6 +126,16 @@ at::Tensor check_grad_states(const at::Tensor& grad_states, const PropagateArgs&
   return grad_states.contiguous();
 }
 
+at::Tensor check_saved_messages(const std::optional<at::Tensor>& saved, const PropagateArgs& args) {
+  if (!saved.has_value() || !saved->defined() || saved->numel() == 0) return at::Tensor();
+  check_like(*saved, "saved", args.h0);
+  const int64_t want = args.batch * args.depth * args.num_fields * int64_t(args.embed_dim);
+  TORCH_CHECK(saved->dim() == 1 && saved->numel() == want,
+              "saved: expected a 1-D tensor of B*L*F*D = ", want, " elements, got shape ",
+              shape_str(saved->sizes()));
+  return saved->contiguous();
+}
+
 at::Tensor empty_states(const PropagateArgs& args) {
   return at::empty({args.batch, int64_t(args.depth) + 1, int64_t(args.num_fields)},
                    args.h0.options());
@@ -174,7 +184,10 @@ DAGFM_INSTANTIATE(at::BFloat16)
 
 TORCH_LIBRARY(dagfm_ext, m) {
   m.def("propagate_fwd(Tensor h0, Tensor p, Tensor? q, str interaction) -> Tensor");
+  // The training forward: the states plus whatever the backend keeps for its backward (an empty
+  // tensor where the backward recomputes everything, as the CUDA kernels do on chip).
+  m.def("propagate_fwd_train(Tensor h0, Tensor p, Tensor? q, str interaction) -> (Tensor, Tensor)");
   m.def(
-      "propagate_bwd(Tensor grad_states, Tensor h0, Tensor p, Tensor? q, str interaction)"
-      " -> (Tensor, Tensor, Tensor)");
+      "propagate_bwd(Tensor grad_states, Tensor h0, Tensor p, Tensor? q, str interaction,"
+      " Tensor? saved=None) -> (Tensor, Tensor, Tensor)");
 }

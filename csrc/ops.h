@@ -32,6 +32,11 @@ PropagateArgs check_propagate_args(const at::Tensor& h0, const at::Tensor& p,
 // Validates grad_states against the forward's arguments; returns it contiguous.
 at::Tensor check_grad_states(const at::Tensor& grad_states, const PropagateArgs& args);
 
+// The optional `saved` input of propagate_bwd: the messages a^1..a^L (flat, laid out (B, L, F, D)) that a
+// backend's propagate_fwd_train kept instead of having the backward recompute them. Returns an
+// undefined tensor for None or an empty tensor, else the validated contiguous tensor.
+at::Tensor check_saved_messages(const std::optional<at::Tensor>& saved, const PropagateArgs& args);
+
 // Outputs allocated with the inputs' options.
 at::Tensor empty_states(const PropagateArgs& args);
 

@@ -12,6 +12,7 @@ from . import _C  # noqa: F401  (loads the op registrations)
 __all__ = ["dagfm_propagate", "DagfmPropagate"]
 
 _fwd_op = torch.ops.dagfm_ext.propagate_fwd
+_fwd_train_op = torch.ops.dagfm_ext.propagate_fwd_train
 _bwd_op = torch.ops.dagfm_ext.propagate_bwd
 
 
@@ -22,8 +23,18 @@ def _propagate_fwd_fake(h0, p, q, interaction):
     return h0.new_empty((h0.shape[0], p.shape[0] + 1, h0.shape[1]))
 
 
+@torch.library.register_fake("dagfm_ext::propagate_fwd_train")
+def _propagate_fwd_train_fake(h0, p, q, interaction):
+    states = _propagate_fwd_fake(h0, p, q, interaction)
+    # What the backend keeps for its backward: the CPU kernels keep the messages a^1..a^L
+    # (propagate_fwd_train_cpu); the CUDA kernels keep nothing and recompute them on chip.
+    if h0.device.type == "cpu":
+        return states, h0.new_empty((h0.shape[0] * p.shape[0] * h0.shape[1] * h0.shape[2],))
+    return states, h0.new_empty((0,))
+
+
 @torch.library.register_fake("dagfm_ext::propagate_bwd")
-def _propagate_bwd_fake(grad_states, h0, p, q, interaction):
+def _propagate_bwd_fake(grad_states, h0, p, q, interaction, saved=None):
     grad_q = torch.empty_like(q) if q is not None else p.new_empty((0,))
     return torch.empty_like(h0), torch.empty_like(p), grad_q
 
@@ -32,13 +43,13 @@ def _setup_context(ctx, inputs, output):
     h0, p, q, interaction = inputs
     ctx.interaction = interaction
     ctx.has_q = q is not None
-    ctx.save_for_backward(h0, p, q)
+    ctx.save_for_backward(h0, p, q, None)
 
 
 def _backward(ctx, grad_states):
-    # The backward op recomputes the intermediate states from the inputs instead of saving them.
-    h0, p, q = ctx.saved_tensors
-    grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction)
+    # What the forward did not keep, the backward op recomputes from the inputs.
+    h0, p, q, saved = ctx.saved_tensors
+    grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction, saved)
     return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
 
 
@@ -47,13 +58,17 @@ torch.library.register_autograd("dagfm_ext::propagate_fwd", _backward, setup_con
 
 
 class DagfmPropagate(torch.autograd.Function):
-    """Forward and backward are the registered custom ops; the backward recomputes the states."""
+    """Training forward and backward are the registered custom ops. The forward keeps what the
+    backend returns for its backward (possibly nothing); the rest the backward recomputes."""
 
     @staticmethod
-    def forward(h0, p, q, interaction):
-        return _fwd_op(h0, p, q, interaction)
+    def forward(ctx, h0, p, q, interaction):
+        states, saved = _fwd_train_op(h0, p, q, interaction)
+        ctx.interaction = interaction
+        ctx.has_q = q is not None
+        ctx.save_for_backward(h0, p, q, saved)
+        return states
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
@@ -66,4 +81,8 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     """
     if not isinstance(interaction, str):
         raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
-    return DagfmPropagate.apply(h0, p, q, interaction)
+    tensors = (h0, p) if q is None else (h0, p, q)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)):
+        return DagfmPropagate.apply(h0, p, q, interaction)
+    # Inference keeps nothing for a backward.
+    return _fwd_op(h0, p, q, interaction)

@@ -300,3 +300,43 @@ def test_states_t0_is_the_field_sum_of_h0():
     h0, p, q = _good()
     s = dagfm_ext.dagfm_propagate(h0, p, q, "inner")
     torch.testing.assert_close(s[:, 0], h0.sum(-1), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training forward: what a backend keeps for its backward must not change the gradients.
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_forward_op_and_saved_messages(device, kind):
+    h0, p, q = make_inputs(kind, 70, 6, 9, 3, device=device)
+    states, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, q, kind)
+    torch.testing.assert_close(states, torch.ops.dagfm_ext.propagate_fwd(h0, p, q, kind), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.dagfm_ext.propagate_fwd_train.default, (h0, p, q, kind))
+    grad = torch.randn_like(states)
+    with_saved = torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, kind, saved)
+    torch.library.opcheck(torch.ops.dagfm_ext.propagate_bwd.default, (grad, h0, p, q, kind, saved))
+    recomputed = torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, kind)
+    for a, b in zip(with_saved, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if saved.numel():
+        assert saved.shape == (70 * 3 * 6 * 9,)
+        # saved holds the messages a^t, laid out (B, L, F, D): h^t = h0 * a^t sums to the states.
+        torch.testing.assert_close((h0[:, None] * saved.view(70, 3, 6, 9)).sum(-1), states[:, 1:])
+
+
+def test_saved_messages_are_checked():
+    h0, p, q = make_inputs("kernel", 5, 3, 4, 2)
+    grad = torch.zeros(5, 3, 3, dtype=h0.dtype)
+    with pytest.raises(RuntimeError, match=r"saved: expected a 1-D tensor of B\*L\*F\*D = 120 elements"):
+        torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, "kernel", torch.zeros(5, 2, 3, 4, dtype=h0.dtype))
+    with pytest.raises(RuntimeError, match=r"saved: expected dtype"):
+        torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, "kernel", torch.zeros(120))
+
+
+def test_inference_keeps_nothing_for_a_backward():
+    h0, p, q = make_inputs("kernel", 5, 3, 4, 2)
+    with torch.no_grad():
+        s = dagfm_ext.dagfm_propagate(h0, p.requires_grad_(), q, "kernel")
+    assert s.grad_fn is None
+    s = dagfm_ext.dagfm_propagate(h0, p, q, "kernel")
+    assert s.grad_fn is not None

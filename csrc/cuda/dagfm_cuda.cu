@@ -308,13 +308,24 @@ at::Tensor propagate_fwd_cuda(const at::Tensor& h0, const at::Tensor& p,
   return states;
 }
 
+// The training forward keeps nothing for the backward, which recomputes the messages on chip.
+std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cuda(const at::Tensor& h0, const at::Tensor& p,
+                                                            const std::optional<at::Tensor>& q,
+                                                            c10::string_view interaction) {
+  at::Tensor states = propagate_fwd_cuda(h0, p, q, interaction);
+  return {states, at::empty({0}, states.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
-    const std::optional<at::Tensor>& q, c10::string_view interaction) {
+    const std::optional<at::Tensor>& q, c10::string_view interaction,
+    const std::optional<at::Tensor>& saved) {
   const PropagateArgs args =
       check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   const c10::cuda::CUDAGuard guard(args.h0.device());
   const at::Tensor gs = check_grad_states(grad_states, args);
+  // Validated but unused: the CUDA backward recomputes the messages on chip, cheaper than reading.
+  (void)check_saved_messages(saved, args);
   at::Tensor grad_h0 = at::empty_like(args.h0);
   at::Tensor grad_p, grad_q;
   if (args.batch == 0) {
@@ -342,5 +353,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
 
 TORCH_LIBRARY_IMPL(dagfm_ext, CUDA, m) {
   m.impl("propagate_fwd", &dagfm::propagate_fwd_cuda);
+  m.impl("propagate_fwd_train", &dagfm::propagate_fwd_train_cuda);
   m.impl("propagate_bwd", &dagfm::propagate_bwd_cuda);
 }
