@@ -741,7 +741,7 @@ def environment(devices: Sequence[str]) -> dict:
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "argv": list(sys.argv),
+        "argv": [os.path.basename(sys.argv[0])] + list(sys.argv[1:]),  # no local paths in results
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
