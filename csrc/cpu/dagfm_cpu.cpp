@@ -54,7 +54,8 @@ namespace {
 constexpr int kBlasMinEmbedDim = 8;
 // Rows per tile of the per-row path: each weight loaded from cache serves this many rows.
 constexpr int kRowTile = 8;
-// Rows per BLAS tile: a tile's states (~(2L+4) * kTileRows * F * D values) stay in L2.
+// Rows per forward BLAS tile: its three kTileRows x F*D buffers stay in L2. The backward takes
+// longer tiles (a longer inner dimension for the dW products), capped by its workspace size.
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kBackwardTileRows = 256;
 constexpr int64_t kBackwardWorkspaceBytes = int64_t(8) << 20;
