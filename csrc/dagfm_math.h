@@ -245,40 +245,6 @@ DAGFM_HD void layer_forward(Interaction kind, const T* DAGFM_RESTRICT p, const T
     }
   }
 #endif
-  if constexpr (kD > 0) {
-    // D fixed: one weight load serves a block of samples, accumulators in registers.
-    constexpr int kBlock = 4;
-    if (kind != Interaction::Kernel)
-      for (; s0 + kBlock <= S; s0 += kBlock)
-        for (int j = 0; j < F; ++j) {
-          Acc acc[kBlock][kD > 0 ? kD : 1] = {};
-          for (int i = 0; i <= j; ++i) {
-            const T* DAGFM_RESTRICT w = p + edge_offset(i, j, F, D);
-            if (kind == Interaction::Inner) {
-              for (int b = 0; b < kBlock; ++b) {
-                const Acc* DAGFM_RESTRICT hi = h_prev + (s0 + b) * FD + int64_t(i) * D;
-                DAGFM_SIMD
-                for (int d = 0; d < kD; ++d) acc[b][d] += Acc(w[d]) * hi[d];
-              }
-            } else {
-              const T* DAGFM_RESTRICT qij = q + edge_offset(i, j, F, D);
-              for (int b = 0; b < kBlock; ++b) {
-                const Acc c = dot(w, h_prev + (s0 + b) * FD + int64_t(i) * D, kD);
-                DAGFM_SIMD
-                for (int e = 0; e < kD; ++e) acc[b][e] += c * Acc(qij[e]);
-              }
-            }
-          }
-          for (int b = 0; b < kBlock; ++b) {
-            const int64_t oj = (s0 + b) * FD + int64_t(j) * D;
-            DAGFM_SIMD
-            for (int d = 0; d < kD; ++d) {
-              a[oj + d] = acc[b][d];
-              h_next[oj + d] = h0[oj + d] * acc[b][d];
-            }
-          }
-        }
-  }
   for (int j = 0; j < F; ++j) {
     for (int s = s0; s < S; ++s) {
       const int64_t oj = s * FD + int64_t(j) * D;
