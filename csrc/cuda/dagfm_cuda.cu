@@ -216,25 +216,38 @@ at::Tensor workspace(int64_t numel, const at::Tensor& like) {
   return at::empty({numel > 0 ? numel : 1}, like.options().dtype(c10::CppTypeToScalarType<Acc>::value));
 }
 
+// One launch of a propagation kernel on its persistent grid, with the per-block workspace
+// (kept alive in `ws` until the caller is done with it).
+template <typename Acc>
+struct PassLaunch {
+  at::Tensor ws;
+  Acc* ws_ptr = nullptr;
+  int64_t grid = 0;
+};
+
+template <typename Acc, typename Kernel, typename Params>
+PassLaunch<Acc> launch_pass(Kernel kernel, const LaunchPlan& plan, const DeviceLimits& lim,
+                            const Params& prm, const at::Tensor& like, cudaStream_t stream) {
+  PassLaunch<Acc> out;
+  out.grid = prepare_launch(kernel, plan, lim, cuda::ceil_div64(prm.batch, plan.cfg.tile_b), sizeof(Acc));
+  if (plan.ws_block_numel > 0) {
+    out.ws = workspace<Acc>(out.grid * plan.ws_block_numel, like);
+    out.ws_ptr = out.ws.template data_ptr<Acc>();
+  }
+  kernel<<<unsigned(out.grid), cuda::kThreads, size_t(plan.smem_bytes), stream>>>(
+      prm, plan.cfg, out.ws_ptr, plan.ws_block_numel);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 template <Interaction K, typename T, typename Acc>
 void launch_forward(const PropagateParams<T>& prm, const at::Tensor& like) {
   const int device = like.get_device();
   const DeviceLimits lim = device_limits(device);
-  if (K == Interaction::Kernel && try_forward_tc(prm, lim, at::cuda::getCurrentCUDAStream(device))) return;
-  const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
-  auto kernel = cuda::propagate_fwd_kernel<K, T, Acc>;
-  const int64_t tiles = cuda::ceil_div64(prm.batch, plan.cfg.tile_b);
-  const int64_t grid = prepare_launch(kernel, plan, lim, tiles, sizeof(Acc));
-  at::Tensor ws;
-  Acc* ws_ptr = nullptr;
-  if (plan.ws_block_numel > 0) {
-    ws = workspace<Acc>(grid * plan.ws_block_numel, like);
-    ws_ptr = ws.data_ptr<Acc>();
-  }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
-  kernel<<<unsigned(grid), cuda::kThreads, size_t(plan.smem_bytes), stream>>>(prm, plan.cfg, ws_ptr,
-                                                                            plan.ws_block_numel);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (K == Interaction::Kernel && try_forward_tc(prm, lim, stream)) return;
+  const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
+  launch_pass<Acc>(cuda::propagate_fwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
 }
 
 template <typename T, typename Acc>
@@ -254,19 +267,11 @@ void launch_backward(const PropagateBackwardParams<T>& prm, const at::Tensor& li
   const int device = like.get_device();
   const DeviceLimits lim = device_limits(device);
   const LaunchPlan plan = make_plan<T, Acc>(Pass::Backward, K, prm, lim);
-  auto kernel = cuda::propagate_bwd_kernel<K, T, Acc>;
-  const int64_t tiles = cuda::ceil_div64(prm.batch, plan.cfg.tile_b);
-  const int64_t grid = prepare_launch(kernel, plan, lim, tiles, sizeof(Acc));
-  at::Tensor ws;
-  Acc* ws_ptr = nullptr;
-  if (plan.ws_block_numel > 0) {
-    ws = workspace<Acc>(grid * plan.ws_block_numel, like);
-    ws_ptr = ws.data_ptr<Acc>();
-  }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
-  kernel<<<unsigned(grid), cuda::kThreads, size_t(plan.smem_bytes), stream>>>(prm, plan.cfg, ws_ptr,
-                                                                            plan.ws_block_numel);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const PassLaunch<Acc> pass =
+      launch_pass<Acc>(cuda::propagate_bwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
+  const Acc* ws_ptr = pass.ws_ptr;
+  const int64_t grid = pass.grid;
   // Weight gradients: add the per-block partials in block order (deterministic, no atomics).
   const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
   const int64_t elems = cuda::edge_elems<K>(D);
