@@ -61,6 +61,9 @@ DAGFM_HD Acc sum(const Acc* DAGFM_RESTRICT x, int D) {
 // in registers, where a plain array would live on the stack and cost a store per FMA.
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
 #define DAGFM_HOST_VECTORS 1
+// The helpers below are always inlined, so passing vectors by value never crosses an ABI boundary.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 #define DAGFM_UNROLL _Pragma("GCC unroll 16")
 template <typename T>
 struct HostVec {
@@ -216,6 +219,7 @@ DAGFM_HD void backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT 
       for (int v = 0; v < kV; ++v) vstore(delta_prev + (s0 + b) * FD + int64_t(i) * kD + v * kW, dv[b][v]);
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 // Every per-sample (F, D) array below comes as a tile of S samples, sample s at offset s*F*D:
