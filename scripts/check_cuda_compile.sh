@@ -19,7 +19,8 @@ mkdir -p "$WORK"
 status=0
 
 # The host tests need no CUDA at all: run them even without nvcc. tile_host_test checks the
-# CUDA-core kernels' tile arithmetic, tc_host_test the tensor-core forward's tile algorithm.
+# CUDA-core kernels' tile arithmetic, tc_host_test the tensor-core forward's tile algorithm,
+# rb_host_test the register-blocked forward.
 CXX="${CXX:-g++}"
 if command -v "$CXX" >/dev/null 2>&1; then
   for src in "$ROOT"/tests/cuda_host/*_host_test.cpp; do
@@ -75,6 +76,25 @@ DAGFM_CHECK_TYPES(float, float)
 DAGFM_CHECK_TYPES(double, double)
 DAGFM_CHECK_TYPES(__half, float)
 DAGFM_CHECK_TYPES(__nv_bfloat16, float)
+}  // namespace cuda
+}  // namespace dagfm
+EOF
+    elif [[ "$name" == "dagfm_rb" ]]; then
+      cat <<'EOF'
+namespace dagfm {
+namespace cuda {
+namespace rb {
+#define DAGFM_CHECK_RB(K, T, Acc)                                                        \
+  template __global__ void forward_kernel<K, 4, T, Acc>(PropagateParams<T>, RbConfig); \
+  template __global__ void forward_kernel<K, 8, T, Acc>(PropagateParams<T>, RbConfig);
+#define DAGFM_CHECK_RB_TYPES(T, Acc)               \
+  DAGFM_CHECK_RB(Interaction::Inner, T, Acc)       \
+  DAGFM_CHECK_RB(Interaction::Outer, T, Acc)
+DAGFM_CHECK_RB_TYPES(float, float)
+DAGFM_CHECK_RB_TYPES(double, double)
+DAGFM_CHECK_RB_TYPES(__half, float)
+DAGFM_CHECK_RB_TYPES(__nv_bfloat16, float)
+}  // namespace rb
 }  // namespace cuda
 }  // namespace dagfm
 EOF

@@ -1,7 +1,8 @@
 """A small run of the CUDA kernels for compute-sanitizer (scripts/gpu_check.sh runs it under
 memcheck and racecheck). Every interaction, float32 and float64, float16 and bfloat16, the
 shared-memory path and the global-memory fallback, a ragged last tile, a grid smaller than the
-tile count, and the tensor-core forward of the kernel interaction (float16, bfloat16, TF32). Inputs are
+tile count, the register-blocked forward of inner / outer over several weight chunks and the first
+forward kernels it replaced, and the tensor-core forward of the kernel interaction (float16, bfloat16, TF32). Inputs are
 made on the CPU and results checked on the CPU, so few kernels besides ours run under the tool.
 
     python scripts/sanitizer_case.py [--fast-only]     (exit 0: all results match the reference)
@@ -58,6 +59,13 @@ def main():
             for fallback in ((False,) if fast_only else (False, True)):
                 for shape in SHAPES:
                     ok &= check(kind, *shape, dtype, fallback)
+    # The register-blocked forward (the default for inner / outer) over several weight chunks
+    # (F = 80 does not fit one), and the first forward kernels it replaced.
+    for kind in ("inner", "outer"):
+        ok &= check(kind, 33, 80, 16, 1, torch.float32, False)
+        os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        ok &= check(kind, *SHAPES[0], torch.float32, False)
+        del os.environ["DAGFM_CUDA_REGISTER_BLOCKING"]
     # Tensor-core forward (shared memory only: racecheck looks at it too).
     for dtype in (torch.float16, torch.bfloat16):
         ok &= check("kernel", *TC_SHAPE, dtype, False)

@@ -235,6 +235,66 @@ def test_other_device_index():
 
 
 # ---------------------------------------------------------------------------------------------
+# The register-blocked forward of inner and outer (dagfm_rb.cuh). The default for those two where it
+# fits; DAGFM_CUDA_REGISTER_BLOCKING=0 keeps the first kernels, DAGFM_CUDA_RB_TILE pins the tile.
+
+RB_ENV = "DAGFM_CUDA_REGISTER_BLOCKING"
+RB_TILE_ENV = "DAGFM_CUDA_RB_TILE"
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels that fn launches (so a test knows which path ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("kind", ["inner", "outer"])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_register_blocked_forward_is_the_default_and_can_be_turned_off(kind, enabled, monkeypatch):
+    if not enabled:
+        monkeypatch.setenv(RB_ENV, "0")
+    h0, p, q = make_inputs(kind, 300, 39, 16, 3, dtype=torch.float32, seed=6)
+    names = cuda_kernel_names(lambda: dagfm_ext.dagfm_propagate(h0, p, q, kind))
+    assert any("rb::forward_kernel" in n for n in names) == enabled, names
+    assert any("propagate_fwd_kernel" in n for n in names) == (not enabled), names
+
+
+@pytest.mark.parametrize("kind", ["inner", "outer"])
+@pytest.mark.parametrize("tile", ["8", "16", "32"])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1), (7, 5, 3, 2), (33, 13, 8, 3), (70, 39, 16, 3), (41, 80, 3, 2), (9, 4, 17, 1), (5, 6, 2, 0)]
+)
+def test_register_blocked_forward_every_tile(kind, tile, shape, monkeypatch):
+    # Float64 against the reference; awkward F and D (not multiples of 4), partial tiles, F > 64.
+    monkeypatch.setenv(RB_TILE_ENV, tile)
+    h0, p, q = make_inputs(kind, *shape, seed=7)
+    assert rel(dagfm_ext.dagfm_propagate(h0, p, q, kind), reference.dagfm_propagate(h0, p, q, kind)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["inner", "outer"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (129, 39, 16, 3), (17, 23, 5, 1)])
+def test_first_forward_kernels_still_right(kind, shape, monkeypatch):
+    # With register blocking off the staged first kernels run the forward (and still serve shapes
+    # whose tiles do not fit the register-blocked layout).
+    monkeypatch.setenv(RB_ENV, "0")
+    h0, p, q = make_inputs(kind, *shape, seed=8)
+    assert rel(dagfm_ext.dagfm_propagate(h0, p, q, kind), reference.dagfm_propagate(h0, p, q, kind)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["inner", "outer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_register_blocked_and_first_kernels_agree(kind, dtype, monkeypatch):
+    B, F, D, L = 4099, 39, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=dtype, seed=9)
+    fast = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    monkeypatch.setenv(RB_ENV, "0")
+    first = dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    assert rel(fast, first) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
 # float16 / bfloat16 (float accumulation) and the tensor-core forward of the kernel interaction
 # (float16 / bfloat16 always, float32 when the matmul precision allows TF32). The precision rule:
 # within twice the reference's own error in the same low precision on the same device, both

@@ -1,0 +1,63 @@
+// Launches of the register-blocked forward (dagfm_rb.cuh). A translation unit without torch
+// headers: it compiles in seconds, in parallel with dagfm_cuda.cu, which calls launch_forward.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dagfm_rb.cuh"
+
+namespace dagfm {
+namespace cuda {
+namespace rb {
+namespace {
+
+template <Interaction K, int kB, typename T, typename Acc>
+cudaError_t launch(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+                   cudaStream_t stream) {
+  auto kernel = forward_kernel<K, kB, T, Acc>;
+  cudaError_t err = cudaSuccess;
+  if (plan.smem_bytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.threads,
+                                                      size_t(plan.smem_bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = ceil_div64(prm.batch, plan.cfg.tb);
+  int64_t grid = int64_t(per_sm > 0 ? per_sm : 1) * (num_sms > 0 ? num_sms : 1);
+  if (grid > tiles) grid = tiles;
+  if (grid < 1) grid = 1;
+  kernel<<<unsigned(grid), unsigned(plan.threads), size_t(plan.smem_bytes), stream>>>(prm, plan.cfg);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T, typename Acc>
+cudaError_t launch_forward(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+                           cudaStream_t stream) {
+  if (!plan.ok || prm.interaction == Interaction::Kernel) return cudaErrorInvalidValue;
+  const bool inner = prm.interaction == Interaction::Inner;
+  if (plan.cfg.kb == 8)
+    return inner ? launch<Interaction::Inner, 8, T, Acc>(prm, plan, num_sms, stream)
+                 : launch<Interaction::Outer, 8, T, Acc>(prm, plan, num_sms, stream);
+  if (plan.cfg.kb == 4)
+    return inner ? launch<Interaction::Inner, 4, T, Acc>(prm, plan, num_sms, stream)
+                 : launch<Interaction::Outer, 4, T, Acc>(prm, plan, num_sms, stream);
+  return cudaErrorInvalidValue;
+}
+
+template cudaError_t launch_forward<float, float>(const PropagateParams<float>&, const RbPlan&, int,
+                                                  cudaStream_t);
+template cudaError_t launch_forward<double, double>(const PropagateParams<double>&, const RbPlan&,
+                                                    int, cudaStream_t);
+template cudaError_t launch_forward<__half, float>(const PropagateParams<__half>&, const RbPlan&,
+                                                   int, cudaStream_t);
+template cudaError_t launch_forward<__nv_bfloat16, float>(const PropagateParams<__nv_bfloat16>&,
+                                                          const RbPlan&, int, cudaStream_t);
+
+}  // namespace rb
+}  // namespace cuda
+}  // namespace dagfm

@@ -1,0 +1,529 @@
+// Register-blocked CUDA-core forward for the inner and outer interactions ("v2" in
+// benchmarks/NOTES-cuda.md), no torch includes.
+//
+// Why: the first CUDA-core kernels (dagfm_kernels.cuh) give each thread one output and do one FMA
+// per two shared-memory loads; a multiprocessor's shared memory serves 32 words per clock against
+// 128 FMA lanes, so that design tops out near 1/8 of the FP32 rate. Here each thread owns a block
+// of kB samples x 4 outputs and every step is a rank-1 update: kB + 4 loaded values (16-byte
+// vectors) feed 4 * kB FMAs.
+//
+// The three products of the two interactions all have that shape (x: kB consecutive samples, y:
+// 4 consecutive values):
+//   inner        a[b, j, e] += h[b, i, e] * p[i, j, e]   over i;  thread: (samples, 4 j, one e)
+//   outer, c     c[b, i, j] += h[b, i, d] * p[i, j, d]   over d;  thread: (samples, 4 j, one i)
+//   outer, a     a[b, j, e] += c[b, i, j] * q[i, j, e]   over i;  thread: (samples, one j, 4 e)
+// Shared memory per block (Acc elements):
+//   S0, S1  (F, D, tbp)     h^{t-1} and a^t then h^t of the tile, samples innermost
+//   W       (rows, D, wst)  p of the chunk's rows, j innermost (4 consecutive j are one vector)
+//   Q       (rows, F, dp)   q of the chunk's rows (outer)
+//   C       (rows, fp, tbp) c of the chunk's rows (outer)
+// Each stride is a multiple of 4 elements and an odd multiple of 4 (4 mod 8): the 8 lanes of one
+// 16-byte load phase then fall in 8 different bank groups. Weights outside the upper triangle (and
+// j >= F) are staged as zeros, never read from global memory. A layer's weights are staged in
+// chunks of `rows` rows; the first chunk stores the sums, later chunks add to them, and the chunk
+// that completes an output multiplies it by h0 (read again from global memory, an L2 hit).
+//
+// Written as team loops like dagfm_kernels.cuh, so the host test (tests/cuda_host/rb_host_test.cpp)
+// runs the same functions on shared memory poisoned with NaN, with a team of one thread and with
+// blocks of emulated threads (each phase run thread after thread).
+#pragma once
+
+#include <cstdint>
+
+#include "../dagfm_math.h"
+#include "../dagfm_params.h"
+#include "dagfm_kernels.cuh"
+
+#if defined(__CUDA_ARCH__)
+#define DAGFM_RB_UNROLL _Pragma("unroll")
+#else
+#define DAGFM_RB_UNROLL
+#endif
+
+namespace dagfm {
+namespace cuda {
+namespace rb {
+
+constexpr int kJ = 4;             // outputs (or embedding elements) per thread: one vector
+constexpr int kMaxThreads = 512;  // threads per block, at most
+constexpr int kTiles[3] = {32, 16, 8};  // samples per tile, in order of preference
+
+// >= n, a multiple of 4 and 4 mod 8 (see the header comment).
+DAGFM_HD int pad_stride(int n) {
+  int s = (n + 3) / 4 * 4;
+  if (s % 8 == 0) s += 4;
+  return s;
+}
+
+struct RbConfig {
+  int tb = 0;    // samples per tile, a multiple of kb
+  int kb = 0;    // samples per thread: 8 (tb >= 16) or 4; selects the kernel instantiation
+  int rows = 0;  // weight rows per chunk
+  int tbp = 0, wst = 0, fp = 0, dp = 0;  // strides, see the header comment
+};
+
+struct RbPlan {
+  bool ok = false;  // false: nothing fits; use dagfm_kernels.cuh
+  RbConfig cfg;
+  int threads = 0;
+  int64_t smem_bytes = 0;
+};
+
+DAGFM_HD int groups_of(int n) { return (n + kJ - 1) / kJ; }
+DAGFM_HD int state_numel(const RbConfig& c, int F, int D) { return F * D * c.tbp; }
+DAGFM_HD int row_numel(const RbConfig& c, int F, int D, bool outer) {
+  return D * c.wst + (outer ? F * c.dp + c.fp * c.tbp : 0);
+}
+
+// Threads a block uses: the largest work-item count of its phases, in whole warps, capped.
+DAGFM_HD int block_threads(Interaction kind, const RbConfig& c, int F, int D) {
+  const int nbg = c.tb / c.kb;
+  const int G = groups_of(F);
+  int items;
+  if (kind == Interaction::Inner) {
+    items = (G + 1) / 2 * nbg * D;  // (pair of j groups, sample block, e)
+  } else {
+    const int a = c.rows * G * nbg;           // (row, j group, sample block)
+    const int b = F * nbg * groups_of(D);     // (j, sample block, e group)
+    items = a > b ? a : b;
+  }
+  int t = (items + 31) / 32 * 32;
+  return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
+}
+
+// Tile size: the largest of kTiles that still gives every multiprocessor a tile (small batches get
+// small tiles) and fits shared memory with at least one weight row per chunk; `force_tb` (> 0)
+// pins it (tuning runs). Chunks are evened out: the same count, the fewest rows that need it.
+inline RbPlan plan_forward(Interaction kind, int64_t batch, int F, int D, int acc_size,
+                           const DeviceLimits& lim, int force_tb = 0) {
+  RbPlan plan;
+  if (kind == Interaction::Kernel || F < 1 || D < 1 || acc_size <= 0) return plan;
+  const bool outer = kind == Interaction::Outer;
+  const int64_t budget = lim.smem_optin / acc_size;
+  const int64_t sms = lim.num_sms > 0 ? lim.num_sms : 1;
+  for (int tb : kTiles) {
+    if (force_tb > 0 && tb != force_tb) continue;
+    if (force_tb <= 0 && tb != kTiles[2] && ceil_div64(batch, tb) < sms) continue;
+    RbConfig c;
+    c.tb = tb;
+    c.kb = tb >= 16 ? 8 : 4;
+    c.tbp = pad_stride(tb);
+    c.fp = groups_of(F) * kJ;
+    c.wst = pad_stride(c.fp);
+    c.dp = pad_stride(D);
+    const int64_t fixed = 2 * int64_t(F) * D * c.tbp;
+    const int64_t per_row = row_numel(c, F, D, outer);
+    if (fixed + per_row > budget) continue;
+    int64_t rows = (budget - fixed) / per_row;
+    if (rows > F) rows = F;
+    const int64_t chunks = ceil_div64(F, rows);
+    c.rows = int(ceil_div64(F, chunks));
+    plan.cfg = c;
+    plan.threads = block_threads(kind, c, F, D);
+    plan.smem_bytes = (fixed + int64_t(c.rows) * per_row) * acc_size;
+    plan.ok = true;
+    return plan;
+  }
+  return plan;
+}
+
+// 4 consecutive elements, 16-byte aligned on the device (every offset used is a multiple of 4).
+DAGFM_HD void load4(const float* p, float* o) {
+#if defined(__CUDA_ARCH__)
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  o[0] = v.x;
+  o[1] = v.y;
+  o[2] = v.z;
+  o[3] = v.w;
+#else
+  for (int k = 0; k < 4; ++k) o[k] = p[k];
+#endif
+}
+DAGFM_HD void load4(const double* p, double* o) {
+#if defined(__CUDA_ARCH__)
+  const double2 a = reinterpret_cast<const double2*>(p)[0];
+  const double2 b = reinterpret_cast<const double2*>(p)[1];
+  o[0] = a.x;
+  o[1] = a.y;
+  o[2] = b.x;
+  o[3] = b.y;
+#else
+  for (int k = 0; k < 4; ++k) o[k] = p[k];
+#endif
+}
+DAGFM_HD void store4(float* p, const float* v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+#else
+  for (int k = 0; k < 4; ++k) p[k] = v[k];
+#endif
+}
+DAGFM_HD void store4(double* p, const double* v) {
+#if defined(__CUDA_ARCH__)
+  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+#else
+  for (int k = 0; k < 4; ++k) p[k] = v[k];
+#endif
+}
+
+// acc[b][k] += x[b] * y[k] for n steps; x advances by xs, y by ys elements per step.
+template <int kB, typename Acc>
+DAGFM_HD void rank1_steps(Acc (&acc)[kB][kJ], const Acc* DAGFM_RESTRICT x, int xs,
+                          const Acc* DAGFM_RESTRICT y, int ys, int n) {
+  for (int r = 0; r < n; ++r) {
+    Acc xv[kB], yv[kJ];
+    DAGFM_RB_UNROLL
+    for (int v = 0; v < kB; v += 4) load4(x + v, xv + v);
+    load4(y, yv);
+    DAGFM_RB_UNROLL
+    for (int b = 0; b < kB; ++b) {
+      DAGFM_RB_UNROLL
+      for (int k = 0; k < kJ; ++k) acc[b][k] += xv[b] * yv[k];
+    }
+    x += xs;
+    y += ys;
+  }
+}
+
+template <int kB, typename Acc>
+DAGFM_HD void zero(Acc (&acc)[kB][kJ]) {
+  DAGFM_RB_UNROLL
+  for (int b = 0; b < kB; ++b) {
+    DAGFM_RB_UNROLL
+    for (int k = 0; k < kJ; ++k) acc[b][k] = Acc(0);
+  }
+}
+
+// dst[b] (kB consecutive samples of one (j, e) state) = sum, accumulated over chunks: stored by
+// the first chunk, added by later ones; the completing chunk multiplies by h0 (h0 points at
+// h0[b0 + first sample, j, e]; samples >= nvalid are padding and stay zero).
+template <int kB, typename T, typename Acc>
+DAGFM_HD void store_samples(Acc* DAGFM_RESTRICT dst, const Acc (&val)[kB], bool first, bool last,
+                            const T* DAGFM_RESTRICT h0, int64_t FD, int nvalid) {
+  DAGFM_RB_UNROLL
+  for (int v = 0; v < kB; v += 4) {
+    Acc out[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+    if (!first) load4(dst + v, out);
+    DAGFM_RB_UNROLL
+    for (int u = 0; u < 4; ++u) {
+      const int b = v + u;
+      Acc s = first ? val[b] : out[u] + val[b];
+      if (last) s = b < nvalid ? s * cvt<Acc>(h0[int64_t(b) * FD]) : Acc(0);
+      out[u] = s;
+    }
+    store4(dst + v, out);
+  }
+}
+
+// states[b0 + b, t, j] = sum_e buf[j, e, b] for the tile's valid samples. Lanes run over samples
+// (consecutive words: no bank conflicts).
+template <typename T, typename Acc>
+DAGFM_HD void write_state_sums(const Acc* DAGFM_RESTRICT buf, T* DAGFM_RESTRICT st, int t, int nb,
+                               int F, int D, int L, int tbp, Team team) {
+  const int64_t sample_states = int64_t(L + 1) * F;
+  for (int k = team.rank; k < nb * F; k += team.size) {
+    const int b = k % nb;
+    const int j = k / nb;
+    const Acc* col = buf + j * D * tbp + b;
+    Acc s = Acc(0);
+    for (int e = 0; e < D; ++e) s += col[e * tbp];
+    st[b * sample_states + int64_t(t) * F + j] = cvt<T>(s);
+  }
+}
+
+// Copy loops below run "warp rows": warp w takes rows w, w + warps, ... and its lanes the columns,
+// so no element needs an integer division (a few dozen instructions on a GPU), and each lane keeps
+// kBatch loads in flight before its stores. With a team of one (host test) lanes = warps = 1.
+struct WarpRows {
+  int lane, lanes, warp, warps;
+};
+
+DAGFM_HD WarpRows warp_rows(Team team) {
+  const int lanes = team.size < 32 ? team.size : 32;
+  return WarpRows{team.rank % lanes, lanes, team.rank / lanes, team.size / lanes};
+}
+
+constexpr int kBatch = 8;  // loads in flight per lane in the copy loops (latency-bound at small B)
+
+// W[ir, e, jj] = p[i0 + ir, jj, e] on the upper triangle (jj >= i, jj < F), else 0, for jj < fp.
+// Rows (ir, e), columns jj: shared-memory stores are consecutive; the global loads stride by D
+// (the lines are reused from L1 by the next rows).
+template <typename T, typename Acc>
+DAGFM_HD void stage_weights_transposed(const T* DAGFM_RESTRICT p, Acc* DAGFM_RESTRICT w, int i0,
+                                       int rows, int F, int D, const RbConfig& c, Team team) {
+  const WarpRows wr = warp_rows(team);
+  const int nrows = rows * D;
+  for (int r0 = wr.warp; r0 < nrows; r0 += wr.warps * kBatch) {
+    Acc v[kBatch][2];
+    DAGFM_RB_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      const int r = r0 + u * wr.warps;
+      const int ir = r / D, e = r % D, i = i0 + ir;
+      const T* src = p + int64_t(i) * F * D + e;
+      DAGFM_RB_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int jj = wr.lane + h * wr.lanes;
+        v[u][h] = (r < nrows && jj >= i && jj < F) ? cvt<Acc>(src[int64_t(jj) * D]) : Acc(0);
+      }
+    }
+    DAGFM_RB_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      const int r = r0 + u * wr.warps;
+      if (r >= nrows) break;
+      Acc* dst = w + r * c.wst;
+      DAGFM_RB_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int jj = wr.lane + h * wr.lanes;
+        if (jj < c.fp) dst[jj] = v[u][h];
+      }
+      // Columns past two sweeps (fp > 2 * lanes: F > 64 on a GPU, any F on the host).
+      const int64_t i = i0 + r / D;
+      const T* src = p + i * F * D + r % D;
+      for (int jj = wr.lane + 2 * wr.lanes; jj < c.fp; jj += wr.lanes)
+        dst[jj] = (jj >= i && jj < F) ? cvt<Acc>(src[int64_t(jj) * D]) : Acc(0);
+    }
+  }
+}
+
+// Q[ir, j, e] = q[i0 + ir, j, e] for j >= i and e < D, else 0, for e < dp. Rows (ir, j), columns e:
+// consecutive on both sides.
+template <typename T, typename Acc>
+DAGFM_HD void stage_q(const T* DAGFM_RESTRICT q, Acc* DAGFM_RESTRICT qs, int i0, int rows, int F,
+                      int D, const RbConfig& c, Team team) {
+  const WarpRows wr = warp_rows(team);
+  const int nrows = rows * F;
+  for (int r0 = wr.warp; r0 < nrows; r0 += wr.warps * kBatch) {
+    Acc v[kBatch];
+    DAGFM_RB_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      const int r = r0 + u * wr.warps;
+      const int i = i0 + r / F, j = r % F;
+      v[u] = (r < nrows && j >= i && wr.lane < D) ? cvt<Acc>(q[(int64_t(i) * F + j) * D + wr.lane])
+                                                 : Acc(0);
+    }
+    DAGFM_RB_UNROLL
+    for (int u = 0; u < kBatch; ++u) {
+      const int r = r0 + u * wr.warps;
+      if (r >= nrows) break;
+      const int i = i0 + r / F, j = r % F;
+      Acc* dst = qs + r * c.dp;
+      if (wr.lane < c.dp) dst[wr.lane] = v[u];
+      for (int e = wr.lane + wr.lanes; e < c.dp; e += wr.lanes)  // D > 32, or the host
+        dst[e] = (j >= i && e < D) ? cvt<Acc>(q[(int64_t(i) * F + j) * D + e]) : Acc(0);
+    }
+  }
+}
+
+// S[r, b] = h0[b0 + b, r] (r = (i, e)) for valid samples, 0 for padding ones. Rows b, columns r:
+// coalesced global loads.
+template <typename T, typename Acc>
+DAGFM_HD void load_tile(const T* DAGFM_RESTRICT h0g, Acc* DAGFM_RESTRICT s, int nb, int FD,
+                        const RbConfig& c, Team team) {
+  const WarpRows wr = warp_rows(team);
+  for (int b = wr.warp; b < c.tb; b += wr.warps) {
+    const T* src = h0g + int64_t(b) * FD;
+    for (int r0 = wr.lane; r0 < FD; r0 += wr.lanes * kBatch) {
+      Acc v[kBatch];
+      DAGFM_RB_UNROLL
+      for (int u = 0; u < kBatch; ++u) {
+        const int r = r0 + u * wr.lanes;
+        v[u] = (b < nb && r < FD) ? cvt<Acc>(src[r]) : Acc(0);
+      }
+      DAGFM_RB_UNROLL
+      for (int u = 0; u < kBatch; ++u) {
+        const int r = r0 + u * wr.lanes;
+        if (r < FD) s[r * c.tbp + b] = v[u];
+      }
+    }
+  }
+}
+
+// Inner: a[b, j, e] over the chunk's rows [i0, i1). Thread items (pair of j groups, sample block,
+// e); a pair is groups g and G-1-g, so every item does about the same work on the triangle.
+template <int kB, typename T, typename Acc>
+DAGFM_HD void inner_chunk(const Acc* DAGFM_RESTRICT sprev, Acc* DAGFM_RESTRICT snext,
+                          const Acc* DAGFM_RESTRICT w, const T* DAGFM_RESTRICT h0g, int nb, int i0,
+                          int i1, int F, int D, const RbConfig& c, Team team) {
+  const int G = groups_of(F);
+  const int nbg = c.tb / kB;
+  const int64_t FD = int64_t(F) * D;
+  const int n = (G + 1) / 2 * nbg * D;
+  for (int k = team.rank; k < n; k += team.size) {
+    const int e = k % D;
+    const int bg = (k / D) % nbg;
+    const int pair = k / (D * nbg);
+    for (int half = 0; half < 2; ++half) {
+      const int g = half == 0 ? pair : G - 1 - pair;
+      if (half == 1 && g == pair) break;
+      const int j0 = g * kJ;
+      if (j0 + kJ - 1 < i0) continue;  // finished in an earlier chunk
+      const int iend = i1 < j0 + kJ ? i1 : j0 + kJ;
+      Acc acc[kB][kJ];
+      zero(acc);
+      rank1_steps<kB>(acc, sprev + (i0 * D + e) * c.tbp + bg * kB, D * c.tbp, w + e * c.wst + j0,
+                      D * c.wst, iend - i0);
+      const bool first = i0 == 0;
+      const bool last = i1 >= (F < j0 + kJ ? F : j0 + kJ);
+      DAGFM_RB_UNROLL
+      for (int jj = 0; jj < kJ; ++jj) {
+        const int j = j0 + jj;
+        if (j >= F) break;
+        Acc col[kB];
+        DAGFM_RB_UNROLL
+        for (int b = 0; b < kB; ++b) col[b] = acc[b][jj];
+        store_samples<kB>(snext + (j * D + e) * c.tbp + bg * kB, col, first, last,
+                          h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB);
+      }
+    }
+  }
+}
+
+// Outer, first product: C[ir, j, b] = <p[i, j, :], h[b, i, :]> for the chunk's rows. Items (j
+// group, sample block, row); groups entirely below the diagonal are skipped.
+template <int kB, typename Acc>
+DAGFM_HD void outer_c_chunk(const Acc* DAGFM_RESTRICT sprev, const Acc* DAGFM_RESTRICT w,
+                            Acc* DAGFM_RESTRICT cbuf, int i0, int rows, int F, int D,
+                            const RbConfig& c, Team team) {
+  const int G = groups_of(F);
+  const int nbg = c.tb / kB;
+  const int n = rows * G * nbg;
+  for (int k = team.rank; k < n; k += team.size) {
+    const int g = k % G;
+    const int bg = (k / G) % nbg;
+    const int ir = k / (G * nbg);
+    const int i = i0 + ir;
+    const int j0 = g * kJ;
+    if (j0 + kJ - 1 < i) continue;
+    Acc acc[kB][kJ];
+    zero(acc);
+    rank1_steps<kB>(acc, sprev + i * D * c.tbp + bg * kB, c.tbp, w + ir * D * c.wst + j0, c.wst, D);
+    DAGFM_RB_UNROLL
+    for (int jj = 0; jj < kJ; ++jj) {
+      Acc* dst = cbuf + (ir * c.fp + j0 + jj) * c.tbp + bg * kB;
+      DAGFM_RB_UNROLL
+      for (int v = 0; v < kB; v += 4) {
+        const Acc out[4] = {acc[v][jj], acc[v + 1][jj], acc[v + 2][jj], acc[v + 3][jj]};
+        store4(dst + v, out);
+      }
+    }
+  }
+}
+
+// Outer, second product: a[b, j, e] += sum_{i in chunk, i <= j} C[ir, j, b] * Q[ir, j, e]. Items
+// (e group, sample block, j).
+template <int kB, typename T, typename Acc>
+DAGFM_HD void outer_a_chunk(const Acc* DAGFM_RESTRICT cbuf, const Acc* DAGFM_RESTRICT qs,
+                            Acc* DAGFM_RESTRICT snext, const T* DAGFM_RESTRICT h0g, int nb, int i0,
+                            int i1, int F, int D, const RbConfig& c, Team team) {
+  const int DG = groups_of(D);
+  const int nbg = c.tb / kB;
+  const int64_t FD = int64_t(F) * D;
+  const int n = F * nbg * DG;
+  for (int k = team.rank; k < n; k += team.size) {
+    const int eg = k % DG;
+    const int bg = (k / DG) % nbg;
+    const int j = k / (DG * nbg);
+    if (j < i0) continue;  // finished in an earlier chunk
+    const int iend = i1 < j + 1 ? i1 : j + 1;
+    Acc acc[kB][kJ];
+    zero(acc);
+    rank1_steps<kB>(acc, cbuf + j * c.tbp + bg * kB, c.fp * c.tbp, qs + j * c.dp + eg * kJ,
+                    F * c.dp, iend - i0);
+    const bool first = i0 == 0;
+    const bool last = i1 > j;
+    DAGFM_RB_UNROLL
+    for (int ee = 0; ee < kJ; ++ee) {
+      const int e = eg * kJ + ee;
+      if (e >= D) break;
+      Acc col[kB];
+      DAGFM_RB_UNROLL
+      for (int b = 0; b < kB; ++b) col[b] = acc[b][ee];
+      store_samples<kB>(snext + (j * D + e) * c.tbp + bg * kB, col, first, last,
+                        h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB);
+    }
+  }
+}
+
+// How a tile's phases run. On the GPU each thread runs its share of a phase, then the block
+// meets at a barrier (when the next phase reads what this one wrote). The host test also runs
+// them as `size` emulated threads one after another, which checks how the work is split.
+struct BlockExec {
+  Team team;
+  template <typename Phase>
+  DAGFM_HD void operator()(const Phase& phase, bool sync = true) const {
+    phase(team);
+    if (sync) team_sync();
+  }
+};
+
+// Every layer for the tile starting at sample b0; writes states[b0 .. b0 + nb) once.
+template <Interaction K, int kB, typename T, typename Acc, typename Exec>
+DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const RbConfig& c, Acc* smem, int64_t b0,
+                           const Exec& exec) {
+  const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
+  const int FD = F * D;
+  const int nb = int(imin64(c.tb, prm.batch - b0));
+  Acc* sprev = smem;
+  Acc* snext = smem + state_numel(c, F, D);
+  Acc* w = snext + state_numel(c, F, D);
+  Acc* qs = w + c.rows * D * c.wst;
+  Acc* cbuf = qs + c.rows * F * c.dp;
+  const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
+  T* DAGFM_RESTRICT st = prm.states + b0 * int64_t(L + 1) * F;
+
+  // h^0, samples innermost; padding samples are zero (and stay zero through every layer).
+  exec([&](Team tm) { load_tile(h0g, sprev, nb, FD, c, tm); });
+  exec([&](Team tm) { write_state_sums(sprev, st, 0, nb, F, D, L, c.tbp, tm); }, false);
+  for (int t = 1; t <= L; ++t) {
+    const T* p = prm.p + int64_t(t - 1) * F * FD;
+    const T* q = K == Interaction::Outer ? prm.q + int64_t(t - 1) * F * FD : nullptr;
+    for (int i0 = 0; i0 < F; i0 += c.rows) {
+      const int i1 = i0 + c.rows < F ? i0 + c.rows : F;
+      exec([&](Team tm) {
+        stage_weights_transposed(p, w, i0, i1 - i0, F, D, c, tm);
+        if (K == Interaction::Outer) stage_q(q, qs, i0, i1 - i0, F, D, c, tm);
+      });
+      if (K == Interaction::Inner) {
+        exec([&](Team tm) { inner_chunk<kB>(sprev, snext, w, h0g, nb, i0, i1, F, D, c, tm); });
+      } else {
+        exec([&](Team tm) { outer_c_chunk<kB>(sprev, w, cbuf, i0, i1 - i0, F, D, c, tm); });
+        exec([&](Team tm) { outer_a_chunk<kB>(cbuf, qs, snext, h0g, nb, i0, i1, F, D, c, tm); });
+      }
+      // (that barrier also frees W, Q and C for the next chunk's staging)
+    }
+    exec([&](Team tm) { write_state_sums(snext, st, t, nb, F, D, L, c.tbp, tm); }, false);
+    Acc* tmp = sprev;
+    sprev = snext;
+    snext = tmp;
+  }
+  exec([](Team) {});  // a barrier: the next tile overwrites S0
+}
+
+// Tiles go to blocks round-robin (a persistent grid); the host test calls this per block id.
+template <Interaction K, int kB, typename T, typename Acc, typename Exec>
+DAGFM_HD void forward_block(const PropagateParams<T>& prm, const RbConfig& c, int64_t block,
+                            int64_t num_blocks, Acc* smem, const Exec& exec) {
+  const int64_t tiles = ceil_div64(prm.batch, c.tb);
+  for (int64_t tile = block; tile < tiles; tile += num_blocks)
+    forward_tile<K, kB, T, Acc>(prm, c, smem, tile * c.tb, exec);
+}
+
+#if defined(__CUDACC__)
+template <Interaction K, int kB, typename T, typename Acc>
+__global__ void __launch_bounds__(kMaxThreads) forward_kernel(PropagateParams<T> prm, RbConfig c) {
+  forward_block<K, kB, T, Acc>(prm, c, blockIdx.x, gridDim.x, reinterpret_cast<Acc*>(dagfm_smem),
+                               BlockExec{Team{int(threadIdx.x), int(blockDim.x)}});
+}
+
+// Launches forward_kernel for prm's interaction (inner or outer) with `plan` on a persistent grid.
+// Defined in dagfm_rb.cu (no torch headers, its own translation unit) for T / Acc = float / float,
+// double / double, __half / float and __nv_bfloat16 / float.
+template <typename T, typename Acc>
+cudaError_t launch_forward(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+                           cudaStream_t stream);
+#endif  // __CUDACC__
+
+}  // namespace rb
+}  // namespace cuda
+}  // namespace dagfm

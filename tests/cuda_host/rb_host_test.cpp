@@ -1,0 +1,226 @@
+// Host test of the register-blocked forward (csrc/cuda/dagfm_rb.cuh), no GPU needed. The block
+// driver runs here with a team of one thread and with blocks of emulated threads (each phase run
+// thread after thread), block after block, on shared memory poisoned with NaN and weights whose
+// lower triangle is NaN, and is compared with dagfm_math.h's per-sample forward (which the CPU
+// tests check against autograd). Covers both interactions, both sample blocks (kb = 4, 8), every
+// tile size, chunks of 1 row up to the whole triangle, partial tiles, grids smaller than the tile
+// count, L = 0, D and F not multiples of 4, F > 64, D > 32, and the planner's limits.
+//
+//   g++ -std=c++17 -O1 -fopenmp-simd -Wall -Wextra -Werror -I csrc tests/cuda_host/rb_host_test.cpp -o t && ./t
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "cuda/dagfm_rb.cuh"
+
+using namespace dagfm;
+using namespace dagfm::cuda;
+
+namespace {
+
+int g_failures = 0;
+int g_cases = 0;
+
+void expect(bool ok, const char* what, const char* ctx) {
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL %s [%s]\n", what, ctx);
+  }
+}
+
+template <typename V>
+double rel_err(const std::vector<V>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double err = 0, scale = 1;
+  for (size_t k = 0; k < a.size(); ++k) {
+    if (!std::isfinite(double(a[k])) || !std::isfinite(b[k])) return INFINITY;
+    err = std::fmax(err, std::fabs(double(a[k]) - b[k]));
+    scale = std::fmax(scale, std::fabs(b[k]));
+  }
+  return err / scale;
+}
+
+struct Problem {
+  Interaction kind;
+  int64_t B;
+  int F, D, L;
+  std::vector<double> h0, p, q;
+};
+
+Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19937_64& rng) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  Problem pr{kind, B, F, D, L, {}, {}, {}};
+  pr.h0.resize(B * F * D);
+  for (auto& v : pr.h0) v = u(rng);
+  const int64_t n = int64_t(L) * F * F * D;
+  pr.p.resize(n);
+  if (kind == Interaction::Outer) pr.q.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const int j = int((k / D) % F), i = int((k / D / F) % F);
+    pr.p[k] = j >= i ? u(rng) : nan;  // the lower triangle must never be read
+    if (kind == Interaction::Outer) pr.q[k] = j >= i ? u(rng) : nan;
+  }
+  return pr;
+}
+
+std::vector<double> reference(const Problem& pr) {
+  const int F = pr.F, D = pr.D, L = pr.L;
+  std::vector<double> states(pr.B * (L + 1) * F);
+  std::vector<double> ws(sample_workspace_numel(F, D, L));
+  for (int64_t b = 0; b < pr.B; ++b)
+    sample_forward<double, double>(pr.kind, pr.h0.data() + b * F * D, pr.p.data(),
+                                   pr.q.empty() ? nullptr : pr.q.data(),
+                                   states.data() + b * (L + 1) * F, ws.data(), F, D, L);
+  return states;
+}
+
+template <typename T>
+std::vector<T> cast(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+// Runs each phase of a tile as `size` threads, one after another (a block on the GPU runs them at
+// once; each phase's threads write disjoint elements and read only earlier phases' results).
+struct SerialExec {
+  int size;
+  template <typename Phase>
+  void operator()(const Phase& phase, bool = true) const {
+    for (int r = 0; r < size; ++r) phase(Team{r, size});
+  }
+};
+
+template <Interaction K, typename T>
+std::vector<T> run_blocks(const Problem& pr, const rb::RbConfig& c, int64_t grid, int threads = 1) {
+  const std::vector<T> h0 = cast<T>(pr.h0), p = cast<T>(pr.p), q = cast<T>(pr.q);
+  std::vector<T> states(pr.B * (pr.L + 1) * pr.F, std::numeric_limits<T>::quiet_NaN());
+  PropagateParams<T> prm;
+  prm.h0 = h0.data();
+  prm.p = p.data();
+  prm.q = q.empty() ? nullptr : q.data();
+  prm.states = states.data();
+  prm.batch = pr.B;
+  prm.num_fields = pr.F;
+  prm.embed_dim = pr.D;
+  prm.depth = pr.L;
+  prm.interaction = K;
+  const int64_t numel = 2 * int64_t(rb::state_numel(c, pr.F, pr.D)) +
+                        int64_t(c.rows) * rb::row_numel(c, pr.F, pr.D, K == Interaction::Outer);
+  std::vector<T> smem(numel, std::numeric_limits<T>::quiet_NaN());
+  const SerialExec exec{threads};
+  for (int64_t blk = 0; blk < grid; ++blk) {
+    if (c.kb == 8)
+      rb::forward_block<K, 8, T, T>(prm, c, blk, grid, smem.data(), exec);
+    else
+      rb::forward_block<K, 4, T, T>(prm, c, blk, grid, smem.data(), exec);
+  }
+  return states;
+}
+
+template <Interaction K>
+void check_kind(std::mt19937_64& rng) {
+  struct Shape {
+    int64_t B;
+    int F, D, L;
+  };
+  const Shape shapes[] = {{1, 1, 1, 1},  {5, 3, 2, 2},  {7, 5, 3, 3},   {4, 4, 2, 0},  {9, 6, 1, 1},
+                          {3, 7, 4, 2},  {40, 9, 5, 3}, {33, 13, 8, 2}, {70, 4, 17, 1},
+                          {10, 70, 2, 1}, {6, 5, 37, 2}};
+  const DeviceLimits big{int64_t(1) << 30, 1, 0, 9};
+  for (const Shape& s : shapes) {
+    const Problem pr = make_problem(K, s.B, s.F, s.D, s.L, rng);
+    const std::vector<double> ref = reference(pr);
+    for (int tb : {8, 16, 32}) {
+      const rb::RbPlan plan = rb::plan_forward(K, s.B, s.F, s.D, 8, big, tb);
+      char ctx[200];
+      std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tb=%d", int(K), (long long)s.B,
+                    s.F, s.D, s.L, tb);
+      expect(plan.ok && plan.cfg.tb == tb && plan.cfg.rows == s.F, "plan with unlimited memory", ctx);
+      for (int rows : {1, 2, 3, s.F}) {
+        if (rows > s.F) continue;
+        rb::RbConfig c = plan.cfg;
+        c.rows = rows;
+        const int64_t tiles = ceil_div64(s.B, tb);
+        for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
+          if (grid > tiles) continue;
+          std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tb=%d rows=%d grid=%lld",
+                        int(K), (long long)s.B, s.F, s.D, s.L, tb, rows, (long long)grid);
+          ++g_cases;
+          expect(rel_err(run_blocks<K, double>(pr, c, grid), ref) < 1e-12, "states (double)", ctx);
+        }
+      }
+      // float storage and accumulation, as the float32 kernels run it.
+      ++g_cases;
+      expect(rel_err(run_blocks<K, float>(pr, plan.cfg, 1), ref) < 1e-4, "states (float)", ctx);
+      // Blocks of emulated threads: the planner's count, one warp, and odd team sizes (the copy
+      // loops' warp rows with a partial last warp, items split unevenly).
+      for (int threads : {plan.threads, 32, 37, 96, 512}) {
+        rb::RbConfig c = plan.cfg;
+        c.rows = s.F > 2 ? s.F / 2 : s.F;  // two chunks or more where F allows
+        std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tb=%d rows=%d threads=%d",
+                      int(K), (long long)s.B, s.F, s.D, s.L, tb, c.rows, threads);
+        ++g_cases;
+        expect(rel_err(run_blocks<K, double>(pr, c, 2, threads), ref) < 1e-12, "states (threads)", ctx);
+      }
+    }
+  }
+}
+
+// The planner: within the opt-in limit, strides 4 mod 8, tile choice by batch, chunks evened out,
+// no plan for the kernel interaction or when nothing fits.
+void check_planner() {
+  int plans = 0, none = 0;
+  for (Interaction kind : {Interaction::Inner, Interaction::Outer})
+    for (int64_t lim : {int64_t(0), int64_t(8) << 10, int64_t(48) << 10, int64_t(227) << 10})
+      for (int F : {1, 8, 23, 39, 80, 200})
+        for (int D : {1, 8, 16, 32, 64})
+          for (int64_t B : {int64_t(1), int64_t(1024), int64_t(65536)})
+            for (int acc : {4, 8}) {
+              char ctx[160];
+              std::snprintf(ctx, sizeof ctx, "planner kind=%d lim=%lld F=%d D=%d B=%lld acc=%d",
+                            int(kind), (long long)lim, F, D, (long long)B, acc);
+              const rb::RbPlan p = rb::plan_forward(kind, B, F, D, acc, DeviceLimits{lim, 132, 0, 9});
+              if (!p.ok) {
+                ++none;
+                continue;
+              }
+              ++plans;
+              const rb::RbConfig& c = p.cfg;
+              const bool outer = kind == Interaction::Outer;
+              expect(p.smem_bytes <= lim, "within the opt-in limit", ctx);
+              expect(p.smem_bytes == (2 * int64_t(rb::state_numel(c, F, D)) +
+                                      int64_t(c.rows) * rb::row_numel(c, F, D, outer)) * acc,
+                     "smem size", ctx);
+              expect(c.rows >= 1 && c.rows <= F, "rows in range", ctx);
+              const int64_t chunks = ceil_div64(F, c.rows);
+              expect(c.rows == ceil_div64(F, chunks), "chunks evened out", ctx);
+              for (int s : {c.tbp, c.wst, c.dp}) expect(s % 8 == 4, "stride 4 mod 8", ctx);
+              expect(c.tbp >= c.tb && c.fp >= F && c.fp % 4 == 0 && c.wst >= c.fp && c.dp >= D,
+                     "strides cover their rows", ctx);
+              expect(c.tb % c.kb == 0 && (c.kb == 4 || c.kb == 8), "sample blocks", ctx);
+              expect(p.threads >= 32 && p.threads <= rb::kMaxThreads && p.threads % 32 == 0,
+                     "threads", ctx);
+              if (B == 65536 && lim == (int64_t(227) << 10) && F <= 39 && D <= 16 && acc == 4)
+                expect(c.tb >= 16, "large batches take large tiles", ctx);
+              if (B == 1024) expect(c.tb == 8, "small batches: a tile for every multiprocessor", ctx);
+            }
+  expect(!rb::plan_forward(Interaction::Kernel, 100, 8, 16, 4, DeviceLimits{1 << 20, 132, 0, 9}).ok,
+         "no plan for the kernel interaction", "planner");
+  expect(!rb::plan_forward(Interaction::Inner, 100, 200, 64, 4, DeviceLimits{227 << 10, 132, 0, 9}).ok,
+         "no plan when a tile's states do not fit", "planner");
+  expect(plans > 0 && none > 0, "both outcomes exercised", "planner");
+  std::printf("planner: %d plans, %d without\n", plans, none);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937_64 rng(20261129);
+  check_kind<Interaction::Inner>(rng);
+  check_kind<Interaction::Outer>(rng);
+  check_planner();
+  std::printf("rb_host_test: %d cases, %d failures\n", g_cases, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
