@@ -9,13 +9,16 @@ it). One run, side by side, on the same inputs:
   and torch.compile(reference) with TF32 allowed;
 * forward+backward of the kernel interaction in TF32 / float16 / bfloat16 (the backward runs on CUDA
   cores);
-* inner and outer forward in float16 / bfloat16 against float32 (B = 65,536 and 1,024).
+* inner and outer forward in float32 / float16 / bfloat16 (B = 65,536 and 1,024), on the default
+  (register-blocked) path and on the first CUDA-core kernels (v0), against eager;
+* with --sweep instead: the F x D grid of issue 4 (F in {8, 23, 39}, D in {8, 16, 32}) for every
+  inner / outer kernel variant and the kernel interaction's precisions.
 
 Each fused row is checked against float64 on its own inputs before it is timed (relative error
 printed). Times are medians of interleaved blocks timed with CUDA events. A short table is printed
 last; --json writes every number.
 
-    python scripts/bench_tc.py [--json PATH] [--no-compile] [--quick]
+    python scripts/bench_tc.py [--json PATH] [--no-compile] [--quick] [--sweep]
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ def ceilings(quick: bool) -> dict:
     return out
 
 
-def flops(kind, B, pass_="fwd"):
+def flops(kind, B, pass_="fwd", F=F, D=D):
     E = F * (F + 1) // 2
     edge = {"inner": 2 * E * D, "outer": 4 * E * D, "kernel": 2 * E * D * D}[kind]
     fwd = B * L * (edge + 2 * F * D)
@@ -94,7 +97,7 @@ def flops(kind, B, pass_="fwd"):
     return 2 * fwd + B * L * edge_b  # the backward recomputes the forward
 
 
-def min_bytes(kind, B, itemsize, pass_="fwd"):
+def min_bytes(kind, B, itemsize, pass_="fwd", F=F, D=D):
     E = F * (F + 1) // 2
     w = L * E * (D * D if kind == "kernel" else (2 * D if kind == "outer" else D))
     fwd = B * F * D + B * (L + 1) * F + w
@@ -103,13 +106,14 @@ def min_bytes(kind, B, itemsize, pass_="fwd"):
     return itemsize * (fwd + B * (L + 1) * F + 2 * B * F * D + 2 * w)
 
 
-def inputs(kind, B, dtype, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h0 = torch.randn(B, F, D, generator=g)
+def inputs(kind, B, dtype, seed=0, F=F, D=D):
+    # Drawn on the GPU: a CPU generator takes seconds per sweep shape at B = 65,536.
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h0 = torch.randn(B, F, D, generator=g, device="cuda")
     pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
-    p = torch.randn(pshape, generator=g) / (F * (D if kind == "kernel" else 1)) ** 0.5
-    q = torch.randn(L, F, F, D, generator=g) / D ** 0.5 if kind == "outer" else None
-    return [t.to("cuda", dtype) if t is not None else None for t in (h0, p, q)]
+    p = torch.randn(pshape, generator=g, device="cuda") / (F * (D if kind == "kernel" else 1)) ** 0.5
+    q = torch.randn(L, F, F, D, generator=g, device="cuda") / D ** 0.5 if kind == "outer" else None
+    return [t.to(dtype) if t is not None else None for t in (h0, p, q)]
 
 
 def rel(a, b):
@@ -127,34 +131,46 @@ def run(args) -> int:
     roof = ceilings(args.quick)
     print("ceilings:", {k: round(v, 1) for k, v in roof.items()}, flush=True)
 
-    def add(name, kind, B, pass_, dtype_name, t, err=None, tc=None):
+    def add(name, kind, B, pass_, dtype_name, t, err=None, tc=None, shape=(F, D)):
         itemsize = torch.tensor([], dtype=DT[dtype_name]).element_size()
-        fl, by = flops(kind, B, pass_), min_bytes(kind, B, itemsize, pass_)
+        fl, by = flops(kind, B, pass_, *shape), min_bytes(kind, B, itemsize, pass_, *shape)
         rate = {"float32": roof["fp32_TFLOPs"], "tf32": roof["tf32_TFLOPs"], "float16": roof["fp16_TFLOPs"],
                 "bfloat16": roof["bf16_TFLOPs"]}[dtype_name]
         if tc is False:  # CUDA cores: the FP32 rate bounds the arithmetic whatever the storage
             rate = roof["fp32_TFLOPs"]
         floor = max(fl / (rate * 1e12), by / (roof["copy_TBps"] * 1e12))
-        row = {"name": name, "kind": kind, "B": B, "pass": pass_, "dtype": dtype_name, "ms": t * 1e3,
+        row = {"name": name, "kind": kind, "B": B, "F": shape[0], "D": shape[1], "pass": pass_,
+               "dtype": dtype_name, "ms": t * 1e3,
                "floor_ms": floor * 1e3, "roofline_fraction": floor / t, "rel_err_vs_fp64": err,
                "TFLOPs": fl / t / 1e12, "GBps_min_bytes": by / t / 1e9}
         rows.append(row)
-        print(f"  {name:34s} {kind:6s} B={B:<6d} {pass_:7s} {t * 1e3:9.4f} ms  floor {floor * 1e3:8.4f} ms"
+        print(f"  {name:34s} {kind:6s} F={shape[0]:<2d} D={shape[1]:<2d} B={B:<6d} {pass_:7s} {t * 1e3:9.4f} ms  floor {floor * 1e3:8.4f} ms"
               f"  ({100 * floor / t:5.1f}%)" + (f"  err {err:.1e}" if err is not None else ""), flush=True)
         return row
 
-    def fused_fwd(kind, B, dtype_name, tc=True, seed=0):
+    def fused_fwd(kind, B, dtype_name, tc=True, seed=0, variant=None, shape=(F, D)):
+        """variant (inner / outer): None = the default path, "v0" = the first CUDA-core kernels,
+        "rb8" / "rb16" / "rb32" = the register-blocked forward with that many samples per tile."""
+        saved = {k: os.environ.get(k) for k in VARIANT_ENV}
         os.environ["DAGFM_CUDA_TENSOR_CORES"] = "1" if tc else "0"
+        if variant == "v0":
+            os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        elif variant:
+            os.environ["DAGFM_CUDA_RB_TILE"] = variant[2:]
         set_tf32(dtype_name == "tf32")
         try:
-            return _fused_fwd(kind, B, dtype_name, tc, seed)
+            return _fused_fwd(kind, B, dtype_name, tc, seed, variant, shape)
         finally:
             set_tf32(False)
-            os.environ["DAGFM_CUDA_TENSOR_CORES"] = "1"
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
-    def _fused_fwd(kind, B, dtype_name, tc, seed):
+    def _fused_fwd(kind, B, dtype_name, tc, seed, variant, shape):
         nonlocal ok
-        h0, p, q = inputs(kind, B, DT[dtype_name], seed)
+        h0, p, q = inputs(kind, B, DT[dtype_name], seed, *shape)
         s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
         s64 = reference.dagfm_propagate(h0.double(), p.double(), q.double() if q is not None else None, kind)
         err = rel(s, s64)
@@ -167,7 +183,10 @@ def run(args) -> int:
         t = time_fn(lambda: dagfm_ext.dagfm_propagate(h0, p, q, kind))
         label = f"fused {dtype_name}" + ("" if dtype_name in ("float32",) or kind != "kernel" else
                                          (" tensor cores" if tc else " CUDA cores"))
-        return add(label, kind, B, "fwd", dtype_name, t, err, tc=(tc and kind == "kernel" and dtype_name != "float32"))
+        if variant:
+            label += f" [{variant}]"
+        return add(label, kind, B, "fwd", dtype_name, t, err,
+                   tc=(tc and kind == "kernel" and dtype_name != "float32"), shape=shape)
 
     def fused_train(kind, B, dtype_name):
         nonlocal ok
@@ -196,9 +215,9 @@ def run(args) -> int:
         set_tf32(False)
         return add(f"fused {dtype_name} fwd+bwd", kind, B, "fwd+bwd", dtype_name, t, err, tc=False)
 
-    def peer(kind, B, mode, tf32=False):
+    def peer(kind, B, mode, tf32=False, shape=(F, D)):
         set_tf32(tf32)
-        h0, p, q = inputs(kind, B, torch.float32)
+        h0, p, q = inputs(kind, B, torch.float32, 0, *shape)
         fn = (lambda: reference.dagfm_propagate(h0, p, q, kind))
         name = "reference eager float32"
         if mode == "compile":
@@ -216,9 +235,15 @@ def run(args) -> int:
         with torch.no_grad():
             t = time_fn(fn, rounds=5)
         set_tf32(False)
-        return add(name, kind, B, "fwd", "tf32" if tf32 else "float32", t, tc=True if tf32 else False)
+        return add(name, kind, B, "fwd", "tf32" if tf32 else "float32", t, tc=True if tf32 else False, shape=shape)
+
+    def ratio(label, slow, fast):
+        if slow is not None and fast is not None:
+            print(f"  ratio {label}: {slow['ms'] / fast['ms']:.2f}x", flush=True)
 
     big = 16384 if args.quick else 65536
+    if args.sweep:
+        return sweep(args, big, rows, roof, env, fused_fwd, peer, ratio, lambda: ok)
     print("== kernel interaction, forward", flush=True)
     for B in (big, 1024):
         base = {}
@@ -238,11 +263,16 @@ def run(args) -> int:
     print("== kernel interaction, forward+backward (backward on CUDA cores)", flush=True)
     for dn in ("float32", "tf32", "bfloat16", "float16"):
         fused_train("kernel", big, dn)
-    print("== inner / outer, forward", flush=True)
+    print("== inner / outer, forward (default path = register-blocked; v0 = the first kernels)", flush=True)
     for kind in ("inner", "outer"):
         for B in (big, 1024):
+            eager = peer(kind, B, "eager")  # the compiled peer is in `python -m dagfm_ext bench`
             for dn in ("float32", "float16", "bfloat16"):
-                fused_fwd(kind, B, dn)
+                fused = fused_fwd(kind, B, dn)
+                first = fused_fwd(kind, B, dn, variant="v0")
+                if dn == "float32":
+                    ratio(f"eager/fused {kind} B={B}", eager, fused)
+                    ratio(f"v0/register-blocked {kind} B={B}", first, fused)
 
     print("\n================ bench_tc summary (ms; floor = max(FLOPs/rate, min bytes/copy bw))")
     print(f"ceilings: copy {roof['copy_TBps']:.2f} TB/s, fp32 {roof['fp32_TFLOPs']:.0f}, tf32 {roof['tf32_TFLOPs']:.0f}, "
@@ -257,11 +287,49 @@ def run(args) -> int:
     return 0 if ok else 1
 
 
+VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_RB_TILE")
+SWEEP_F, SWEEP_D = (8, 23, 39), (8, 16, 32)
+
+
+def sweep(args, B, rows, roof, env, fused_fwd, peer, ratio, ok) -> int:
+    """Issue 4's tuning grid: inner and outer forward at F x D in {8, 23, 39} x {8, 16, 32} for
+    every kernel variant (v0, register-blocked with 8 / 16 / 32 samples per tile, the planner's
+    choice), float32, against eager; the kernel interaction exact / TF32 / bf16."""
+    print(f"== sweep, forward, B={B}", flush=True)
+    best = []
+    for f in SWEEP_F:
+        for d in SWEEP_D:
+            for kind in ("inner", "outer"):
+                eager = peer(kind, B, "eager", shape=(f, d))
+                got = {v: fused_fwd(kind, B, "float32", variant=v, shape=(f, d))
+                       for v in ("v0", "rb8", "rb16", "rb32", None)}
+                ratio(f"eager/fused {kind} F={f} D={d}", eager, got[None])
+                timed = {v: r["ms"] for v, r in got.items() if r is not None}
+                if timed:
+                    fastest = min(timed, key=timed.get)
+                    best.append((kind, f, d, fastest or "default", timed[fastest],
+                                 timed.get(None), eager["ms"] if eager else None))
+            for dn in ("float32", "tf32", "bfloat16"):
+                fused_fwd("kernel", B, dn, shape=(f, d))
+    print("\n================ sweep summary (ms, float32 forward; default = the planner's choice)")
+    print(f"{'kind':6s} {'F':>3s} {'D':>3s}  {'fastest':8s} {'ms':>9s}  {'default ms':>10s}  {'eager ms':>9s}")
+    for kind, f, d, v, t, t_def, t_eager in best:
+        print(f"{kind:6s} {f:3d} {d:3d}  {v:8s} {t:9.4f}  {t_def if t_def is not None else float('nan'):10.4f}"
+              f"  {t_eager if t_eager is not None else float('nan'):9.4f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"env": env, "ceilings": roof, "rows": rows, "ok": ok(), "sweep_best": best}, fh, indent=1)
+    print("bench_tc sweep:", "all fused results checked against float64" if ok() else "SOME FUSED RESULTS WRONG")
+    return 0 if ok() else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the F x D tuning grid (inner/outer variants, kernel precisions)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_tc: needs a CUDA device", file=sys.stderr)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a machine with a GPU (DESIGN.md §7). From the repository root:
-#     scripts/gpu_check.sh
+#     scripts/gpu_check.sh            # build, tests, sanitizers, benchmarks (about 8-9 minutes)
+#     scripts/gpu_check.sh --sweep    # build, then only issue 4's F x D tuning grid (bench_tc --sweep)
 # Builds the extension in place for sm_90 (TORCH_CUDA_ARCH_LIST overrides), compile-checks the
 # kernel headers and runs their host tests, runs every test (`pytest tests -x -q`, CUDA included:
 # float32/64, float16/bfloat16 and the TF32 tensor-core forward), the low-precision / tensor-core
@@ -9,8 +10,16 @@
 # (./gpu_out when OUT is unset); at the end they are bundled so that at most 8 files remain there
 # (the device tool returns no more): summary.txt, the two benchmark JSONs, pytest.log, bench_tc.log
 # and gpu_check_logs.tar.gz with everything. Each step runs even when an earlier one failed; the
-# script exits non-zero when any step failed. Whole run bounded by GPU_CHECK_BUDGET_S (470 s).
+# script exits non-zero when any step failed. Whole run bounded by GPU_CHECK_BUDGET_S (540 s; give
+# the device tool a timeout of 600 s).
 set -uo pipefail
+MODE="check"
+if [[ "${1:-}" == "--sweep" ]]; then
+  MODE="sweep"
+elif [[ -n "${1:-}" ]]; then
+  echo "usage: scripts/gpu_check.sh [--sweep]" >&2
+  exit 2
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
@@ -18,7 +27,7 @@ OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-470}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-540}))
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export DAGFM_USE_CUDA=1
@@ -88,38 +97,45 @@ cat "$OUT/env.log"
 
 # Reserves: what the later steps need at least (compile 15, pytest 90, bench_tc 60, memcheck 45,
 # racecheck 30, bench 45).
-step build 240 285 "'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
-# The compile check's objects and logs stay out of $OUT (the tool returns 8 files at most).
-step compile_check 60 270 "scripts/check_cuda_compile.sh '$(mktemp -d)'"
-pytest_extra=""
-"$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && pytest_extra="--timeout=180"
-step pytest 240 180 "'$PY' -m pytest tests -x -q -rs $pytest_extra"
-# float16 / bfloat16 / TF32 against exact float32, eager and torch.compile, with measured ceilings.
-step bench_tc 120 120 "'$PY' scripts/bench_tc.py --json '$OUT/bench_tc.json'"
-
-if [[ -n "$SANITIZER" ]]; then
-  # No caching allocator under memcheck: every tensor is its own allocation, so an access past
-  # the end of one is caught instead of landing in a neighbour inside a cached block.
-  step memcheck 120 75 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 3 --leak-check no '$PY' scripts/sanitizer_case.py && grep -q 'ERROR SUMMARY: 0 errors' '$OUT/memcheck.log'"
-  # racecheck looks at shared memory, which only the on-chip path uses.
-  step racecheck 90 45 "'$SANITIZER' --tool racecheck --racecheck-report all --error-exitcode 3 '$PY' scripts/sanitizer_case.py --fast-only && grep -qE 'RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors' '$OUT/racecheck.log'"
+BUILD_CMD="'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
+if [[ "$MODE" == "sweep" ]]; then
+  step build 240 200 "$BUILD_CMD"
+  step sweep 600 0 "'$PY' scripts/bench_tc.py --sweep --json '$OUT/sweep.json'"
 else
-  SUMMARY+=("$(printf '%-14s FAILED (compute-sanitizer not found)' sanitizer)")
-  FAILED=1
-fi
-
-# Guarded on the source, not on `bench --help`: a bench that exists but fails must show as failed.
-if [[ -f dagfm_ext/__main__.py ]] && grep -q '"bench"' dagfm_ext/cli.py 2>/dev/null; then
-  step bench 120 0 "'$PY' -m dagfm_ext bench --device cuda --json '$OUT/bench_cuda.json'"
-else
-  SUMMARY+=("$(printf '%-14s SKIPPED (no \"python -m dagfm_ext bench\" in this tree)' bench)")
-fi
+  step build 240 285 "$BUILD_CMD"
+  # The compile check's objects and logs stay out of $OUT (the tool returns 8 files at most).
+  step compile_check 60 270 "scripts/check_cuda_compile.sh '$(mktemp -d)'"
+  pytest_extra=""
+  "$PY" -c 'import pytest_timeout' >/dev/null 2>&1 && pytest_extra="--timeout=180"
+  step pytest 240 180 "'$PY' -m pytest tests -x -q -rs $pytest_extra"
+  # float16 / bfloat16 / TF32 against exact float32, eager and torch.compile, with measured ceilings.
+  step bench_tc 150 120 "'$PY' scripts/bench_tc.py --json '$OUT/bench_tc.json'"
+  
+  if [[ -n "$SANITIZER" ]]; then
+    # No caching allocator under memcheck: every tensor is its own allocation, so an access past
+    # the end of one is caught instead of landing in a neighbour inside a cached block.
+    step memcheck 120 75 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SANITIZER' --tool memcheck --error-exitcode 3 --leak-check no '$PY' scripts/sanitizer_case.py && grep -q 'ERROR SUMMARY: 0 errors' '$OUT/memcheck.log'"
+    # racecheck looks at shared memory, which only the on-chip path uses.
+    step racecheck 90 45 "'$SANITIZER' --tool racecheck --racecheck-report all --error-exitcode 3 '$PY' scripts/sanitizer_case.py --fast-only && grep -qE 'RACECHECK SUMMARY: 0 hazards|ERROR SUMMARY: 0 errors' '$OUT/racecheck.log'"
+  else
+    SUMMARY+=("$(printf '%-14s FAILED (compute-sanitizer not found)' sanitizer)")
+    FAILED=1
+  fi
+  
+  # Guarded on the source, not on `bench --help`: a bench that exists but fails must show as failed.
+  if [[ -f dagfm_ext/__main__.py ]] && grep -q '"bench"' dagfm_ext/cli.py 2>/dev/null; then
+    step bench 120 0 "'$PY' -m dagfm_ext bench --device cuda --json '$OUT/bench_cuda.json'"
+  else
+    SUMMARY+=("$(printf '%-14s SKIPPED (no \"python -m dagfm_ext bench\" in this tree)' bench)")
+  fi
+fi  # MODE
 
 echo
 echo "================ gpu_check summary ($(($(date +%s) - START))s, logs in $OUT)"
 grep -hE '^(=+ )?[0-9]+ (passed|failed)|passed|failed|error' "$OUT/pytest.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest: /'
 [[ -f "$OUT/bench_tc.log" ]] && { echo "--- low precision / tensor cores (tail of $OUT/bench_tc.log)"; sed -n '/bench_tc summary/,$p' "$OUT/bench_tc.log" | tail -n 40; }
 [[ -f "$OUT/bench.log" ]] && { echo "--- benchmark (tail of $OUT/bench.log)"; tail -n 25 "$OUT/bench.log"; }
+[[ -f "$OUT/sweep.log" ]] && { echo "--- sweep (tail of $OUT/sweep.log)"; sed -n '/sweep summary/,$p' "$OUT/sweep.log" | tail -n 45; }
 echo "---"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
 verdict="gpu_check: all steps passed"
@@ -134,6 +150,7 @@ echo "$verdict"
 tar -C "$OUT" -czf "$ROOT/.gpu_check_logs.tar.gz" --exclude=gpu_check_logs.tar.gz . 2>/dev/null &&
   mv "$ROOT/.gpu_check_logs.tar.gz" "$OUT/gpu_check_logs.tar.gz"
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name gpu_check_logs.tar.gz ! -name pytest.log \
-  ! -name bench_tc.log ! -name bench_tc.json ! -name bench_cuda.json -exec rm -rf {} +
+  ! -name bench_tc.log ! -name bench_tc.json ! -name bench_cuda.json ! -name sweep.log ! -name sweep.json \
+  -exec rm -rf {} +
 ((FAILED)) && exit 1
 exit 0
