@@ -250,27 +250,50 @@ def cuda_kernel_names(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def launched(names, kernel):
+    """kernel ("rb::forward_kernel", "propagate_fwd_kernel") among names, demangled or not."""
+    mangled = "".join(f"{len(part)}{part}" for part in kernel.split("::"))
+    return any(kernel in n or mangled in n for n in names)
+
+
+def big_shared_memory():
+    # The shapes in these tests fit the register-blocked layout with an H100/H200's 227 KB per block.
+    props = torch.cuda.get_device_properties(0)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
+
+
 @pytest.mark.parametrize("kind", ["inner", "outer"])
 @pytest.mark.parametrize("enabled", [True, False])
 def test_register_blocked_forward_is_the_default_and_can_be_turned_off(kind, enabled, monkeypatch):
+    if not big_shared_memory():
+        pytest.skip("the F=39, D=16 tile needs about 165 KB of shared memory per block")
     if not enabled:
         monkeypatch.setenv(RB_ENV, "0")
     h0, p, q = make_inputs(kind, 300, 39, 16, 3, dtype=torch.float32, seed=6)
     names = cuda_kernel_names(lambda: dagfm_ext.dagfm_propagate(h0, p, q, kind))
-    assert any("rb::forward_kernel" in n for n in names) == enabled, names
-    assert any("propagate_fwd_kernel" in n for n in names) == (not enabled), names
+    assert launched(names, "rb::forward_kernel") == enabled, names
+    assert launched(names, "propagate_fwd_kernel") == (not enabled), names
 
 
 @pytest.mark.parametrize("kind", ["inner", "outer"])
 @pytest.mark.parametrize("tile", ["8", "16", "32"])
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 1, 1), (7, 5, 3, 2), (33, 13, 8, 3), (70, 39, 16, 3), (41, 80, 3, 2), (9, 4, 17, 1), (5, 6, 2, 0)]
+    "shape, dtype",
+    [((1, 1, 1, 1), torch.float64), ((7, 5, 3, 2), torch.float64), ((33, 13, 8, 3), torch.float64),
+     ((70, 23, 8, 3), torch.float64), ((41, 80, 3, 2), torch.float64), ((9, 4, 17, 1), torch.float64),
+     ((5, 6, 2, 0), torch.float64), ((70, 39, 16, 3), torch.float32)],
 )
-def test_register_blocked_forward_every_tile(kind, tile, shape, monkeypatch):
-    # Float64 against the reference; awkward F and D (not multiples of 4), partial tiles, F > 64.
+def test_register_blocked_forward_every_tile(kind, tile, shape, dtype, monkeypatch):
+    # Against the float64 reference; awkward F and D (not multiples of 4), partial tiles, F > 64,
+    # several weight chunks; the issue's shape in float32 (its float64 tile does not fit on chip).
     monkeypatch.setenv(RB_TILE_ENV, tile)
-    h0, p, q = make_inputs(kind, *shape, seed=7)
-    assert rel(dagfm_ext.dagfm_propagate(h0, p, q, kind), reference.dagfm_propagate(h0, p, q, kind)) < 1e-10
+    h0, p, q = make_inputs(kind, *shape, dtype=dtype, seed=7)
+    out = []
+    names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, q, kind)))
+    if big_shared_memory():
+        assert launched(names, "rb::forward_kernel"), names
+    ref = reference.dagfm_propagate(*(t.double() if t is not None else None for t in (h0, p, q)), kind)
+    assert rel(out[0], ref) < (1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["inner", "outer"])
