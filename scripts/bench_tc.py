@@ -251,7 +251,9 @@ def run(args) -> int:
         if not args.no_compile and B == big:
             base["compiled"] = peer("kernel", B, "compile")
             base["compiled_tf32"] = peer("kernel", B, "compile", tf32=True)
-        exact = fused_fwd("kernel", B, "float32")
+        exact = fused_fwd("kernel", B, "float32")  # register-blocked (v2)
+        first = fused_fwd("kernel", B, "float32", variant="v0")
+        ratio(f"v0/register-blocked kernel exact B={B}", first, exact)
         tf32 = fused_fwd("kernel", B, "tf32")
         for dn in ("float16", "bfloat16"):
             fused_fwd("kernel", B, dn, tc=True)
@@ -293,8 +295,10 @@ SWEEP_F, SWEEP_D = (8, 23, 39), (8, 16, 32)
 
 def sweep(args, B, rows, roof, env, fused_fwd, peer, ratio, ok) -> int:
     """Issue 4's tuning grid: inner and outer forward at F x D in {8, 23, 39} x {8, 16, 32} for
-    every kernel variant (v0, register-blocked with 8 / 16 / 32 samples per tile, the planner's
-    choice), float32, against eager; the kernel interaction exact / TF32 / bf16."""
+    every kernel variant (v0, register-blocked with 8 / 16 / 32 / 64 samples per tile, the
+    planner's choice), float32, against eager; the kernel interaction exact (same variants) / TF32 /
+    bf16. A variant whose tile does not fit falls back to the planner's choice or v0 (the row says
+    so only through its time)."""
     print(f"== sweep, forward, B={B}", flush=True)
     best = []
     for f in SWEEP_F:
@@ -302,14 +306,22 @@ def sweep(args, B, rows, roof, env, fused_fwd, peer, ratio, ok) -> int:
             for kind in ("inner", "outer"):
                 eager = peer(kind, B, "eager", shape=(f, d))
                 got = {v: fused_fwd(kind, B, "float32", variant=v, shape=(f, d))
-                       for v in ("v0", "rb8", "rb16", "rb32", None)}
+                       for v in ("v0", "rb8", "rb16", "rb32", "rb64", None)}
                 ratio(f"eager/fused {kind} F={f} D={d}", eager, got[None])
                 timed = {v: r["ms"] for v, r in got.items() if r is not None}
                 if timed:
                     fastest = min(timed, key=timed.get)
                     best.append((kind, f, d, fastest or "default", timed[fastest],
                                  timed.get(None), eager["ms"] if eager else None))
-            for dn in ("float32", "tf32", "bfloat16"):
+            eager = peer("kernel", B, "eager", shape=(f, d))
+            got = {v: fused_fwd("kernel", B, "float32", variant=v, shape=(f, d))
+                   for v in ("v0", "rb16", "rb32", "rb64", None)}
+            timed = {v: r["ms"] for v, r in got.items() if r is not None}
+            if timed:
+                fastest = min(timed, key=timed.get)
+                best.append(("kernel", f, d, fastest or "default", timed[fastest], timed.get(None),
+                             eager["ms"] if eager else None))
+            for dn in ("tf32", "bfloat16"):
                 fused_fwd("kernel", B, dn, shape=(f, d))
     print("\n================ sweep summary (ms, float32 forward; default = the planner's choice)")
     print(f"{'kind':6s} {'F':>3s} {'D':>3s}  {'fastest':8s} {'ms':>9s}  {'default ms':>10s}  {'eager ms':>9s}")

@@ -90,10 +90,14 @@ namespace rb {
 #define DAGFM_CHECK_RB_TYPES(T, Acc)               \
   DAGFM_CHECK_RB(Interaction::Inner, T, Acc)       \
   DAGFM_CHECK_RB(Interaction::Outer, T, Acc)
-DAGFM_CHECK_RB_TYPES(float, float)
-DAGFM_CHECK_RB_TYPES(double, double)
-DAGFM_CHECK_RB_TYPES(__half, float)
-DAGFM_CHECK_RB_TYPES(__nv_bfloat16, float)
+#define DAGFM_CHECK_RB_ALL(T, Acc)                                                      \
+  DAGFM_CHECK_RB_TYPES(T, Acc)                                                          \
+  template __global__ void kernel_forward_kernel<4, T, Acc>(PropagateParams<T>, RbConfig); \
+  template __global__ void kernel_forward_kernel<8, T, Acc>(PropagateParams<T>, RbConfig);
+DAGFM_CHECK_RB_ALL(float, float)
+DAGFM_CHECK_RB_ALL(double, double)
+DAGFM_CHECK_RB_ALL(__half, float)
+DAGFM_CHECK_RB_ALL(__nv_bfloat16, float)
 }  // namespace rb
 }  // namespace cuda
 }  // namespace dagfm

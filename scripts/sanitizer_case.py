@@ -1,7 +1,7 @@
 """A small run of the CUDA kernels for compute-sanitizer (scripts/gpu_check.sh runs it under
 memcheck and racecheck). Every interaction, float32 and float64, float16 and bfloat16, the
 shared-memory path and the global-memory fallback, a ragged last tile, a grid smaller than the
-tile count, the register-blocked forward of inner / outer over several weight chunks and the first
+tile count, the register-blocked forward over several weight chunks / column blocks and the first
 forward kernels it replaced, and the tensor-core forward of the kernel interaction (float16, bfloat16, TF32). Inputs are
 made on the CPU and results checked on the CPU, so few kernels besides ours run under the tool.
 
@@ -59,10 +59,11 @@ def main():
             for fallback in ((False,) if fast_only else (False, True)):
                 for shape in SHAPES:
                     ok &= check(kind, *shape, dtype, fallback)
-    # The register-blocked forward (the default for inner / outer) over several weight chunks
-    # (F = 80 does not fit one), and the first forward kernels it replaced.
-    for kind in ("inner", "outer"):
-        ok &= check(kind, 33, 80, 16, 1, torch.float32, False)
+    # The register-blocked forward (the default off tensor cores) over several weight chunks
+    # (inner / outer at F = 80) or column blocks (kernel, F = 40, D = 8: three blocks), and the
+    # first forward kernels it replaced.
+    for kind, shape in (("inner", (33, 80, 16, 1)), ("outer", (33, 80, 16, 1)), ("kernel", (33, 40, 8, 1))):
+        ok &= check(kind, *shape, torch.float32, False)
         os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
         ok &= check(kind, *SHAPES[0], torch.float32, False)
         del os.environ["DAGFM_CUDA_REGISTER_BLOCKING"]

@@ -262,16 +262,22 @@ def big_shared_memory():
     return getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
 
 
-@pytest.mark.parametrize("kind", ["inner", "outer"])
+RB_KERNEL = {"inner": "rb::forward_kernel", "outer": "rb::forward_kernel", "kernel": "rb::kernel_forward_kernel"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("enabled", [True, False])
-def test_register_blocked_forward_is_the_default_and_can_be_turned_off(kind, enabled, monkeypatch):
+def test_register_blocked_forward_is_the_default_and_can_be_turned_off(kind, enabled, monkeypatch,
+                                                                       restore_matmul_precision):
+    # Exact float32 (no TF32): the kernel interaction's register-blocked forward, not tensor cores.
     if not big_shared_memory():
         pytest.skip("the F=39, D=16 tile needs about 165 KB of shared memory per block")
+    torch.set_float32_matmul_precision("highest")
     if not enabled:
         monkeypatch.setenv(RB_ENV, "0")
     h0, p, q = make_inputs(kind, 300, 39, 16, 3, dtype=torch.float32, seed=6)
     names = cuda_kernel_names(lambda: dagfm_ext.dagfm_propagate(h0, p, q, kind))
-    assert launched(names, "rb::forward_kernel") == enabled, names
+    assert launched(names, RB_KERNEL[kind]) == enabled, names
     assert launched(names, "propagate_fwd_kernel") == (not enabled), names
 
 
@@ -296,8 +302,37 @@ def test_register_blocked_forward_every_tile(kind, tile, shape, dtype, monkeypat
     assert rel(out[0], ref) < (1e-10 if dtype == torch.float64 else 1e-5)
 
 
-@pytest.mark.parametrize("kind", ["inner", "outer"])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (129, 39, 16, 3), (17, 23, 5, 1)])
+@pytest.mark.parametrize("tile", ["8", "16", "32", "64"])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((1, 1, 4, 1), torch.float64), ((7, 5, 8, 2), torch.float64), ((33, 13, 8, 3), torch.float64),
+     ((70, 9, 12, 1), torch.float64), ((41, 40, 4, 2), torch.float64), ((5, 6, 4, 0), torch.float64),
+     ((70, 39, 16, 3), torch.float32)],
+)
+def test_register_blocked_kernel_interaction_every_tile(tile, shape, dtype, monkeypatch, restore_matmul_precision):
+    # Column blocks of several fields (D = 4, 8, 12) and of one field, F > 32, partial tiles.
+    torch.set_float32_matmul_precision("highest")
+    monkeypatch.setenv(RB_TILE_ENV, tile)
+    h0, p, q = make_inputs("kernel", *shape, dtype=dtype, seed=10)
+    out = []
+    names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, q, "kernel")))
+    if big_shared_memory():
+        assert launched(names, RB_KERNEL["kernel"]), names
+    ref = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
+    assert rel(out[0], ref) < (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_register_blocked_kernel_interaction_needs_d_multiple_of_4(restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    h0, p, q = make_inputs("kernel", 50, 7, 6, 2, seed=11)
+    out = []
+    names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, q, "kernel")))
+    assert not launched(names, RB_KERNEL["kernel"]) and launched(names, "propagate_fwd_kernel"), names
+    assert rel(out[0], reference.dagfm_propagate(h0, p, q, "kernel")) < 1e-10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 4, 1), (129, 39, 16, 3), (17, 23, 5, 1)])
 def test_first_forward_kernels_still_right(kind, shape, monkeypatch):
     # With register blocking off the staged first kernels run the forward (and still serve shapes
     # whose tiles do not fit the register-blocked layout).
@@ -306,9 +341,12 @@ def test_first_forward_kernels_still_right(kind, shape, monkeypatch):
     assert rel(dagfm_ext.dagfm_propagate(h0, p, q, kind), reference.dagfm_propagate(h0, p, q, kind)) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["inner", "outer"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_register_blocked_and_first_kernels_agree(kind, dtype, monkeypatch):
+def test_register_blocked_and_first_kernels_agree(kind, dtype, monkeypatch, restore_matmul_precision):
+    # (float16 / bfloat16 kernel interaction: tensor cores off, so both sides are CUDA cores.)
+    torch.set_float32_matmul_precision("highest")
+    monkeypatch.setenv(TC_ENV, "0")
     B, F, D, L = 4099, 39, 16, 3
     h0, p, q = make_inputs(kind, B, F, D, L, dtype=dtype, seed=9)
     fast = dagfm_ext.dagfm_propagate(h0, p, q, kind)

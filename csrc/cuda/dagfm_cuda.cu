@@ -9,7 +9,7 @@
 // or torch.backends.cuda.matmul.fp32_precision = "tf32"), read per call from ATen's global context
 // (no schema change). Exact float32 stays the default. DAGFM_CUDA_TENSOR_CORES=0 turns the
 // tensor-core path off (comparisons, debugging). The backward always runs on CUDA cores.
-// The inner and outer forwards take the register-blocked kernels of dagfm_rb.cuh (launched from
+// Forwards not on tensor cores take the register-blocked kernels of dagfm_rb.cuh (launched from
 // dagfm_rb.cu) where they fit; DAGFM_CUDA_REGISTER_BLOCKING=0 turns them off.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -243,7 +243,7 @@ PassLaunch<Acc> launch_pass(Kernel kernel, const LaunchPlan& plan, const DeviceL
   return out;
 }
 
-// DAGFM_CUDA_RB_TILE=8|16|32 pins the register-blocked forward's samples per tile (tuning runs);
+// DAGFM_CUDA_RB_TILE=8|16|32|64 pins the register-blocked forward's samples per tile (tuning runs);
 // unset or anything else lets the planner choose.
 int forced_rb_tile() {
   const char* v = std::getenv("DAGFM_CUDA_RB_TILE");
@@ -253,12 +253,13 @@ int forced_rb_tile() {
   return 0;
 }
 
-// The register-blocked forward (dagfm_rb.cuh) for inner and outer when its plan fits shared
-// memory; DAGFM_CUDA_REGISTER_BLOCKING=0 (or the forced fallback) keeps the first kernels.
+// The register-blocked forward (dagfm_rb.cuh) when its plan fits shared memory (the kernel
+// interaction also needs 16-byte aligned weights for its vector loads);
+// DAGFM_CUDA_REGISTER_BLOCKING=0 (or the forced fallback) keeps the first kernels.
 template <typename T, typename Acc>
 bool try_forward_rb(const PropagateParams<T>& prm, const DeviceLimits& lim, cudaStream_t stream) {
-  if (prm.interaction == Interaction::Kernel || force_fallback() ||
-      env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING"))
+  if (force_fallback() || env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING")) return false;
+  if (prm.interaction == Interaction::Kernel && reinterpret_cast<uintptr_t>(prm.p) % 16 != 0)
     return false;
   const cuda::rb::RbPlan plan =
       cuda::rb::plan_forward(prm.interaction, prm.batch, prm.num_fields, prm.embed_dim,
@@ -275,7 +276,7 @@ void launch_forward(const PropagateParams<T>& prm, const at::Tensor& like) {
   const DeviceLimits lim = device_limits(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
   if (K == Interaction::Kernel && try_forward_tc(prm, lim, stream)) return;
-  if (K != Interaction::Kernel && try_forward_rb<T, Acc>(prm, lim, stream)) return;
+  if (try_forward_rb<T, Acc>(prm, lim, stream)) return;
   const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
   launch_pass<Acc>(cuda::propagate_fwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
 }

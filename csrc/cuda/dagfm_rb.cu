@@ -11,10 +11,9 @@ namespace cuda {
 namespace rb {
 namespace {
 
-template <Interaction K, int kB, typename T, typename Acc>
-cudaError_t launch(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+template <typename Kernel, typename T>
+cudaError_t launch(Kernel kernel, const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
                    cudaStream_t stream) {
-  auto kernel = forward_kernel<K, kB, T, Acc>;
   cudaError_t err = cudaSuccess;
   if (plan.smem_bytes > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -33,19 +32,28 @@ cudaError_t launch(const PropagateParams<T>& prm, const RbPlan& plan, int num_sm
   return cudaGetLastError();
 }
 
+template <int kB, typename T, typename Acc>
+cudaError_t launch_kb(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+                      cudaStream_t stream) {
+  switch (prm.interaction) {
+    case Interaction::Inner:
+      return launch(forward_kernel<Interaction::Inner, kB, T, Acc>, prm, plan, num_sms, stream);
+    case Interaction::Outer:
+      return launch(forward_kernel<Interaction::Outer, kB, T, Acc>, prm, plan, num_sms, stream);
+    case Interaction::Kernel:
+      return launch(kernel_forward_kernel<kB, T, Acc>, prm, plan, num_sms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 template <typename T, typename Acc>
 cudaError_t launch_forward(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
                            cudaStream_t stream) {
-  if (!plan.ok || prm.interaction == Interaction::Kernel) return cudaErrorInvalidValue;
-  const bool inner = prm.interaction == Interaction::Inner;
-  if (plan.cfg.kb == 8)
-    return inner ? launch<Interaction::Inner, 8, T, Acc>(prm, plan, num_sms, stream)
-                 : launch<Interaction::Outer, 8, T, Acc>(prm, plan, num_sms, stream);
-  if (plan.cfg.kb == 4)
-    return inner ? launch<Interaction::Inner, 4, T, Acc>(prm, plan, num_sms, stream)
-                 : launch<Interaction::Outer, 4, T, Acc>(prm, plan, num_sms, stream);
+  if (!plan.ok) return cudaErrorInvalidValue;
+  if (plan.cfg.kb == 8) return launch_kb<8, T, Acc>(prm, plan, num_sms, stream);
+  if (plan.cfg.kb == 4) return launch_kb<4, T, Acc>(prm, plan, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -46,7 +46,8 @@ namespace rb {
 
 constexpr int kJ = 4;             // outputs (or embedding elements) per thread: one vector
 constexpr int kMaxThreads = 512;  // threads per block, at most
-constexpr int kTiles[3] = {32, 16, 8};  // samples per tile, in order of preference
+constexpr int kTiles[4] = {64, 32, 16, 8};  // samples per tile, in order of preference
+constexpr int kSmallestTile = kTiles[3];
 
 // >= n, a multiple of 4 and 4 mod 8 (see the header comment).
 DAGFM_HD int pad_stride(int n) {
@@ -58,8 +59,9 @@ DAGFM_HD int pad_stride(int n) {
 struct RbConfig {
   int tb = 0;    // samples per tile, a multiple of kb
   int kb = 0;    // samples per thread: 8 (tb >= 16) or 4; selects the kernel instantiation
-  int rows = 0;  // weight rows per chunk
+  int rows = 0;  // weight rows per chunk (inner, outer)
   int tbp = 0, wst = 0, fp = 0, dp = 0;  // strides, see the header comment
+  int nf = 0;    // kernel interaction: output fields per column block (nb = nf * D outputs)
 };
 
 struct RbPlan {
@@ -94,16 +96,20 @@ DAGFM_HD int block_threads(Interaction kind, const RbConfig& c, int F, int D) {
 // Tile size: the largest of kTiles that still gives every multiprocessor a tile (small batches get
 // small tiles) and fits shared memory with at least one weight row per chunk; `force_tb` (> 0)
 // pins it (tuning runs). Chunks are evened out: the same count, the fewest rows that need it.
+inline RbPlan plan_forward_kernel(int64_t batch, int F, int D, int acc_size, const DeviceLimits& lim,
+                                  int force_tb);
+
 inline RbPlan plan_forward(Interaction kind, int64_t batch, int F, int D, int acc_size,
                            const DeviceLimits& lim, int force_tb = 0) {
   RbPlan plan;
-  if (kind == Interaction::Kernel || F < 1 || D < 1 || acc_size <= 0) return plan;
+  if (F < 1 || D < 1 || acc_size <= 0) return plan;
+  if (kind == Interaction::Kernel) return plan_forward_kernel(batch, F, D, acc_size, lim, force_tb);
   const bool outer = kind == Interaction::Outer;
   const int64_t budget = lim.smem_optin / acc_size;
   const int64_t sms = lim.num_sms > 0 ? lim.num_sms : 1;
   for (int tb : kTiles) {
     if (force_tb > 0 && tb != force_tb) continue;
-    if (force_tb <= 0 && tb != kTiles[2] && ceil_div64(batch, tb) < sms) continue;
+    if (force_tb <= 0 && tb != kSmallestTile && ceil_div64(batch, tb) < sms) continue;
     RbConfig c;
     c.tb = tb;
     c.kb = tb >= 16 ? 8 : 4;
@@ -455,6 +461,11 @@ struct BlockExec {
     phase(team);
     if (sync) team_sync();
   }
+  // A thread's state kept across phases: its own variable (registers) on the GPU.
+  template <typename Local>
+  DAGFM_HD Local& local(Local& mine, Team) const {
+    return mine;
+  }
 };
 
 // Every layer for the tile starting at sample b0; writes states[b0 .. b0 + nb) once.
@@ -509,6 +520,218 @@ DAGFM_HD void forward_block(const PropagateParams<T>& prm, const RbConfig& c, in
     forward_tile<K, kB, T, Acc>(prm, c, smem, tile * c.tb, exec);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The kernel interaction, exact: per layer a block-triangular matrix product of the tile's states
+// (tb x F*D) with W_t (F*D x F*D; block (i, j) = W_t[i, j], zero for i > j), on CUDA cores with
+// the same rank-1 microkernel. The outputs go in column blocks of nf fields (nb = nf * D <= 128
+// outputs), last block first, written in place over the states: block [j0, j1) reads input
+// fields i < j1 only, and the blocks after it (lower fields) never read fields >= j0. Each thread
+// owns kB samples x 4 outputs of the block and keeps their sums in registers across the block's
+// j1 weight slabs (slab = field i: D x nb weights, double-buffered in shared memory, the next
+// slab's loads issued before the current slab's arithmetic). Needs D % 4 == 0 (a 4-output group
+// never straddles two fields) and 16-byte aligned weights; other shapes use the first kernels.
+//
+// Shared memory (Acc): S (F*D, tbp) the states, samples innermost; two slabs (D, nb).
+
+constexpr int kKernelCols = 128;  // outputs per column block, at most (when D divides it)
+constexpr int kPrefetch = 4;      // 4-weight units per thread whose loads overlap a slab's arithmetic
+
+DAGFM_HD int kernel_units(const RbConfig& c, int D) { return D * c.nf * D / 4; }  // per slab
+DAGFM_HD int kernel_items(const RbConfig& c, int D) { return c.nf * D / 4 * (c.tb / c.kb); }
+DAGFM_HD int64_t kernel_smem_numel(const RbConfig& c, int F, int D) {
+  return int64_t(F) * D * c.tbp + 2 * int64_t(D) * c.nf * D;
+}
+
+inline RbPlan plan_forward_kernel(int64_t batch, int F, int D, int acc_size, const DeviceLimits& lim,
+                                  int force_tb) {
+  RbPlan plan;
+  if (D % 4 != 0) return plan;
+  const int64_t sms = lim.num_sms > 0 ? lim.num_sms : 1;
+  for (int tb : kTiles) {
+    if (force_tb > 0 && tb != force_tb) continue;
+    if (force_tb <= 0 && tb != kSmallestTile && ceil_div64(batch, tb) < sms) continue;
+    RbConfig c;
+    c.tb = tb;
+    c.kb = tb >= 16 ? 8 : 4;
+    c.tbp = pad_stride(tb);
+    c.nf = kKernelCols / D < 1 ? 1 : (kKernelCols / D > F ? F : kKernelCols / D);
+    const int items = kernel_items(c, D);
+    if (items > kMaxThreads) continue;  // every item keeps its sums in one thread's registers
+    const int64_t bytes = kernel_smem_numel(c, F, D) * acc_size;
+    if (bytes > lim.smem_optin) continue;
+    plan.cfg = c;
+    plan.threads = (items + 31) / 32 * 32;
+    plan.smem_bytes = bytes;
+    plan.ok = true;
+    return plan;
+  }
+  return plan;
+}
+
+// 4 consecutive elements of T from global memory, as Acc (one 16-byte load for float).
+template <typename T, typename Acc>
+DAGFM_HD void load4_global(const T* DAGFM_RESTRICT p, Acc* o) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 4 && sizeof(Acc) == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = cvt<Acc>(v.x);
+    o[1] = cvt<Acc>(v.y);
+    o[2] = cvt<Acc>(v.z);
+    o[3] = cvt<Acc>(v.w);
+  } else {
+    for (int k = 0; k < 4; ++k) o[k] = cvt<Acc>(p[k]);
+  }
+#else
+  for (int k = 0; k < 4; ++k) o[k] = cvt<Acc>(p[k]);
+#endif
+}
+
+// What one thread keeps between the phases of a column block: its output sums, and where its
+// share of each weight slab comes from and goes to (fixed for the whole kernel).
+template <int kB, typename Acc>
+struct KernelLocal {
+  Acc acc[kB][kJ];
+  Acc pre[kPrefetch][4];
+  int src[kPrefetch];  // offset of the unit in global memory, relative to W_t[i, j0, 0, 0]
+  int col[kPrefetch];  // field of the unit within the block
+  int dst[kPrefetch];  // offset of the unit in the slab
+  int nunits;          // units of this thread (<= kPrefetch prefetched, the rest copied after)
+};
+
+// Unit u of a slab: row d, 4 outputs starting at column n4 * 4 = (field jj, element e).
+DAGFM_HD void kernel_unit(int u, int nb4, int D, int& src, int& col, int& dst) {
+  const int d = u / nb4;
+  const int n = (u % nb4) * 4;
+  const int jj = n / D, e = n % D;
+  col = jj;
+  src = (jj * D + d) * D + e;
+  dst = d * nb4 * 4 + n;
+}
+
+template <int kB, typename Acc>
+DAGFM_HD void kernel_local_init(KernelLocal<kB, Acc>& l, const RbConfig& c, int D, Team team) {
+  const int units = kernel_units(c, D);
+  l.nunits = 0;
+  for (int u = team.rank, m = 0; u < units && m < kPrefetch; u += team.size, ++m) {
+    kernel_unit(u, c.nf * D / 4, D, l.src[m], l.col[m], l.dst[m]);
+    l.nunits = m + 1;
+  }
+}
+
+// Slab loads of this thread: weights of field i for the block's fields [j0, j1), zero where
+// j < i or j >= j1 (the last block may be narrower).
+template <int kB, typename T, typename Acc>
+DAGFM_HD void kernel_slab_load(KernelLocal<kB, Acc>& l, const T* DAGFM_RESTRICT wi, int i, int j0,
+                               int j1) {
+  DAGFM_RB_UNROLL
+  for (int m = 0; m < kPrefetch; ++m) {
+    if (m >= l.nunits) break;
+    const int j = j0 + l.col[m];
+    if (j >= i && j < j1) {
+      load4_global(wi + l.src[m], l.pre[m]);
+    } else {
+      DAGFM_RB_UNROLL
+      for (int k = 0; k < 4; ++k) l.pre[m][k] = Acc(0);
+    }
+  }
+}
+
+// Stores the prefetched units, then copies this thread's remaining units directly.
+template <int kB, typename T, typename Acc>
+DAGFM_HD void kernel_slab_store(const KernelLocal<kB, Acc>& l, Acc* DAGFM_RESTRICT slab,
+                                const T* DAGFM_RESTRICT wi, int i, int j0, int j1, int D,
+                                const RbConfig& c, Team team) {
+  DAGFM_RB_UNROLL
+  for (int m = 0; m < kPrefetch; ++m) {
+    if (m >= l.nunits) break;
+    store4(slab + l.dst[m], l.pre[m]);
+  }
+  const int units = kernel_units(c, D);
+  for (int u = team.rank + kPrefetch * team.size; u < units; u += team.size) {
+    int src, col, dst;
+    kernel_unit(u, c.nf * D / 4, D, src, col, dst);
+    Acc v[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+    if (j0 + col >= i && j0 + col < j1) load4_global(wi + src, v);
+    store4(slab + dst, v);
+  }
+}
+
+template <int kB, typename T, typename Acc, typename Exec>
+DAGFM_HD void kernel_forward_tile(const PropagateParams<T>& prm, const RbConfig& c, Acc* smem,
+                                  int64_t b0, const Exec& exec, KernelLocal<kB, Acc>& mine) {
+  const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
+  const int FD = F * D;
+  const int nb = int(imin64(c.tb, prm.batch - b0));
+  const int ncols = c.nf * D;
+  const int nb4 = ncols / 4;
+  const int items = kernel_items(c, D);
+  Acc* S = smem;
+  Acc* const slab0 = smem + FD * c.tbp;  // slab k % 2 at slab0 + (k % 2) * slab_numel
+  const int slab_numel = D * ncols;
+  const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
+  T* DAGFM_RESTRICT st = prm.states + b0 * int64_t(L + 1) * F;
+
+  exec([&](Team tm) {
+    load_tile(h0g, S, nb, FD, c, tm);
+    kernel_local_init(exec.local(mine, tm), c, D, tm);
+  });
+  exec([&](Team tm) { write_state_sums(S, st, 0, nb, F, D, L, c.tbp, tm); }, false);
+  for (int t = 1; t <= L; ++t) {
+    const T* W = prm.p + int64_t(t - 1) * F * F * D * D;
+    for (int j0 = (F - 1) / c.nf * c.nf; j0 >= 0; j0 -= c.nf) {
+      const int j1 = j0 + c.nf < F ? j0 + c.nf : F;
+      auto slab_src = [&](int i) { return W + (int64_t(i) * F + j0) * D * D; };
+      exec([&](Team tm) {  // slab 0, and zero sums
+        KernelLocal<kB, Acc>& l = exec.local(mine, tm);
+        kernel_slab_load(l, slab_src(0), 0, j0, j1);
+        kernel_slab_store(l, slab0, slab_src(0), 0, j0, j1, D, c, tm);
+        zero(l.acc);
+      });
+      for (int i = 0; i < j1; ++i) {
+        exec([&](Team tm) {
+          KernelLocal<kB, Acc>& l = exec.local(mine, tm);
+          const bool next = i + 1 < j1;
+          if (next) kernel_slab_load(l, slab_src(i + 1), i + 1, j0, j1);
+          if (tm.rank < items) {
+            const int ng = tm.rank % nb4, bg = tm.rank / nb4;
+            rank1_steps<kB>(l.acc, S + i * D * c.tbp + bg * kB, c.tbp, slab0 + (i & 1) * slab_numel + ng * 4,
+                            ncols, D);
+          }
+          if (next)
+            kernel_slab_store(l, slab0 + ((i + 1) & 1) * slab_numel, slab_src(i + 1), i + 1, j0, j1, D, c, tm);
+        });
+      }
+      // h = h0 * a for the block's outputs, in place (nothing reads fields >= j0 any more).
+      exec([&](Team tm) {
+        if (tm.rank >= items) return;
+        KernelLocal<kB, Acc>& l = exec.local(mine, tm);
+        const int ng = tm.rank % nb4, bg = tm.rank / nb4;
+        DAGFM_RB_UNROLL
+        for (int u = 0; u < kJ; ++u) {
+          const int n = j0 * D + ng * 4 + u;
+          if (n >= j1 * D) break;
+          Acc col[kB];
+          DAGFM_RB_UNROLL
+          for (int b = 0; b < kB; ++b) col[b] = l.acc[b][u];
+          store_samples<kB>(S + n * c.tbp + bg * kB, col, true, true, h0g + int64_t(bg) * kB * FD + n,
+                            FD, nb - bg * kB);
+        }
+      });
+    }
+    exec([&](Team tm) { write_state_sums(S, st, t, nb, F, D, L, c.tbp, tm); }, false);
+  }
+  exec([](Team) {});  // a barrier: the next tile overwrites S
+}
+
+template <int kB, typename T, typename Acc, typename Exec>
+DAGFM_HD void kernel_forward_block(const PropagateParams<T>& prm, const RbConfig& c, int64_t block,
+                                   int64_t num_blocks, Acc* smem, const Exec& exec) {
+  KernelLocal<kB, Acc> mine;  // a thread's own (on the host test: a stand-in, see Exec::local)
+  const int64_t tiles = ceil_div64(prm.batch, c.tb);
+  for (int64_t tile = block; tile < tiles; tile += num_blocks)
+    kernel_forward_tile<kB, T, Acc>(prm, c, smem, tile * c.tb, exec, mine);
+}
+
 #if defined(__CUDACC__)
 template <Interaction K, int kB, typename T, typename Acc>
 __global__ void __launch_bounds__(kMaxThreads) forward_kernel(PropagateParams<T> prm, RbConfig c) {
@@ -516,7 +739,14 @@ __global__ void __launch_bounds__(kMaxThreads) forward_kernel(PropagateParams<T>
                                BlockExec{Team{int(threadIdx.x), int(blockDim.x)}});
 }
 
-// Launches forward_kernel for prm's interaction (inner or outer) with `plan` on a persistent grid.
+template <int kB, typename T, typename Acc>
+__global__ void __launch_bounds__(kMaxThreads) kernel_forward_kernel(PropagateParams<T> prm, RbConfig c) {
+  kernel_forward_block<kB, T, Acc>(prm, c, blockIdx.x, gridDim.x, reinterpret_cast<Acc*>(dagfm_smem),
+                                   BlockExec{Team{int(threadIdx.x), int(blockDim.x)}});
+}
+
+// Launches forward_kernel (kernel_forward_kernel for the kernel interaction) with `plan` on a
+// persistent grid.
 // Defined in dagfm_rb.cu (no torch headers, its own translation unit) for T / Acc = float / float,
 // double / double, __half / float and __nv_bfloat16 / float.
 template <typename T, typename Acc>

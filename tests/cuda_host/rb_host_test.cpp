@@ -4,7 +4,8 @@
 // lower triangle is NaN, and is compared with dagfm_math.h's per-sample forward (which the CPU
 // tests check against autograd). Covers both interactions, both sample blocks (kb = 4, 8), every
 // tile size, chunks of 1 row up to the whole triangle, partial tiles, grids smaller than the tile
-// count, L = 0, D and F not multiples of 4, F > 64, D > 32, and the planner's limits.
+// count, L = 0, D and F not multiples of 4, F > 64, D > 32, the kernel interaction's column
+// blocks, and the planner's limits.
 //
 //   g++ -std=c++17 -O1 -fopenmp-simd -Wall -Wextra -Werror -I csrc tests/cuda_host/rb_host_test.cpp -o t && ./t
 #include <cmath>
@@ -55,12 +56,14 @@ Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19
   Problem pr{kind, B, F, D, L, {}, {}, {}};
   pr.h0.resize(B * F * D);
   for (auto& v : pr.h0) v = u(rng);
-  const int64_t n = int64_t(L) * F * F * D;
+  const int64_t elems = kind == Interaction::Kernel ? int64_t(D) * D : D;
+  const int64_t n = int64_t(L) * F * F * elems;
   pr.p.resize(n);
   if (kind == Interaction::Outer) pr.q.resize(n);
   for (int64_t k = 0; k < n; ++k) {
-    const int j = int((k / D) % F), i = int((k / D / F) % F);
-    pr.p[k] = j >= i ? u(rng) : nan;  // the lower triangle must never be read
+    const int j = int((k / elems) % F), i = int((k / elems / F) % F);
+    // Scaled so that states stay O(1) through the layers; the lower triangle must never be read.
+    pr.p[k] = j >= i ? u(rng) / (kind == Interaction::Kernel ? D : 1) : nan;
     if (kind == Interaction::Outer) pr.q[k] = j >= i ? u(rng) : nan;
   }
   return pr;
@@ -84,11 +87,18 @@ std::vector<T> cast(const std::vector<double>& v) {
 
 // Runs each phase of a tile as `size` threads, one after another (a block on the GPU runs them at
 // once; each phase's threads write disjoint elements and read only earlier phases' results).
+// A thread's state kept across phases (registers on the GPU) lives in one slot per emulated thread.
 struct SerialExec {
   int size;
   template <typename Phase>
   void operator()(const Phase& phase, bool = true) const {
     for (int r = 0; r < size; ++r) phase(Team{r, size});
+  }
+  template <typename Local>
+  Local& local(Local&, Team tm) const {
+    static std::vector<Local> slots;
+    if (int(slots.size()) < size) slots.resize(size);
+    return slots[tm.rank];
   }
 };
 
@@ -106,15 +116,25 @@ std::vector<T> run_blocks(const Problem& pr, const rb::RbConfig& c, int64_t grid
   prm.embed_dim = pr.D;
   prm.depth = pr.L;
   prm.interaction = K;
-  const int64_t numel = 2 * int64_t(rb::state_numel(c, pr.F, pr.D)) +
-                        int64_t(c.rows) * rb::row_numel(c, pr.F, pr.D, K == Interaction::Outer);
+  const int64_t numel =
+      K == Interaction::Kernel
+          ? rb::kernel_smem_numel(c, pr.F, pr.D)
+          : 2 * int64_t(rb::state_numel(c, pr.F, pr.D)) +
+                int64_t(c.rows) * rb::row_numel(c, pr.F, pr.D, K == Interaction::Outer);
   std::vector<T> smem(numel, std::numeric_limits<T>::quiet_NaN());
   const SerialExec exec{threads};
   for (int64_t blk = 0; blk < grid; ++blk) {
-    if (c.kb == 8)
-      rb::forward_block<K, 8, T, T>(prm, c, blk, grid, smem.data(), exec);
-    else
-      rb::forward_block<K, 4, T, T>(prm, c, blk, grid, smem.data(), exec);
+    if constexpr (K == Interaction::Kernel) {
+      if (c.kb == 8)
+        rb::kernel_forward_block<8, T, T>(prm, c, blk, grid, smem.data(), exec);
+      else
+        rb::kernel_forward_block<4, T, T>(prm, c, blk, grid, smem.data(), exec);
+    } else {
+      if (c.kb == 8)
+        rb::forward_block<K, 8, T, T>(prm, c, blk, grid, smem.data(), exec);
+      else
+        rb::forward_block<K, 4, T, T>(prm, c, blk, grid, smem.data(), exec);
+    }
   }
   return states;
 }
@@ -132,7 +152,7 @@ void check_kind(std::mt19937_64& rng) {
   for (const Shape& s : shapes) {
     const Problem pr = make_problem(K, s.B, s.F, s.D, s.L, rng);
     const std::vector<double> ref = reference(pr);
-    for (int tb : {8, 16, 32}) {
+    for (int tb : {8, 16, 32, 64}) {
       const rb::RbPlan plan = rb::plan_forward(K, s.B, s.F, s.D, 8, big, tb);
       char ctx[200];
       std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tb=%d", int(K), (long long)s.B,
@@ -166,6 +186,66 @@ void check_kind(std::mt19937_64& rng) {
       }
     }
   }
+}
+
+// The kernel interaction: every tile, column blocks of 1 field up to the planner's, idle threads
+// beyond the items, grids smaller than the tile count, D = 4 .. 32 (D % 4 == 0), F > 32.
+void check_kernel_interaction(std::mt19937_64& rng) {
+  const Interaction K = Interaction::Kernel;
+  struct Shape {
+    int64_t B;
+    int F, D, L;
+  };
+  const Shape shapes[] = {{1, 1, 4, 1},  {5, 3, 4, 2},   {7, 5, 8, 3},    {4, 4, 4, 0},
+                          {33, 13, 8, 2}, {9, 20, 4, 1}, {6, 3, 16, 2}, {70, 9, 12, 1},
+                          {10, 40, 4, 1}, {3, 2, 32, 1}};
+  const DeviceLimits big{int64_t(1) << 30, 1, 0, 9};
+  for (const Shape& s : shapes) {
+    const Problem pr = make_problem(K, s.B, s.F, s.D, s.L, rng);
+    const std::vector<double> ref = reference(pr);
+    for (int tb : {8, 16, 32, 64}) {
+      const rb::RbPlan plan = rb::plan_forward(K, s.B, s.F, s.D, 8, big, tb);
+      char ctx[200];
+      std::snprintf(ctx, sizeof ctx, "kernel B=%lld F=%d D=%d L=%d tb=%d", (long long)s.B, s.F, s.D,
+                    s.L, tb);
+      expect(plan.ok && plan.cfg.tb == tb, "kernel plan with unlimited memory", ctx);
+      if (!plan.ok) continue;
+      expect(plan.threads >= rb::kernel_items(plan.cfg, s.D), "a thread per item", ctx);
+      const int64_t tiles = ceil_div64(s.B, tb);
+      for (int nf : {1, 2, 3, plan.cfg.nf}) {
+        if (nf > s.F || nf > plan.cfg.nf) continue;
+        rb::RbConfig c = plan.cfg;
+        c.nf = nf;
+        const int items = rb::kernel_items(c, s.D);
+        for (int threads : {(items + 31) / 32 * 32, items + 37})
+          for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
+            if (grid > tiles) continue;
+            std::snprintf(ctx, sizeof ctx, "kernel B=%lld F=%d D=%d L=%d tb=%d nf=%d threads=%d grid=%lld",
+                          (long long)s.B, s.F, s.D, s.L, tb, nf, threads, (long long)grid);
+            ++g_cases;
+            expect(rel_err(run_blocks<K, double>(pr, c, grid, threads), ref) < 1e-12, "states (double)", ctx);
+          }
+      }
+      ++g_cases;
+      expect(rel_err(run_blocks<K, float>(pr, plan.cfg, 1, plan.threads), ref) < 1e-4, "states (float)", ctx);
+    }
+  }
+  expect(!rb::plan_forward(K, 100, 8, 6, 4, big).ok, "no kernel plan for D % 4 != 0", "planner");
+  for (int F : {1, 8, 39, 80})
+    for (int D : {4, 8, 16, 32, 64})
+      for (int64_t B : {int64_t(1), int64_t(1024), int64_t(65536)}) {
+        char ctx[120];
+        std::snprintf(ctx, sizeof ctx, "kernel planner F=%d D=%d B=%lld", F, D, (long long)B);
+        const DeviceLimits h200{227 << 10, 132, 0, 9};
+        const rb::RbPlan p = rb::plan_forward(K, B, F, D, 4, h200);
+        if (!p.ok) continue;
+        expect(p.smem_bytes <= h200.smem_optin &&
+                   p.smem_bytes == rb::kernel_smem_numel(p.cfg, F, D) * 4, "kernel smem", ctx);
+        expect(p.cfg.nf >= 1 && p.cfg.nf <= F && p.cfg.nf * D <= (D > rb::kKernelCols ? D : rb::kKernelCols),
+               "column block", ctx);
+        expect(rb::kernel_items(p.cfg, D) <= p.threads && p.threads <= rb::kMaxThreads, "kernel threads", ctx);
+        if (F == 39 && D == 16 && B == 65536) expect(p.cfg.tb == 64, "the issue's shape takes 64-sample tiles", ctx);
+      }
 }
 
 // The planner: within the opt-in limit, strides 4 mod 8, tile choice by batch, chunks evened out,
@@ -206,8 +286,6 @@ void check_planner() {
                 expect(c.tb >= 16, "large batches take large tiles", ctx);
               if (B == 1024) expect(c.tb == 8, "small batches: a tile for every multiprocessor", ctx);
             }
-  expect(!rb::plan_forward(Interaction::Kernel, 100, 8, 16, 4, DeviceLimits{1 << 20, 132, 0, 9}).ok,
-         "no plan for the kernel interaction", "planner");
   expect(!rb::plan_forward(Interaction::Inner, 100, 200, 64, 4, DeviceLimits{227 << 10, 132, 0, 9}).ok,
          "no plan when a tile's states do not fit", "planner");
   expect(plans > 0 && none > 0, "both outcomes exercised", "planner");
@@ -220,6 +298,7 @@ int main() {
   std::mt19937_64 rng(20261129);
   check_kind<Interaction::Inner>(rng);
   check_kind<Interaction::Outer>(rng);
+  check_kernel_interaction(rng);
   check_planner();
   std::printf("rb_host_test: %d cases, %d failures\n", g_cases, g_failures);
   return g_failures == 0 ? 0 : 1;
