@@ -13,6 +13,8 @@ enum class Interaction : int { Inner = 0, Outer = 1, Kernel = 2 };
 //   p           (L, F, F, D)       inner / outer;  (L, F, F, D, D) kernel
 //   q           (L, F, F, D)       outer only, else nullptr
 //   states      (B, L+1, F)        forward output; states[b, t, j] = sum_d h^t_j[d]
+//   messages    (B, L, F, D)       optional forward output (CUDA training forward): a^1..a^L,
+//                                  h^t = h0 * a^t; the backward reads them instead of recomputing
 //   grad_states (B, L+1, F)        backward input
 //   grad_h0, grad_p, grad_q        backward outputs, same shapes as h0, p, q
 template <typename T>
@@ -21,6 +23,7 @@ struct PropagateParams {
   const T* p = nullptr;
   const T* q = nullptr;
   T* states = nullptr;
+  T* messages = nullptr;  // nullptr: not kept
 
   int64_t batch = 0;
   int num_fields = 0;  // F
@@ -39,6 +42,7 @@ struct PropagateParams {
 template <typename T>
 struct PropagateBackwardParams : PropagateParams<T> {
   const T* grad_states = nullptr;
+  const T* saved_messages = nullptr;  // a forward's `messages`, or nullptr: recompute
   T* grad_h0 = nullptr;
   T* grad_p = nullptr;
   T* grad_q = nullptr;  // outer only

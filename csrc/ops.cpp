@@ -184,8 +184,9 @@ DAGFM_INSTANTIATE(at::BFloat16)
 
 TORCH_LIBRARY(dagfm_ext, m) {
   m.def("propagate_fwd(Tensor h0, Tensor p, Tensor? q, str interaction) -> Tensor");
-  // The training forward: the states plus whatever the backend keeps for its backward (an empty
-  // tensor where the backward recomputes everything, as the CUDA kernels do on chip).
+  // The training forward: the states plus what the backend keeps for its backward (the CPU and
+  // CUDA kernels keep the messages a^1..a^L, flat (B * L * F * D); an empty tensor would make the
+  // backward recompute them).
   m.def("propagate_fwd_train(Tensor h0, Tensor p, Tensor? q, str interaction) -> (Tensor, Tensor)");
   m.def(
       "propagate_bwd(Tensor grad_states, Tensor h0, Tensor p, Tensor? q, str interaction,"

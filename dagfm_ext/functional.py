@@ -26,11 +26,9 @@ def _propagate_fwd_fake(h0, p, q, interaction):
 @torch.library.register_fake("dagfm_ext::propagate_fwd_train")
 def _propagate_fwd_train_fake(h0, p, q, interaction):
     states = _propagate_fwd_fake(h0, p, q, interaction)
-    # What the backend keeps for its backward: the CPU kernels keep the messages a^1..a^L
-    # (propagate_fwd_train_cpu); the CUDA kernels keep nothing and recompute them on chip.
-    if h0.device.type == "cpu":
-        return states, h0.new_empty((h0.shape[0] * p.shape[0] * h0.shape[1] * h0.shape[2],))
-    return states, h0.new_empty((0,))
+    # What the backend keeps for its backward: the messages a^1..a^L, flat (B * L * F * D), on
+    # CPU and CUDA alike.
+    return states, h0.new_empty((h0.shape[0] * p.shape[0] * h0.shape[1] * h0.shape[2],))
 
 
 @torch.library.register_fake("dagfm_ext::propagate_bwd")

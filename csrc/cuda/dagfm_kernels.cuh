@@ -261,13 +261,17 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const TileConfig& cfg,
     layer_accumulate_tile<K, T, Acc>(prm.p + (t - 1) * layer_numel,
                                      prm.q == nullptr ? nullptr : prm.q + (t - 1) * q_layer_numel,
                                      hprev, hnext, scratch, wbuf, nb, F, D, cfg, team);
-    // h^t = h0 * a^t, its state sums, and a zeroed buffer for the next layer's sums.
+    // h^t = h0 * a^t, its state sums, and a zeroed buffer for the next layer's sums; a^t kept
+    // for the backward when asked.
+    T* DAGFM_RESTRICT msg =
+        prm.messages == nullptr ? nullptr : prm.messages + (b0 * L + (t - 1)) * FD;
     for (int64_t k = team.rank; k < int64_t(nb) * F; k += team.size) {
       const int64_t b = k / F;
       const int j = int(k % F);
       const int64_t off = b * FD + int64_t(j) * D;
       Acc s = Acc(0);
       for (int d = 0; d < D; ++d) {
+        if (msg != nullptr) msg[b * L * FD + int64_t(j) * D + d] = cvt<T>(hnext[off + d]);
         const Acc v = h0s[off + d] * hnext[off + d];
         hnext[off + d] = v;
         s += v;
@@ -375,8 +379,9 @@ DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTR
 }
 
 // Backward for the tile starting at b0. Slots: h0, a^1..a^L, hbuf (h^{t-1}), delta, dprev, gh0.
-// The forward is recomputed on chip, keeping a^t (h^t = h0 * a^t is cheap to rebuild, a^t is not
-// recoverable from h^t). part_p / part_q: this block's (L, edges, ...) gradient slices.
+// a^t comes from the training forward's saved messages, or the forward is recomputed on chip
+// (h^t = h0 * a^t is cheap to rebuild, a^t is not recoverable from h^t). part_p / part_q: this
+// block's (L, edges, ...) gradient slices.
 template <Interaction K, typename T, typename Acc>
 DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileConfig& cfg, Acc* base,
                             T* wbuf, Acc* part_p, Acc* part_q, bool first, int64_t b0, Team team) {
@@ -400,15 +405,20 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
   const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
   const int64_t n = int64_t(nb) * FD;
 
+  const T* DAGFM_RESTRICT saved =
+      prm.saved_messages == nullptr ? nullptr : prm.saved_messages + b0 * L * FD;
   for (int64_t k = team.rank; k < n; k += team.size) {
     h0s[k] = cvt<Acc>(h0g[k]);
     gh0[k] = Acc(0);
-    for (int t = 1; t <= L; ++t) a(t)[k] = Acc(0);
+    const int64_t b = k / FD, r = k % FD;
+    for (int t = 1; t <= L; ++t)
+      a(t)[k] = saved == nullptr ? Acc(0) : cvt<Acc>(saved[(b * L + (t - 1)) * FD + r]);
   }
   team_sync();
-  // Recompute a^1..a^L; h^t goes to delta / dprev alternately (both free until the backward).
+  // Without saved messages: recompute a^1..a^L; h^t goes to delta / dprev alternately (both free
+  // until the backward).
   const Acc* hprev = h0s;
-  for (int t = 1; t <= L; ++t) {
+  for (int t = 1; t <= L && saved == nullptr; ++t) {
     layer_accumulate_tile<K, T, Acc>(prm.p + (t - 1) * layer_numel,
                                      prm.q == nullptr ? nullptr : prm.q + (t - 1) * q_layer_numel,
                                      hprev, a(t), scratch, wbuf, nb, F, D, cfg, team);

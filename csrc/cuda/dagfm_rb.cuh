@@ -201,12 +201,34 @@ DAGFM_HD void zero(Acc (&acc)[kB][kJ]) {
   }
 }
 
+// Where a training forward keeps a^t: msg points at messages[first sample, t - 1, j, e] (sample
+// stride L * F * D), or is nullptr.
+template <typename T>
+struct MsgOut {
+  T* msg;
+  int64_t stride;
+};
+
+template <typename T>
+DAGFM_HD MsgOut<T> layer_messages(const PropagateParams<T>& prm, int64_t b0, int t) {
+  const int64_t FD = int64_t(prm.num_fields) * prm.embed_dim;
+  if (prm.messages == nullptr) return MsgOut<T>{nullptr, 0};
+  return MsgOut<T>{prm.messages + (b0 * prm.depth + (t - 1)) * FD, int64_t(prm.depth) * FD};
+}
+
+// The same, `samples` samples and `elem` elements (j * D + e) further.
+template <typename T>
+DAGFM_HD MsgOut<T> offset(MsgOut<T> m, int samples, int elem) {
+  if (m.msg == nullptr) return m;
+  return MsgOut<T>{m.msg + samples * m.stride + elem, m.stride};
+}
+
 // dst[b] (kB consecutive samples of one (j, e) state) = sum, accumulated over chunks: stored by
-// the first chunk, added by later ones; the completing chunk multiplies by h0 (h0 points at
-// h0[b0 + first sample, j, e]; samples >= nvalid are padding and stay zero).
+// the first chunk, added by later ones; the completing chunk keeps a^t (when asked) and multiplies
+// by h0 (h0 points at h0[b0 + first sample, j, e]; samples >= nvalid are padding and stay zero).
 template <int kB, typename T, typename Acc>
 DAGFM_HD void store_samples(Acc* DAGFM_RESTRICT dst, const Acc (&val)[kB], bool first, bool last,
-                            const T* DAGFM_RESTRICT h0, int64_t FD, int nvalid) {
+                            const T* DAGFM_RESTRICT h0, int64_t FD, int nvalid, MsgOut<T> msg) {
   DAGFM_RB_UNROLL
   for (int v = 0; v < kB; v += 4) {
     Acc out[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
@@ -215,6 +237,7 @@ DAGFM_HD void store_samples(Acc* DAGFM_RESTRICT dst, const Acc (&val)[kB], bool 
     for (int u = 0; u < 4; ++u) {
       const int b = v + u;
       Acc s = first ? val[b] : out[u] + val[b];
+      if (last && b < nvalid && msg.msg != nullptr) msg.msg[b * msg.stride] = cvt<T>(s);
       if (last) s = b < nvalid ? s * cvt<Acc>(h0[int64_t(b) * FD]) : Acc(0);
       out[u] = s;
     }
@@ -349,8 +372,8 @@ DAGFM_HD void load_tile(const T* DAGFM_RESTRICT h0g, Acc* DAGFM_RESTRICT s, int 
 // e); a pair is groups g and G-1-g, so every item does about the same work on the triangle.
 template <int kB, typename T, typename Acc>
 DAGFM_HD void inner_chunk(const Acc* DAGFM_RESTRICT sprev, Acc* DAGFM_RESTRICT snext,
-                          const Acc* DAGFM_RESTRICT w, const T* DAGFM_RESTRICT h0g, int nb, int i0,
-                          int i1, int F, int D, const RbConfig& c, Team team) {
+                          const Acc* DAGFM_RESTRICT w, const T* DAGFM_RESTRICT h0g, MsgOut<T> msg,
+                          int nb, int i0, int i1, int F, int D, const RbConfig& c, Team team) {
   const int G = groups_of(F);
   const int nbg = c.tb / kB;
   const int64_t FD = int64_t(F) * D;
@@ -379,7 +402,8 @@ DAGFM_HD void inner_chunk(const Acc* DAGFM_RESTRICT sprev, Acc* DAGFM_RESTRICT s
         DAGFM_RB_UNROLL
         for (int b = 0; b < kB; ++b) col[b] = acc[b][jj];
         store_samples<kB>(snext + (j * D + e) * c.tbp + bg * kB, col, first, last,
-                          h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB);
+                          h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB,
+                          offset(msg, bg * kB, j * D + e));
       }
     }
   }
@@ -420,8 +444,8 @@ DAGFM_HD void outer_c_chunk(const Acc* DAGFM_RESTRICT sprev, const Acc* DAGFM_RE
 // (e group, sample block, j).
 template <int kB, typename T, typename Acc>
 DAGFM_HD void outer_a_chunk(const Acc* DAGFM_RESTRICT cbuf, const Acc* DAGFM_RESTRICT qs,
-                            Acc* DAGFM_RESTRICT snext, const T* DAGFM_RESTRICT h0g, int nb, int i0,
-                            int i1, int F, int D, const RbConfig& c, Team team) {
+                            Acc* DAGFM_RESTRICT snext, const T* DAGFM_RESTRICT h0g, MsgOut<T> msg,
+                            int nb, int i0, int i1, int F, int D, const RbConfig& c, Team team) {
   const int DG = groups_of(D);
   const int nbg = c.tb / kB;
   const int64_t FD = int64_t(F) * D;
@@ -446,7 +470,8 @@ DAGFM_HD void outer_a_chunk(const Acc* DAGFM_RESTRICT cbuf, const Acc* DAGFM_RES
       DAGFM_RB_UNROLL
       for (int b = 0; b < kB; ++b) col[b] = acc[b][ee];
       store_samples<kB>(snext + (j * D + e) * c.tbp + bg * kB, col, first, last,
-                        h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB);
+                        h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB,
+                        offset(msg, bg * kB, j * D + e));
     }
   }
 }
@@ -495,11 +520,12 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const RbConfig& c, Acc
         stage_weights_transposed(p, w, i0, i1 - i0, F, D, c, tm);
         if (K == Interaction::Outer) stage_q(q, qs, i0, i1 - i0, F, D, c, tm);
       });
+      const MsgOut<T> msg = layer_messages(prm, b0, t);
       if (K == Interaction::Inner) {
-        exec([&](Team tm) { inner_chunk<kB>(sprev, snext, w, h0g, nb, i0, i1, F, D, c, tm); });
+        exec([&](Team tm) { inner_chunk<kB>(sprev, snext, w, h0g, msg, nb, i0, i1, F, D, c, tm); });
       } else {
         exec([&](Team tm) { outer_c_chunk<kB>(sprev, w, cbuf, i0, i1 - i0, F, D, c, tm); });
-        exec([&](Team tm) { outer_a_chunk<kB>(cbuf, qs, snext, h0g, nb, i0, i1, F, D, c, tm); });
+        exec([&](Team tm) { outer_a_chunk<kB>(cbuf, qs, snext, h0g, msg, nb, i0, i1, F, D, c, tm); });
       }
       // (that barrier also frees W, Q and C for the next chunk's staging)
     }
@@ -714,7 +740,7 @@ DAGFM_HD void kernel_forward_tile(const PropagateParams<T>& prm, const RbConfig&
           DAGFM_RB_UNROLL
           for (int b = 0; b < kB; ++b) col[b] = l.acc[b][u];
           store_samples<kB>(S + n * c.tbp + bg * kB, col, true, true, h0g + int64_t(bg) * kB * FD + n,
-                            FD, nb - bg * kB);
+                            FD, nb - bg * kB, offset(layer_messages(prm, b0, t), bg * kB, n));
         }
       });
     }

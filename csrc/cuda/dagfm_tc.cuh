@@ -189,9 +189,13 @@ DAGFM_HD void forward_warp_tile(const PropagateParams<T>& prm, T* DAGFM_RESTRICT
       // Every lane's fragment loads of column j are done (their values fed the MMAs above):
       // after this barrier column j of hbuf may be overwritten.
       warp_sync();
-      // h^t_j = h0_j * a^t_j: into scratch (float, for the state sums) and into hbuf column j.
+      // h^t_j = h0_j * a^t_j: into scratch (float, for the state sums) and into hbuf column j;
+      // a^t_j into the messages when a training forward keeps them.
+      T* DAGFM_RESTRICT msg =
+          prm.messages == nullptr ? nullptr : prm.messages + (b0 * L + (t - 1)) * FD + int64_t(j) * D;
       for (int k = lane.rank; k < kRows * D; k += lane.size) {
         const int r = k / D, c = k % D;
+        if (msg != nullptr && r < nb) msg[int64_t(r) * L * FD + c] = cvt<T>(scratch[k]);
         const float x0 = r < nb ? cvt<float>(h0g[int64_t(r) * FD + int64_t(j) * D + c]) : 0.0f;
         const float v = x0 * scratch[k];
         scratch[k] = v;

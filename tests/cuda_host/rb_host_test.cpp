@@ -69,15 +69,18 @@ Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19
   return pr;
 }
 
+// States, then the messages a^1..a^L (B, L, F, D) appended: what a training forward writes.
 std::vector<double> reference(const Problem& pr) {
   const int F = pr.F, D = pr.D, L = pr.L;
-  std::vector<double> states(pr.B * (L + 1) * F);
+  const int64_t FD = int64_t(F) * D;
+  std::vector<double> out(pr.B * (L + 1) * F + pr.B * L * FD);
   std::vector<double> ws(sample_workspace_numel(F, D, L));
+  double* msg = out.data() + pr.B * (L + 1) * F;
   for (int64_t b = 0; b < pr.B; ++b)
-    sample_forward<double, double>(pr.kind, pr.h0.data() + b * F * D, pr.p.data(),
-                                   pr.q.empty() ? nullptr : pr.q.data(),
-                                   states.data() + b * (L + 1) * F, ws.data(), F, D, L);
-  return states;
+    tile_forward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(),
+                                 pr.q.empty() ? nullptr : pr.q.data(), out.data() + b * (L + 1) * F,
+                                 ws.data(), F, D, L, 1, msg + b * L * FD);
+  return out;
 }
 
 template <typename T>
@@ -105,12 +108,15 @@ struct SerialExec {
 template <Interaction K, typename T>
 std::vector<T> run_blocks(const Problem& pr, const rb::RbConfig& c, int64_t grid, int threads = 1) {
   const std::vector<T> h0 = cast<T>(pr.h0), p = cast<T>(pr.p), q = cast<T>(pr.q);
-  std::vector<T> states(pr.B * (pr.L + 1) * pr.F, std::numeric_limits<T>::quiet_NaN());
+  const int64_t nstates = pr.B * (pr.L + 1) * pr.F;
+  // States then messages in one buffer, laid out as reference() returns them.
+  std::vector<T> states(nstates + pr.B * pr.L * pr.F * pr.D, std::numeric_limits<T>::quiet_NaN());
   PropagateParams<T> prm;
   prm.h0 = h0.data();
   prm.p = p.data();
   prm.q = q.empty() ? nullptr : q.data();
   prm.states = states.data();
+  prm.messages = states.data() + nstates;
   prm.batch = pr.B;
   prm.num_fields = pr.F;
   prm.embed_dim = pr.D;

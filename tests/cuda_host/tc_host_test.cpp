@@ -80,11 +80,13 @@ void run_case(int64_t B, int F, int L, int warps, std::mt19937_64& rng) {
         for (int x = 0; x < D * D; ++x)
           p[((int64_t(l) * F + i) * F + j) * D * D + x] = j >= i ? u(rng) * scale : kNaNf;
   std::vector<float> states(B * (L + 1) * F, kNaNf);
+  std::vector<float> messages(B * L * FD, kNaNf);  // a^1..a^L, as a training forward keeps them
 
   PropagateParams<float> prm;
   prm.h0 = h0.data();
   prm.p = p.data();
   prm.states = states.data();
+  prm.messages = messages.data();
   prm.batch = B;
   prm.num_fields = F;
   prm.embed_dim = D;
@@ -114,9 +116,20 @@ void run_case(int64_t B, int F, int L, int warps, std::mt19937_64& rng) {
   // Reference: dagfm_math.h in double on the same (float) inputs.
   std::vector<double> h0d(h0.begin(), h0.end()), pd(p.begin(), p.end());
   std::vector<double> ref(states.size()), ws(sample_workspace_numel(F, D, L));
+  std::vector<double> ref_msg(messages.size());
   for (int64_t b = 0; b < B; ++b)
-    sample_forward<double, double>(Interaction::Kernel, h0d.data() + b * FD, pd.data(), nullptr,
-                                   ref.data() + b * (L + 1) * F, ws.data(), F, D, L);
+    tile_forward<double, double>(Interaction::Kernel, h0d.data() + b * FD, pd.data(), nullptr,
+                                 ref.data() + b * (L + 1) * F, ws.data(), F, D, L, 1,
+                                 ref_msg.data() + b * L * FD);
+  double msg_err = 0, msg_scale = 1;
+  for (size_t k = 0; k < messages.size(); ++k) {
+    msg_err = std::isfinite(messages[k]) ? std::fmax(msg_err, std::fabs(messages[k] - ref_msg[k])) : INFINITY;
+    msg_scale = std::fmax(msg_scale, std::fabs(ref_msg[k]));
+  }
+  if (!(msg_err / msg_scale < 2e-5)) {
+    ++g_failures;
+    std::printf("FAIL messages rel err %.3g [%s]\n", msg_err / msg_scale, ctx);
+  }
   double err = 0, scale_ref = 1;
   for (size_t k = 0; k < states.size(); ++k) {
     if (!std::isfinite(states[k])) {

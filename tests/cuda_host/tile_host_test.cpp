@@ -1,7 +1,8 @@
 // Host test of the CUDA kernels' tile arithmetic (csrc/cuda/dagfm_kernels.cuh), no GPU needed.
 // The per-block drivers run here with a team of one thread, block after block, and are compared
 // with the per-sample functions of dagfm_math.h (which the CPU tests check against autograd).
-// Covers: every interaction, staged (any chunk size) and fallback layouts, partial tiles, grids
+// Covers: every interaction, staged (any chunk size) and fallback layouts, the forward's kept
+// messages and a backward that reads them instead of recomputing, partial tiles, grids
 // smaller than the tile count (per-block partial sums over several tiles), L = 0, and the launch
 // planner. Lower-triangle weights, buffers and outputs are poisoned with NaN, so a read of an
 // unused weight or of an unwritten value fails the comparison.
@@ -75,7 +76,7 @@ Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19
 }
 
 struct Result {
-  std::vector<double> states, grad_h0, grad_p, grad_q;
+  std::vector<double> states, grad_h0, grad_p, grad_q, messages;
 };
 
 Result reference(const Problem& pr) {
@@ -86,12 +87,14 @@ Result reference(const Problem& pr) {
   r.grad_h0.assign(pr.B * FD, 0.0);
   r.grad_p.assign(pr.p.size(), 0.0);
   r.grad_q.assign(pr.q.size(), 0.0);
+  r.messages.assign(pr.B * L * int64_t(F) * D, 0.0);
   std::vector<double> ws(sample_workspace_numel(F, D, L));
   const double* q = pr.q.empty() ? nullptr : pr.q.data();
   double* gq = pr.q.empty() ? nullptr : r.grad_q.data();
   for (int64_t b = 0; b < pr.B; ++b) {
-    sample_forward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(), q,
-                                   r.states.data() + b * (L + 1) * F, ws.data(), F, D, L);
+    tile_forward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(), q,
+                                 r.states.data() + b * (L + 1) * F, ws.data(), F, D, L, 1,
+                                 r.messages.data() + b * L * FD);
     sample_backward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(), q,
                                     pr.gs.data() + b * (L + 1) * F, r.grad_h0.data() + b * FD,
                                     r.grad_p.data(), gq, ws.data(), F, D, L);
@@ -100,9 +103,11 @@ Result reference(const Problem& pr) {
   return r;
 }
 
+// keep_messages: the forward writes a^1..a^L (as the CUDA training forward does) and the
+// backward reads them instead of recomputing.
 template <Interaction K>
 Result run_tiles(const Problem& pr, const LaunchPlan& fwd_plan, const LaunchPlan& bwd_plan,
-                 int64_t fwd_grid, int64_t bwd_grid) {
+                 int64_t fwd_grid, int64_t bwd_grid, bool keep_messages) {
   const int F = pr.F, D = pr.D, L = pr.L;
   Result r;
   r.states.assign(pr.B * (L + 1) * F, kNaN);
@@ -121,6 +126,10 @@ Result run_tiles(const Problem& pr, const LaunchPlan& fwd_plan, const LaunchPlan
   fp.embed_dim = D;
   fp.depth = L;
   fp.interaction = K;
+  if (keep_messages) {
+    r.messages.assign(pr.B * L * int64_t(F) * D, kNaN);
+    fp.messages = r.messages.data();
+  }
   {
     std::vector<double> smem(fwd_plan.smem_bytes / sizeof(double) + 1, kNaN);
     std::vector<double> ws(fwd_grid * fwd_plan.ws_block_numel + 1, kNaN);
@@ -133,6 +142,8 @@ Result run_tiles(const Problem& pr, const LaunchPlan& fwd_plan, const LaunchPlan
   PropagateBackwardParams<double> bp;
   static_cast<PropagateParams<double>&>(bp) = fp;
   bp.states = nullptr;
+  bp.messages = nullptr;
+  bp.saved_messages = keep_messages ? r.messages.data() : nullptr;
   bp.grad_states = pr.gs.data();
   bp.grad_h0 = r.grad_h0.data();
   bp.grad_p = r.grad_p.data();
@@ -184,26 +195,29 @@ void check_case(const Problem& pr, const Result& ref, int tile_b, int64_t chunk_
   const LaunchPlan bwd = manual_plan(Pass::Backward, K, pr.F, pr.D, pr.L, tile_b, chunk_edges, staged);
   const int64_t tiles = ceil_div64(pr.B, tile_b);
   const int64_t g = grid < tiles ? grid : tiles;
-  const Result got = run_tiles<K>(pr, fwd, bwd, g, g);
-  ++g_cases;
-  const double tol = 1e-12;
-  expect(rel_err(got.states, ref.states) < tol, "states", ctx);
-  expect(rel_err(got.grad_h0, ref.grad_h0) < tol, "grad_h0", ctx);
-  expect(rel_err(got.grad_p, ref.grad_p) < tol, "grad_p", ctx);
-  expect(rel_err(got.grad_q, ref.grad_q) < tol, "grad_q", ctx);
-  // Lower triangle of the weight gradients: exactly zero.
-  const int64_t elems = edge_elems<K>(pr.D);
-  bool zero = true;
-  for (int l = 0; l < pr.L; ++l)
-    for (int i = 0; i < pr.F; ++i)
-      for (int j = 0; j < i; ++j) {
-        for (int64_t x = 0; x < elems; ++x)
-          zero &= got.grad_p[((int64_t(l) * pr.F + i) * pr.F + j) * elems + x] == 0.0;
-        if (K == Interaction::Outer)
-          for (int x = 0; x < pr.D; ++x)
-            zero &= got.grad_q[((int64_t(l) * pr.F + i) * pr.F + j) * pr.D + x] == 0.0;
-      }
-  expect(zero, "lower-triangle gradients exactly zero", ctx);
+  for (bool keep : {false, true}) {
+    const Result got = run_tiles<K>(pr, fwd, bwd, g, g, keep);
+    ++g_cases;
+    const double tol = 1e-12;
+    expect(rel_err(got.states, ref.states) < tol, "states", ctx);
+    if (keep) expect(rel_err(got.messages, ref.messages) < tol, "messages", ctx);
+    expect(rel_err(got.grad_h0, ref.grad_h0) < tol, keep ? "grad_h0 (saved messages)" : "grad_h0", ctx);
+    expect(rel_err(got.grad_p, ref.grad_p) < tol, keep ? "grad_p (saved messages)" : "grad_p", ctx);
+    expect(rel_err(got.grad_q, ref.grad_q) < tol, keep ? "grad_q (saved messages)" : "grad_q", ctx);
+    // Lower triangle of the weight gradients: exactly zero.
+    const int64_t elems = edge_elems<K>(pr.D);
+    bool zero = true;
+    for (int l = 0; l < pr.L; ++l)
+      for (int i = 0; i < pr.F; ++i)
+        for (int j = 0; j < i; ++j) {
+          for (int64_t x = 0; x < elems; ++x)
+            zero &= got.grad_p[((int64_t(l) * pr.F + i) * pr.F + j) * elems + x] == 0.0;
+          if (K == Interaction::Outer)
+            for (int x = 0; x < pr.D; ++x)
+              zero &= got.grad_q[((int64_t(l) * pr.F + i) * pr.F + j) * pr.D + x] == 0.0;
+        }
+    expect(zero, "lower-triangle gradients exactly zero", ctx);
+  }
 }
 
 template <Interaction K>
