@@ -1,5 +1,5 @@
-// Register-blocked CUDA-core forward for the inner and outer interactions ("v2" in
-// benchmarks/NOTES-cuda.md), no torch includes.
+// Register-blocked CUDA-core forwards ("v2" for inner and outer, "v2k" for the kernel
+// interaction in benchmarks/NOTES-cuda.md), no torch includes.
 //
 // Why: the first CUDA-core kernels (dagfm_kernels.cuh) give each thread one output and do one FMA
 // per two shared-memory loads; a multiprocessor's shared memory serves 32 words per clock against
@@ -93,12 +93,13 @@ DAGFM_HD int block_threads(Interaction kind, const RbConfig& c, int F, int D) {
   return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
 }
 
-// Tile size: the largest of kTiles that still gives every multiprocessor a tile (small batches get
-// small tiles) and fits shared memory with at least one weight row per chunk; `force_tb` (> 0)
-// pins it (tuning runs). Chunks are evened out: the same count, the fewest rows that need it.
 inline RbPlan plan_forward_kernel(int64_t batch, int F, int D, int acc_size, const DeviceLimits& lim,
                                   int force_tb);
 
+// Tile size: the largest of kTiles that still gives every multiprocessor a tile (small batches get
+// small tiles) and fits shared memory with at least one weight row per chunk; `force_tb` (> 0)
+// pins it (tuning runs). Chunks are evened out: the same count, the fewest rows that need it. The
+// kernel interaction has its own layout (plan_forward_kernel, below).
 inline RbPlan plan_forward(Interaction kind, int64_t batch, int F, int D, int acc_size,
                            const DeviceLimits& lim, int force_tb = 0) {
   RbPlan plan;
