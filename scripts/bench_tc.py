@@ -8,7 +8,7 @@ it). One run, side by side, on the same inputs:
   (DAGFM_CUDA_TENSOR_CORES=0), against reference eager and torch.compile(reference) in exact float32,
   and torch.compile(reference) with TF32 allowed;
 * forward+backward of the kernel interaction in TF32 / float16 / bfloat16 (the backward runs on CUDA
-  cores);
+  cores); of inner and outer in float32 against eager, default path and v0;
 * inner and outer forward in float32 / float16 / bfloat16 (B = 65,536 and 1,024), on the default
   (register-blocked) path and on the first CUDA-core kernels (v0), against eager;
 * with --sweep instead: the F x D grid of issue 4 (F in {8, 23, 39}, D in {8, 16, 32}) for every
@@ -188,7 +188,20 @@ def run(args) -> int:
         return add(label, kind, B, "fwd", dtype_name, t, err,
                    tc=(tc and kind == "kernel" and dtype_name != "float32"), shape=shape)
 
-    def fused_train(kind, B, dtype_name):
+    def fused_train(kind, B, dtype_name, variant=None):
+        """variant "v0": DAGFM_CUDA_REGISTER_BLOCKING=0 (the first forward and backward kernels)."""
+        saved_env = os.environ.get("DAGFM_CUDA_REGISTER_BLOCKING")
+        if variant == "v0":
+            os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        try:
+            return _fused_train(kind, B, dtype_name, variant)
+        finally:
+            if saved_env is None:
+                os.environ.pop("DAGFM_CUDA_REGISTER_BLOCKING", None)
+            else:
+                os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = saved_env
+
+    def _fused_train(kind, B, dtype_name, variant):
         nonlocal ok
         set_tf32(dtype_name == "tf32")
         h0, p, q = inputs(kind, B, DT[dtype_name], 1)
@@ -213,7 +226,15 @@ def run(args) -> int:
             return None
         t = time_fn(step, rounds=5)
         set_tf32(False)
-        return add(f"fused {dtype_name} fwd+bwd", kind, B, "fwd+bwd", dtype_name, t, err, tc=False)
+        label = f"fused {dtype_name} fwd+bwd" + (f" [{variant}]" if variant else "")
+        return add(label, kind, B, "fwd+bwd", dtype_name, t, err, tc=False)
+
+    def eager_train(kind, B):
+        h0, p, q = inputs(kind, B, torch.float32, 1)
+        leaves = [t.requires_grad_() for t in (h0, p, q) if t is not None]
+        gs = torch.randn(B, L + 1, F, device="cuda")
+        t = time_fn(lambda: torch.autograd.grad(reference.dagfm_propagate(h0, p, q, kind), leaves, gs), rounds=5)
+        return add("reference eager float32 fwd+bwd", kind, B, "fwd+bwd", "float32", t, tc=False)
 
     def peer(kind, B, mode, tf32=False, shape=(F, D)):
         set_tf32(tf32)
@@ -265,6 +286,13 @@ def run(args) -> int:
     print("== kernel interaction, forward+backward (backward on CUDA cores)", flush=True)
     for dn in ("float32", "tf32", "bfloat16", "float16"):
         fused_train("kernel", big, dn)
+    print("== inner / outer, forward+backward (inner: register-blocked backward; v0 = the first kernels)", flush=True)
+    for kind in ("inner", "outer"):
+        eager = eager_train(kind, big)
+        fused = fused_train(kind, big, "float32")
+        first = fused_train(kind, big, "float32", variant="v0")
+        ratio(f"eager/fused fwd+bwd {kind}", eager, fused)
+        ratio(f"v0/default fwd+bwd {kind}", first, fused)
     print("== inner / outer, forward (default path = register-blocked; v0 = the first kernels)", flush=True)
     for kind in ("inner", "outer"):
         for B in (big, 1024):

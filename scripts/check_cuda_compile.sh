@@ -93,7 +93,8 @@ namespace rb {
 #define DAGFM_CHECK_RB_ALL(T, Acc)                                                      \
   DAGFM_CHECK_RB_TYPES(T, Acc)                                                          \
   template __global__ void kernel_forward_kernel<4, T, Acc>(PropagateParams<T>, RbConfig); \
-  template __global__ void kernel_forward_kernel<8, T, Acc>(PropagateParams<T>, RbConfig);
+  template __global__ void kernel_forward_kernel<8, T, Acc>(PropagateParams<T>, RbConfig); \
+  template __global__ void inner_backward_kernel<T, Acc>(PropagateBackwardParams<T>, InnerBwdArgs, RbConfig);
 DAGFM_CHECK_RB_ALL(float, float)
 DAGFM_CHECK_RB_ALL(double, double)
 DAGFM_CHECK_RB_ALL(__half, float)

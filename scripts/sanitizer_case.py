@@ -2,7 +2,8 @@
 memcheck and racecheck). Every interaction, float32 and float64, float16 and bfloat16, the
 shared-memory path and the global-memory fallback, a ragged last tile, a grid smaller than the
 tile count, the register-blocked forward over several weight chunks / column blocks and the first
-forward kernels it replaced, and the tensor-core forward of the kernel interaction (float16, bfloat16, TF32). Inputs are
+forward kernels it replaced, the training path (kept messages, the register-blocked inner backward),
+and the tensor-core forward of the kernel interaction (float16, bfloat16, TF32). Inputs are
 made on the CPU and results checked on the CPU, so few kernels besides ours run under the tool.
 
     python scripts/sanitizer_case.py [--fast-only]     (exit 0: all results match the reference)
@@ -26,7 +27,7 @@ TC_SHAPE = (37, 7, 16, 2)  # the tensor-core forward (kernel interaction, D = 16
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 5e-3, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
-def check(kind, B, F, D, L, dtype, fallback, tf32=False):
+def check(kind, B, F, D, L, dtype, fallback, tf32=False, keep_messages=False):
     os.environ["DAGFM_CUDA_FORCE_FALLBACK"] = "1" if fallback else "0"
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     g = torch.Generator().manual_seed(B * 1000 + F)
@@ -35,8 +36,14 @@ def check(kind, B, F, D, L, dtype, fallback, tf32=False):
     q = torch.randn(L, F, F, D, generator=g, dtype=torch.float64) if kind == "outer" else None
     gs = torch.randn(B, L + 1, F, generator=g, dtype=torch.float64)
     dev = [t.to("cuda", dtype) if t is not None else None for t in (h0, p, q, gs)]
-    s = torch.ops.dagfm_ext.propagate_fwd(dev[0], dev[1], dev[2], kind).cpu().double()
-    grads = [t.cpu().double() for t in torch.ops.dagfm_ext.propagate_bwd(dev[3], dev[0], dev[1], dev[2], kind)]
+    if keep_messages:  # the training path: the forward keeps a^t, the backward reads them
+        s, saved = torch.ops.dagfm_ext.propagate_fwd_train(dev[0], dev[1], dev[2], kind)
+        s = s.cpu().double()
+        grads = torch.ops.dagfm_ext.propagate_bwd(dev[3], dev[0], dev[1], dev[2], kind, saved)
+    else:
+        s = torch.ops.dagfm_ext.propagate_fwd(dev[0], dev[1], dev[2], kind).cpu().double()
+        grads = torch.ops.dagfm_ext.propagate_bwd(dev[3], dev[0], dev[1], dev[2], kind)
+    grads = [t.cpu().double() for t in grads]
     torch.cuda.synchronize()
     # CPU reference in float64, on the inputs as rounded to dtype
     leaves = [t.cpu().double().requires_grad_() if t is not None else None for t in dev[:3]]
@@ -47,7 +54,7 @@ def check(kind, B, F, D, L, dtype, fallback, tf32=False):
     errs += [((a - b).norm() / b.norm().clamp_min(1e-300)).item() for a, b in zip(grads, want)]
     ok = all(e < tol for e in errs)
     print(f"{'ok  ' if ok else 'FAIL'} {kind:6s} B={B} F={F} D={D} L={L} {str(dtype) + ('/tf32' if tf32 else ''):19s} "
-          f"fallback={int(fallback)} max rel err {max(errs):.1e}", flush=True)
+          f"fallback={int(fallback)} saved={int(keep_messages)} max rel err {max(errs):.1e}", flush=True)
     return ok
 
 
@@ -67,6 +74,10 @@ def main():
         os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
         ok &= check(kind, *SHAPES[0], torch.float32, False)
         del os.environ["DAGFM_CUDA_REGISTER_BLOCKING"]
+    # The training path (messages kept; the inner backward is then register-blocked), every kind.
+    for kind in ("inner", "outer", "kernel"):
+        for shape in SHAPES:
+            ok &= check(kind, *shape, torch.float32, False, keep_messages=True)
     # Tensor-core forward (shared memory only: racecheck looks at it too).
     for dtype in (torch.float16, torch.bfloat16):
         ok &= check("kernel", *TC_SHAPE, dtype, False)

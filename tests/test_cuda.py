@@ -367,6 +367,47 @@ def test_register_blocked_kernel_interaction_needs_d_multiple_of_4(restore_matmu
     assert rel(out[0], reference.dagfm_propagate(h0, p, q, "kernel")) < 1e-10
 
 
+def train_grads(kind, h0, p, q, gs):
+    """Gradients through the training path (the forward keeps the messages, the backward reads them)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (h0, p, q) if t is not None]
+    s = dagfm_ext.dagfm_propagate(leaves[0], leaves[1], leaves[2] if q is not None else None, kind)
+    return torch.autograd.grad(s, leaves, gs)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((1, 1, 1, 1), torch.float64), ((7, 5, 3, 2), torch.float64), ((33, 13, 8, 3), torch.float64),
+     ((70, 4, 17, 1), torch.float64), ((41, 39, 4, 2), torch.float64), ((1000, 39, 16, 3), torch.float32)],
+)
+def test_register_blocked_inner_backward(shape, dtype):
+    # The layer-major inner backward (needs the saved messages) against the float64 reference, and
+    # proof that it ran.
+    B, F, D, L = shape
+    h0, p, _ = make_inputs("inner", B, F, D, L, dtype=dtype, seed=14)
+    gs = torch.randn(B, L + 1, F, dtype=dtype, device="cuda")
+    out = []
+    names = cuda_kernel_names(lambda: out.append(train_grads("inner", h0, p, None, gs)))
+    if big_shared_memory():
+        assert launched(names, "rb::inner_backward_kernel"), names
+    _, ref = run_reference("inner", h0, p, None, gs)
+    for name, g, g_ref in zip(("h0", "p"), out[0], ref):
+        assert rel(g, g_ref) < (1e-10 if dtype == torch.float64 else 1e-5), name
+
+
+def test_register_blocked_inner_backward_bit_identical_and_off_switch(monkeypatch):
+    B, F, D, L = 4099, 39, 16, 3
+    h0, p, _ = make_inputs("inner", B, F, D, L, dtype=torch.float32, seed=15)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    first, second = train_grads("inner", h0, p, None, gs), train_grads("inner", h0, p, None, gs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    monkeypatch.setenv(RB_ENV, "0")
+    names = cuda_kernel_names(lambda: train_grads("inner", h0, p, None, gs))
+    assert not launched(names, "rb::inner_backward_kernel") and launched(names, "propagate_bwd_kernel"), names
+    for a, b in zip(first, train_grads("inner", h0, p, None, gs)):
+        assert rel(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(1, 1, 4, 1), (129, 39, 16, 3), (17, 23, 5, 1)])
 def test_first_forward_kernels_still_right(kind, shape, monkeypatch):

@@ -8,9 +8,10 @@
 // when PyTorch's float32 matmul precision allows TF32 (torch.set_float32_matmul_precision("high")
 // or torch.backends.cuda.matmul.fp32_precision = "tf32"), read per call from ATen's global context
 // (no schema change). Exact float32 stays the default. DAGFM_CUDA_TENSOR_CORES=0 turns the
-// tensor-core path off (comparisons, debugging). The backward always runs on CUDA cores.
+// tensor-core path off (comparisons, debugging). The backward runs on CUDA cores.
 // Forwards not on tensor cores take the register-blocked kernels of dagfm_rb.cuh (launched from
-// dagfm_rb.cu) where they fit; DAGFM_CUDA_REGISTER_BLOCKING=0 turns them off.
+// dagfm_rb.cu) where they fit, and so does the inner backward when the training forward's
+// messages are given; DAGFM_CUDA_REGISTER_BLOCKING=0 turns them off.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -295,12 +296,39 @@ void launch_reduce(const Acc* ws, int64_t ws_block_numel, int64_t num_blocks, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The register-blocked inner backward (dagfm_rb.cuh): layer-major launches that read the training
+// forward's messages; then the per-block weight-gradient partials are added in block order.
+template <typename T, typename Acc>
+bool try_backward_rb(const PropagateBackwardParams<T>& prm, const at::Tensor& like,
+                     const DeviceLimits& lim, cudaStream_t stream) {
+  if (prm.interaction != Interaction::Inner || prm.saved_messages == nullptr || force_fallback() ||
+      env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING"))
+    return false;
+  const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
+  const cuda::rb::RbPlan plan =
+      cuda::rb::plan_backward_inner(prm.batch, F, D, L, int(sizeof(Acc)), lim);
+  if (!plan.ok) return false;
+  int64_t grid = 0;
+  cudaError_t err = cuda::rb::backward_inner_grid<T, Acc>(plan, prm.batch, lim.num_sms, grid);
+  C10_CUDA_CHECK(err);
+  const at::Tensor ws =
+      workspace<Acc>(cuda::rb::backward_inner_workspace_numel(prm.batch, F, D, L, grid), like);
+  Acc* ws_ptr = ws.template data_ptr<Acc>();
+  err = cuda::rb::launch_backward_inner<T, Acc>(prm, plan, grid, ws_ptr, stream);
+  C10_CUDA_CHECK(err);
+  launch_reduce<T, Acc>(ws_ptr, cuda::rb::backward_inner_part_block_numel(F, D, L), grid,
+                        cuda::rb::backward_inner_part_offset(prm.batch, F, D), F, int64_t(D),
+                        int64_t(L) * F * F * D, prm.grad_p, like.get_device(), stream);
+  return true;
+}
+
 template <Interaction K, typename T, typename Acc>
 void launch_backward(const PropagateBackwardParams<T>& prm, const at::Tensor& like) {
   const int device = like.get_device();
   const DeviceLimits lim = device_limits(device);
-  const LaunchPlan plan = make_plan<T, Acc>(Pass::Backward, K, prm, lim);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
+  if (K == Interaction::Inner && try_backward_rb<T, Acc>(prm, like, lim, stream)) return;
+  const LaunchPlan plan = make_plan<T, Acc>(Pass::Backward, K, prm, lim);
   const PassLaunch<Acc> pass =
       launch_pass<Acc>(cuda::propagate_bwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
   const Acc* ws_ptr = pass.ws_ptr;

@@ -57,6 +57,51 @@ cudaError_t launch_forward(const PropagateParams<T>& prm, const RbPlan& plan, in
   return cudaErrorInvalidValue;
 }
 
+template <typename T, typename Acc>
+cudaError_t backward_inner_grid(const RbPlan& plan, int64_t batch, int num_sms, int64_t& grid) {
+  auto kernel = inner_backward_kernel<T, Acc>;
+  cudaError_t err = cudaSuccess;
+  if (plan.smem_bytes > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.threads,
+                                                      size_t(plan.smem_bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = ceil_div64(batch, plan.cfg.tb);
+  grid = int64_t(per_sm > 0 ? per_sm : 1) * (num_sms > 0 ? num_sms : 1);
+  if (grid > tiles) grid = tiles;
+  if (grid < 1) grid = 1;
+  return cudaSuccess;
+}
+
+template <typename T, typename Acc>
+cudaError_t launch_backward_inner(const PropagateBackwardParams<T>& prm, const RbPlan& plan,
+                                  int64_t grid, Acc* ws, cudaStream_t stream) {
+  if (!plan.ok || prm.saved_messages == nullptr) return cudaErrorInvalidValue;
+  for (int t = prm.depth; t >= 1; --t) {
+    const InnerBwdArgs a =
+        inner_bwd_args(ws, prm.batch, prm.num_fields, prm.embed_dim, prm.depth, t);
+    inner_backward_kernel<T, Acc><<<unsigned(grid), unsigned(plan.threads), size_t(plan.smem_bytes),
+                                    stream>>>(prm, a, plan.cfg);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+#define DAGFM_RB_BACKWARD(T, Acc)                                                                 \
+  template cudaError_t backward_inner_grid<T, Acc>(const RbPlan&, int64_t, int, int64_t&);       \
+  template cudaError_t launch_backward_inner<T, Acc>(const PropagateBackwardParams<T>&,           \
+                                                     const RbPlan&, int64_t, Acc*, cudaStream_t);
+DAGFM_RB_BACKWARD(float, float)
+DAGFM_RB_BACKWARD(double, double)
+DAGFM_RB_BACKWARD(__half, float)
+DAGFM_RB_BACKWARD(__nv_bfloat16, float)
+#undef DAGFM_RB_BACKWARD
+
 template cudaError_t launch_forward<float, float>(const PropagateParams<float>&, const RbPlan&, int,
                                                   cudaStream_t);
 template cudaError_t launch_forward<double, double>(const PropagateParams<double>&, const RbPlan&,

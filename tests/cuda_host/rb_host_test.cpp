@@ -5,7 +5,7 @@
 // tests check against autograd). Covers both interactions, both sample blocks (kb = 4, 8), every
 // tile size, chunks of 1 row up to the whole triangle, partial tiles, grids smaller than the tile
 // count, L = 0, D and F not multiples of 4, F > 64, D > 32, the kernel interaction's column
-// blocks, and the planner's limits.
+// blocks, the inner backward (layer-major, saved messages), and the planners' limits.
 //
 //   g++ -std=c++17 -O1 -fopenmp-simd -Wall -Wextra -Werror -I csrc tests/cuda_host/rb_host_test.cpp -o t && ./t
 #include <cmath>
@@ -254,6 +254,92 @@ void check_kernel_interaction(std::mt19937_64& rng) {
       }
 }
 
+// The inner backward, layer after layer as the launcher runs it, blocks one after another with
+// emulated threads; partials added by reduce_weight_grad_element. Against dagfm_math.h's
+// per-sample backward in double; the workspace starts as NaN (every slice must be written).
+void check_inner_backward(std::mt19937_64& rng) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  struct Shape {
+    int64_t B;
+    int F, D, L;
+  };
+  const Shape shapes[] = {{1, 1, 1, 1},  {5, 3, 2, 2},  {7, 5, 3, 3},   {9, 6, 1, 1},  {40, 9, 5, 3},
+                          {33, 13, 8, 2}, {70, 4, 17, 1}, {17, 39, 4, 2}, {6, 5, 37, 2}};
+  const DeviceLimits big{int64_t(1) << 30, 3, 0, 9};
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (const Shape& s : shapes) {
+    const Problem pr = make_problem(Interaction::Inner, s.B, s.F, s.D, s.L, rng);
+    const int F = s.F, D = s.D, L = s.L;
+    const int64_t FD = int64_t(F) * D;
+    std::vector<double> gs(s.B * (L + 1) * F);
+    for (auto& v : gs) v = u(rng);
+    // Reference gradients and the forward's messages.
+    std::vector<double> msgs(s.B * L * FD), ws(sample_workspace_numel(F, D, L)), ref_h0(s.B * FD);
+    std::vector<double> ref_p(pr.p.size(), 0.0), states((L + 1) * F);
+    for (int64_t b = 0; b < s.B; ++b) {
+      tile_forward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
+                                   states.data(), ws.data(), F, D, L, 1, msgs.data() + b * L * FD);
+      sample_backward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
+                                      gs.data() + b * (L + 1) * F, ref_h0.data() + b * FD,
+                                      ref_p.data(), nullptr, ws.data(), F, D, L);
+    }
+    const rb::RbPlan plan = rb::plan_backward_inner(s.B, F, D, L, 8, big);
+    char ctx[200];
+    std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d", (long long)s.B, F, D, L);
+    expect(plan.ok, "inner backward plan with unlimited memory", ctx);
+    if (!plan.ok) continue;
+    const int64_t tiles = ceil_div64(s.B, plan.cfg.tb);
+    for (int threads : {plan.threads, plan.threads + 37})
+      for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
+        if (grid > tiles) continue;
+        std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d tb=%d threads=%d grid=%lld",
+                      (long long)s.B, F, D, L, plan.cfg.tb, threads, (long long)grid);
+        std::vector<double> grad_h0(s.B * FD, nan), grad_p(pr.p.size(), nan);
+        std::vector<double> work(rb::backward_inner_workspace_numel(s.B, F, D, L, grid), nan);
+        std::vector<double> smem(plan.smem_bytes / sizeof(double), nan);
+        PropagateBackwardParams<double> bp;
+        bp.h0 = pr.h0.data();
+        bp.p = pr.p.data();
+        bp.batch = s.B;
+        bp.num_fields = F;
+        bp.embed_dim = D;
+        bp.depth = L;
+        bp.interaction = Interaction::Inner;
+        bp.grad_states = gs.data();
+        bp.saved_messages = msgs.data();
+        bp.grad_h0 = grad_h0.data();
+        const SerialExec exec{threads};
+        for (int t = L; t >= 1; --t) {
+          const rb::InnerBwdArgs a = rb::inner_bwd_args(work.data(), s.B, F, D, L, t);
+          for (int64_t blk = 0; blk < grid; ++blk)
+            rb::inner_backward_block<double, double>(bp, a, plan.cfg, blk, grid, smem.data(), exec);
+        }
+        for (int64_t idx = 0; idx < int64_t(grad_p.size()); ++idx)
+          reduce_weight_grad_element<double, double>(
+              idx, work.data() + rb::backward_inner_part_offset(s.B, F, D),
+              rb::backward_inner_part_block_numel(F, D, L), grid, 0, F, D, grad_p.data());
+        ++g_cases;
+        expect(rel_err(grad_h0, ref_h0) < 1e-12, "grad_h0", ctx);
+        expect(rel_err(grad_p, ref_p) < 1e-12, "grad_p", ctx);
+      }
+  }
+  for (int F : {1, 8, 23, 39, 80})
+    for (int D : {1, 8, 16, 32, 64})
+      for (int64_t B : {int64_t(1), int64_t(1024), int64_t(65536)}) {
+        char ctx[120];
+        std::snprintf(ctx, sizeof ctx, "inner backward planner F=%d D=%d B=%lld", F, D, (long long)B);
+        const DeviceLimits h200{227 << 10, 132, 0, 9};
+        const rb::RbPlan p = rb::plan_backward_inner(B, F, D, 3, 4, h200);
+        if (!p.ok) continue;
+        expect(p.smem_bytes <= h200.smem_optin && p.threads <= rb::kMaxThreads && p.threads % 32 == 0,
+               "inner backward limits", ctx);
+        expect(rb::bwd_block_pairs(F) * D <= rb::kBwdMaxItems * p.threads, "weight-gradient items fit", ctx);
+        if (F == 39 && D == 16 && B == 65536) expect(p.cfg.tb == 16, "the issue's shape: 16-sample tiles", ctx);
+      }
+  expect(!rb::plan_backward_inner(10, 4, 4, 0, 4, DeviceLimits{227 << 10, 132, 0, 9}).ok, "no plan for L = 0",
+         "planner");
+}
+
 // The planner: within the opt-in limit, strides 4 mod 8, tile choice by batch, chunks evened out,
 // no plan for the kernel interaction or when nothing fits.
 void check_planner() {
@@ -305,6 +391,7 @@ int main() {
   check_kind<Interaction::Inner>(rng);
   check_kind<Interaction::Outer>(rng);
   check_kernel_interaction(rng);
+  check_inner_backward(rng);
   check_planner();
   std::printf("rb_host_test: %d cases, %d failures\n", g_cases, g_failures);
   return g_failures == 0 ? 0 : 1;
