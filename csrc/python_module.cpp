@@ -3,7 +3,12 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
+
+#include "gemm_backward.h"
+#include "ops.h"
 
 #ifdef DAGFM_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
@@ -39,9 +44,23 @@ pybind11::dict build_info() {
   return info;
 }
 
+// For the tests: the GEMM backward of the kernel interaction (gemm_backward.h) on any device.
+std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm_py(const at::Tensor& grad_states,
+                                                           const at::Tensor& h0, const at::Tensor& p,
+                                                           const at::Tensor& saved) {
+  const dagfm::PropagateArgs args = dagfm::check_propagate_args(h0, p, std::nullopt, "kernel");
+  const at::Tensor gs = dagfm::check_grad_states(grad_states, args);
+  const at::Tensor msgs = dagfm::check_saved_messages(saved, args);
+  TORCH_CHECK(msgs.defined() || args.batch * args.depth == 0, "saved: the messages are required");
+  return dagfm::kernel_backward_gemm(
+      gs, args, msgs.defined() ? msgs : at::empty({0}, args.h0.options()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dagfm_ext compiled kernels (registers the dagfm_ext::* custom ops on import)";
   m.def("build_info", &build_info, "What this build contains: CUDA, architectures, torch, compiler");
+  m.def("_kernel_backward_gemm", &kernel_backward_gemm_py,
+        "Test hook: the kernel interaction's GEMM backward (grad_states, h0, p, saved) -> (dh0, dp)");
 }

@@ -7,8 +7,9 @@ it). One run, side by side, on the same inputs:
   fused TF32 (tensor cores), fused float16 / bfloat16 (tensor cores) and the same on CUDA cores
   (DAGFM_CUDA_TENSOR_CORES=0), against reference eager and torch.compile(reference) in exact float32,
   and torch.compile(reference) with TF32 allowed;
-* forward+backward of the kernel interaction in TF32 / float16 / bfloat16 (the backward runs on CUDA
-  cores); of inner and outer in float32 against eager, default path and v0;
+* forward+backward of the kernel interaction in float32 / TF32 / float16 / bfloat16 against eager (the
+  backward: cuBLAS products on the kept messages) and v0; of inner and outer in float32 against
+  eager, default path and v0;
 * inner and outer forward in float32 / float16 / bfloat16 (B = 65,536 and 1,024), on the default
   (register-blocked) path and on the first CUDA-core kernels (v0), against eager;
 * with --sweep instead: the F x D grid of issue 4 (F in {8, 23, 39}, D in {8, 16, 32}) for every
@@ -283,9 +284,14 @@ def run(args) -> int:
             for peer_name, pr in base.items():
                 if r is not None and pr is not None:
                     print(f"  ratio {peer_name}/fused {label}: {pr['ms'] / r['ms']:.2f}x", flush=True)
-    print("== kernel interaction, forward+backward (backward on CUDA cores)", flush=True)
+    print("== kernel interaction, forward+backward (backward: cuBLAS products on the kept messages; v0 = "
+          "the first kernels)", flush=True)
+    eager = eager_train("kernel", big)
     for dn in ("float32", "tf32", "bfloat16", "float16"):
-        fused_train("kernel", big, dn)
+        r = fused_train("kernel", big, dn)
+        ratio(f"eager/fused fwd+bwd kernel {dn}", eager, r)
+    ratio("v0/default fwd+bwd kernel float32", fused_train("kernel", big, "float32", variant="v0"),
+          next((r for r in rows if r["name"] == "fused float32 fwd+bwd" and r["kind"] == "kernel"), None))
     print("== inner / outer, forward+backward (inner: register-blocked backward; v0 = the first kernels)", flush=True)
     for kind in ("inner", "outer"):
         eager = eager_train(kind, big)

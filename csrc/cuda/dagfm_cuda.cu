@@ -11,7 +11,8 @@
 // tensor-core path off (comparisons, debugging). The backward runs on CUDA cores.
 // Forwards not on tensor cores take the register-blocked kernels of dagfm_rb.cuh (launched from
 // dagfm_rb.cu) where they fit, and so does the inner backward when the training forward's
-// messages are given; DAGFM_CUDA_REGISTER_BLOCKING=0 turns them off.
+// messages are given (the kernel interaction's backward then runs as cuBLAS products,
+// gemm_backward.h); DAGFM_CUDA_REGISTER_BLOCKING=0 turns these off.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,6 +33,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../gemm_backward.h"
 #include "../ops.h"
 #include "dagfm_kernels.cuh"
 #include "dagfm_rb.cuh"
@@ -404,16 +406,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
   const at::Tensor gs = check_grad_states(grad_states, args);
   // The training forward's messages, or undefined: then the backward recomputes them on chip.
   const at::Tensor msgs = check_saved_messages(saved, args);
-  at::Tensor grad_h0 = at::empty_like(args.h0);
-  at::Tensor grad_p, grad_q;
   if (args.batch == 0) {
-    grad_p = at::zeros_like(args.p);
-    grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
-    return {grad_h0, grad_p, grad_q};
+    return {at::empty_like(args.h0), at::zeros_like(args.p),
+            args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options())};
+  }
+  // The kernel interaction with the training forward's messages: four matrix products per layer
+  // on cuBLAS (gemm_backward.h) instead of the CUDA-core backward.
+  if (args.interaction == Interaction::Kernel && msgs.defined() && !force_fallback() &&
+      !env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING")) {
+    auto [grad_h0, grad_p] = kernel_backward_gemm(gs, args, msgs);
+    return {grad_h0, grad_p, at::empty({0}, args.p.options())};
   }
   // Every element (lower triangle included) is written by the reduction kernel.
-  grad_p = at::empty_like(args.p);
-  grad_q = args.q.defined() ? at::empty_like(args.q) : at::empty({0}, args.p.options());
+  at::Tensor grad_h0 = at::empty_like(args.h0);
+  at::Tensor grad_p = at::empty_like(args.p);
+  at::Tensor grad_q = args.q.defined() ? at::empty_like(args.q) : at::empty({0}, args.p.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h0.scalar_type(), "propagate_bwd_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;
     using T = typename KernelScalar<scalar_t>::type;
