@@ -328,8 +328,9 @@ def test_training_forward_op_and_saved_messages(device, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (0, 4, 2, 2), (5, 3, 2, 0), (7, 5, 3, 2), (33, 13, 4, 3),
-                                   (9, 70, 2, 1), (3, 2, 17, 2)])
+                                   (9, 70, 2, 1), (3, 2, 17, 2), (5, 8, 2, 2), (4, 17, 2, 3)])
 def test_kernel_gemm_backward_matches_autograd(device, shape):
+    # F = 8, 17: field blocks of the triangle-aware products end exactly at F / one field past it.
     B, F, D, L = shape
     h0, p, _ = make_inputs("kernel", B, F, D, L, device=device, seed=21)
     gs = torch.randn(B, L + 1, F, dtype=h0.dtype, device=device)
