@@ -69,4 +69,26 @@ std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm(const at::Tensor& grad_s
   return {grad_h0.view({B, F, D}).to(args.h0.scalar_type()), grad_p};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_backward_gemm(const at::Tensor& grad_states,
+                                                                   const PropagateArgs& args,
+                                                                   const at::Tensor& messages) {
+  TORCH_CHECK(args.interaction == Interaction::Outer, "outer_backward_gemm: outer interaction only");
+  const int64_t F = args.num_fields;
+  const at::ScalarType acc = at::toOpMathType(args.h0.scalar_type());
+  const at::TensorOptions opts = args.p.options().dtype(acc);
+  // Lower triangles zeroed first: they may hold anything, and 0 * NaN would leak into the sums.
+  const at::Tensor upper = at::ones({F, F}, opts.dtype(at::kBool)).triu().view({1, F, F, 1});
+  const at::Tensor zero = at::zeros({}, opts);
+  const at::Tensor p = at::where(upper, args.p.to(acc), zero);  // (L, F, F, D)
+  const at::Tensor q = at::where(upper, args.q.to(acc), zero);
+  PropagateArgs kernel_args = args;
+  kernel_args.interaction = Interaction::Kernel;
+  kernel_args.p = (p.unsqueeze(-1) * q.unsqueeze(-2)).contiguous();  // (L, F, F, D, D)
+  kernel_args.q = at::Tensor();
+  auto [grad_h0, grad_w] = kernel_backward_gemm(grad_states, kernel_args, messages);
+  const at::Tensor grad_p = (grad_w * q.unsqueeze(-2)).sum(-1).to(args.p.scalar_type());
+  const at::Tensor grad_q = (grad_w * p.unsqueeze(-1)).sum(-2).to(args.q.scalar_type());
+  return {grad_h0, grad_p, grad_q};
+}
+
 }  // namespace dagfm

@@ -44,16 +44,22 @@ pybind11::dict build_info() {
   return info;
 }
 
-// For the tests: the GEMM backward of the kernel interaction (gemm_backward.h) on any device.
-std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm_py(const at::Tensor& grad_states,
-                                                           const at::Tensor& h0, const at::Tensor& p,
-                                                           const at::Tensor& saved) {
-  const dagfm::PropagateArgs args = dagfm::check_propagate_args(h0, p, std::nullopt, "kernel");
+// For the tests: the GEMM backward (gemm_backward.h) of the kernel or outer interaction, any device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward_py(const at::Tensor& grad_states,
+                                                                const at::Tensor& h0, const at::Tensor& p,
+                                                                const std::optional<at::Tensor>& q,
+                                                                const std::string& interaction,
+                                                                const at::Tensor& saved) {
+  const dagfm::PropagateArgs args = dagfm::check_propagate_args(h0, p, q, interaction);
+  TORCH_CHECK(args.interaction != dagfm::Interaction::Inner,
+              "interaction: expected 'outer' or 'kernel' (inner has no GEMM backward), got 'inner'");
   const at::Tensor gs = dagfm::check_grad_states(grad_states, args);
   const at::Tensor msgs = dagfm::check_saved_messages(saved, args);
   TORCH_CHECK(msgs.defined() || args.batch * args.depth == 0, "saved: the messages are required");
-  return dagfm::kernel_backward_gemm(
-      gs, args, msgs.defined() ? msgs : at::empty({0}, args.h0.options()));
+  const at::Tensor m = msgs.defined() ? msgs : at::empty({0}, args.h0.options());
+  if (args.interaction == dagfm::Interaction::Outer) return dagfm::outer_backward_gemm(gs, args, m);
+  auto [grad_h0, grad_p] = dagfm::kernel_backward_gemm(gs, args, m);
+  return {grad_h0, grad_p, at::empty({0}, args.p.options())};
 }
 
 }  // namespace
@@ -61,6 +67,6 @@ std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm_py(const at::Tensor& gra
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dagfm_ext compiled kernels (registers the dagfm_ext::* custom ops on import)";
   m.def("build_info", &build_info, "What this build contains: CUDA, architectures, torch, compiler");
-  m.def("_kernel_backward_gemm", &kernel_backward_gemm_py,
-        "Test hook: the kernel interaction's GEMM backward (grad_states, h0, p, saved) -> (dh0, dp)");
+  m.def("_gemm_backward", &gemm_backward_py,
+        "Test hook: the GEMM backward (grad_states, h0, p, q, interaction, saved) -> (dh0, dp, dq)");
 }

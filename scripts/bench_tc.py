@@ -292,7 +292,8 @@ def run(args) -> int:
         ratio(f"eager/fused fwd+bwd kernel {dn}", eager, r)
     ratio("v0/default fwd+bwd kernel float32", fused_train("kernel", big, "float32", variant="v0"),
           next((r for r in rows if r["name"] == "fused float32 fwd+bwd" and r["kind"] == "kernel"), None))
-    print("== inner / outer, forward+backward (inner: register-blocked backward; v0 = the first kernels)", flush=True)
+    print("== inner / outer, forward+backward (backward: inner register-blocked, outer cuBLAS products; "
+          "v0 = the first kernels)", flush=True)
     for kind in ("inner", "outer"):
         eager = eager_train(kind, big)
         fused = fused_train(kind, big, "float32")

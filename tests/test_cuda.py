@@ -394,22 +394,23 @@ def test_register_blocked_inner_backward(shape, dtype):
         assert rel(g, g_ref) < (1e-10 if dtype == torch.float64 else 1e-5), name
 
 
+@pytest.mark.parametrize("kind", ["kernel", "outer"])
 @pytest.mark.parametrize("shape, dtype", [((7, 5, 4, 2), torch.float64), ((1000, 39, 16, 3), torch.float32)])
-def test_kernel_interaction_training_backward_is_gemm(shape, dtype, monkeypatch, restore_matmul_precision):
-    # With the messages kept, the kernel interaction's backward runs as cuBLAS products, not the
+def test_training_backward_is_gemm(kind, shape, dtype, monkeypatch, restore_matmul_precision):
+    # With the messages kept, the kernel and outer backwards run as cuBLAS products, not the
     # CUDA-core backward kernel; exact float32 here (no TF32).
     torch.set_float32_matmul_precision("highest")
     B, F, D, L = shape
-    h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=dtype, seed=16)
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=dtype, seed=16)
     gs = torch.randn(B, L + 1, F, dtype=dtype, device="cuda")
     out = []
-    names = cuda_kernel_names(lambda: out.append(train_grads("kernel", h0, p, None, gs)))
+    names = cuda_kernel_names(lambda: out.append(train_grads(kind, h0, p, q, gs)))
     assert not launched(names, "propagate_bwd_kernel"), names
-    _, ref = run_reference("kernel", h0, p, None, gs)
-    for name, g, g_ref in zip(("h0", "p"), out[0], ref):
+    _, ref = run_reference(kind, h0, p, q, gs)
+    for name, g, g_ref in zip(("h0", "p", "q"), out[0], ref):
         assert rel(g, g_ref) < (1e-10 if dtype == torch.float64 else 1e-5), name
     monkeypatch.setenv(RB_ENV, "0")
-    names = cuda_kernel_names(lambda: train_grads("kernel", h0, p, None, gs))
+    names = cuda_kernel_names(lambda: train_grads(kind, h0, p, q, gs))
     assert launched(names, "propagate_bwd_kernel"), names
 
 

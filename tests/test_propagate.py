@@ -323,42 +323,49 @@ def test_training_forward_op_and_saved_messages(device, kind):
     torch.testing.assert_close((h0[:, None] * saved.view(70, 3, 6, 9)).sum(-1), states[:, 1:])
 
 
-# The kernel interaction's GEMM backward (csrc/gemm_backward.cpp): the CUDA backend's backward when
-# the messages are kept; device-agnostic, so its algebra is checked here on every device.
+# The GEMM backward of the kernel and outer interactions (csrc/gemm_backward.cpp): the CUDA backend's
+# backward when the messages are kept; device-agnostic, so its algebra is checked here on every device.
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["kernel", "outer"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (0, 4, 2, 2), (5, 3, 2, 0), (7, 5, 3, 2), (33, 13, 4, 3),
                                    (9, 70, 2, 1), (3, 2, 17, 2), (5, 8, 2, 2), (4, 17, 2, 3)])
-def test_kernel_gemm_backward_matches_autograd(device, shape):
+def test_gemm_backward_matches_autograd(device, kind, shape):
     # F = 8, 17: field blocks of the triangle-aware products end exactly at F / one field past it.
     B, F, D, L = shape
-    h0, p, _ = make_inputs("kernel", B, F, D, L, device=device, seed=21)
+    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=21)
     gs = torch.randn(B, L + 1, F, dtype=h0.dtype, device=device)
-    _, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, None, "kernel")
-    # NaN below the diagonal of p: never read, and its gradient is exactly zero.
-    lower = torch.ones(F, F, dtype=torch.bool, device=device).tril(-1).view(1, F, F, 1, 1)
-    gh0, gp = dagfm_ext._C._kernel_backward_gemm(gs, h0, p.masked_fill(lower, float("nan")), saved)
-    h0r, pr = h0.clone().requires_grad_(), p.clone().requires_grad_()
-    want = torch.autograd.grad(reference.dagfm_propagate(h0r, pr, None, "kernel"), [h0r, pr], gs,
-                               allow_unused=True)
-    want = [w if w is not None else torch.zeros_like(t) for w, t in zip(want, (h0, p))]
-    torch.testing.assert_close(gh0, want[0], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(gp, want[1], rtol=1e-10, atol=1e-10)
-    assert (gp[lower.expand_as(gp)] == 0).all()
+    _, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, q, kind)
+    # NaN below the diagonal of the weights: never read, and their gradients there exactly zero.
+    lower = torch.ones(F, F, dtype=torch.bool, device=device).tril(-1).view((1, F, F) + (1,) * (p.dim() - 3))
+    poison = lambda t: None if t is None else t.masked_fill(lower.view((1, F, F) + (1,) * (t.dim() - 3)), float("nan"))
+    got = dagfm_ext._C._gemm_backward(gs, h0, poison(p), poison(q), kind, saved)
+    leaves = [t.clone().requires_grad_() for t in (h0, p, q) if t is not None]
+    want = torch.autograd.grad(reference.dagfm_propagate(*leaves, *([None] if q is None else []), kind), leaves,
+                               gs, allow_unused=True)
+    want = [w if w is not None else torch.zeros_like(t) for w, t in zip(want, leaves)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for g in got[1:]:
+        if g.numel():
+            assert (g[lower.view((1, F, F) + (1,) * (g.dim() - 3)).expand_as(g)] == 0).all()
 
 
-def test_kernel_gemm_backward_float32_and_checks():
-    h0, p, _ = make_inputs("kernel", 50, 7, 4, 3, dtype=torch.float32, seed=22)
-    gs = torch.randn(50, 4, 7)
-    _, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, None, "kernel")
-    got = dagfm_ext._C._kernel_backward_gemm(gs, h0, p, saved)
-    want = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, None, "kernel", saved)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def test_gemm_backward_float32_and_checks():
+    for kind in ("kernel", "outer"):
+        h0, p, q = make_inputs(kind, 50, 7, 4, 3, dtype=torch.float32, seed=22)
+        gs = torch.randn(50, 4, 7)
+        _, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, q, kind)
+        got = dagfm_ext._C._gemm_backward(gs, h0, p, q, kind, saved)
+        want = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind, saved)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="saved: the messages are required"):
-        dagfm_ext._C._kernel_backward_gemm(gs, h0, p, torch.empty(0))
+        dagfm_ext._C._gemm_backward(gs, h0, p, q, "outer", torch.empty(0))
     with pytest.raises(RuntimeError, match="saved: expected a 1-D tensor"):
-        dagfm_ext._C._kernel_backward_gemm(gs, h0, p, saved[:-1])
+        dagfm_ext._C._gemm_backward(gs, h0, p, q, "outer", saved[:-1])
+    with pytest.raises(RuntimeError, match="interaction: expected 'outer' or 'kernel'"):
+        dagfm_ext._C._gemm_backward(gs, h0, p, None, "inner", saved)
 
 
 def test_saved_messages_are_checked():

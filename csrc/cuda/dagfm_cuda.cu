@@ -11,7 +11,7 @@
 // tensor-core path off (comparisons, debugging). The backward runs on CUDA cores.
 // Forwards not on tensor cores take the register-blocked kernels of dagfm_rb.cuh (launched from
 // dagfm_rb.cu) where they fit, and so does the inner backward when the training forward's
-// messages are given (the kernel interaction's backward then runs as cuBLAS products,
+// messages are given (the kernel and outer backwards then run as cuBLAS products,
 // gemm_backward.h); DAGFM_CUDA_REGISTER_BLOCKING=0 turns these off.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -410,10 +410,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
     return {at::empty_like(args.h0), at::zeros_like(args.p),
             args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options())};
   }
-  // The kernel interaction with the training forward's messages: four matrix products per layer
-  // on cuBLAS (gemm_backward.h) instead of the CUDA-core backward.
-  if (args.interaction == Interaction::Kernel && msgs.defined() && !force_fallback() &&
+  // The kernel and outer interactions with the training forward's messages: matrix products per
+  // layer on cuBLAS (gemm_backward.h) instead of the CUDA-core backward.
+  if (args.interaction != Interaction::Inner && msgs.defined() && !force_fallback() &&
       !env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING")) {
+    if (args.interaction == Interaction::Outer) return outer_backward_gemm(gs, args, msgs);
     auto [grad_h0, grad_p] = kernel_backward_gemm(gs, args, msgs);
     return {grad_h0, grad_p, at::empty({0}, args.p.options())};
   }
