@@ -150,12 +150,15 @@ def run(args) -> int:
         return row
 
     def fused_fwd(kind, B, dtype_name, tc=True, seed=0, variant=None, shape=(F, D)):
-        """variant (inner / outer): None = the default path, "v0" = the first CUDA-core kernels,
-        "rb8" / "rb16" / "rb32" = the register-blocked forward with that many samples per tile."""
+        """variant: None = the default path, "v0" = the first CUDA-core kernels, "rb8" ... "rb64" =
+        the register-blocked forward with that many samples per tile, "tc32" = the tensor-core
+        forward with 32 samples per warp."""
         saved = {k: os.environ.get(k) for k in VARIANT_ENV}
         os.environ["DAGFM_CUDA_TENSOR_CORES"] = "1" if tc else "0"
         if variant == "v0":
             os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        elif variant == "tc32":
+            os.environ["DAGFM_CUDA_TC_ROWS"] = "32"
         elif variant:
             os.environ["DAGFM_CUDA_RB_TILE"] = variant[2:]
         set_tf32(dtype_name == "tf32")
@@ -277,8 +280,11 @@ def run(args) -> int:
         first = fused_fwd("kernel", B, "float32", variant="v0")
         ratio(f"v0/register-blocked kernel exact B={B}", first, exact)
         tf32 = fused_fwd("kernel", B, "tf32")
+        ratio(f"16/32 rows per warp, tensor cores, tf32 B={B}", tf32, fused_fwd("kernel", B, "tf32", variant="tc32"))
         for dn in ("float16", "bfloat16"):
-            fused_fwd("kernel", B, dn, tc=True)
+            tc16 = fused_fwd("kernel", B, dn, tc=True)
+            ratio(f"16/32 rows per warp, tensor cores, {dn} B={B}", tc16,
+                  fused_fwd("kernel", B, dn, tc=True, variant="tc32"))
             fused_fwd("kernel", B, dn, tc=False)
         for label, r in (("exact", exact), ("tf32", tf32)):
             for peer_name, pr in base.items():
@@ -324,7 +330,7 @@ def run(args) -> int:
     return 0 if ok else 1
 
 
-VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_RB_TILE")
+VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_RB_TILE", "DAGFM_CUDA_TC_ROWS")
 SWEEP_F, SWEEP_D = (8, 23, 39), (8, 16, 32)
 
 

@@ -109,10 +109,12 @@ namespace dagfm {
 namespace cuda {
 namespace tc {
 #define DAGFM_CHECK_TC(T)                                                                       \
-  template __global__ void kernel_fwd_tc_kernel<T, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 2>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 3>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 4>(PropagateParams<T>, int64_t, int64_t, int64_t);
+  template __global__ void kernel_fwd_tc_kernel<T, 1, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 2, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 3, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 4, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 1, 2>(PropagateParams<T>, int64_t, int64_t, int64_t); \
+  template __global__ void kernel_fwd_tc_kernel<T, 2, 2>(PropagateParams<T>, int64_t, int64_t, int64_t);
 DAGFM_CHECK_TC(float)
 DAGFM_CHECK_TC(__half)
 DAGFM_CHECK_TC(__nv_bfloat16)

@@ -549,6 +549,24 @@ def restore_matmul_precision():
     torch.backends.cuda.matmul.fp32_precision = per_backend
 
 
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("shape", [(257, 39, 16, 3), (100, 23, 32, 2), (65, 7, 64, 2), (33, 5, 16, 1)])
+def test_tensor_core_forward_with_two_row_tiles_per_warp(precision, shape, monkeypatch, restore_matmul_precision):
+    # DAGFM_CUDA_TC_ROWS=32 (a variant for measurement): the same results as 16 rows per warp, to
+    # rounding; D = 64 keeps 16 rows (the planner falls back) and still runs on tensor cores.
+    B, F, D, L = shape
+    dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=dtype, seed=17)
+    one = dagfm_ext.dagfm_propagate(h0, p, None, "kernel")
+    monkeypatch.setenv("DAGFM_CUDA_TC_ROWS", "32")
+    out = []
+    names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, None, "kernel")))
+    assert any("kernel_fwd_tc_kernel" in n for n in names), names
+    s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
+    assert rel(out[0], s64) <= 2 * rel(one, s64) + 1e-6
+
+
 @pytest.mark.parametrize("shape", [(257, 39, 16, 3), (100, 23, 32, 2), (65, 7, 64, 2)])
 def test_tf32_kernel_forward_follows_matmul_precision(shape, restore_matmul_precision):
     B, F, D, L = shape

@@ -155,10 +155,10 @@ bool use_tensor_cores(const PropagateParams<T>& prm, const DeviceLimits& lim, co
   }
 }
 
-template <typename T, int NF>
+template <typename T, int NF, int MT>
 void launch_forward_tc(const PropagateParams<T>& prm, const cuda::tc::TcPlan& plan,
                        const DeviceLimits& lim, cudaStream_t stream) {
-  auto kernel = cuda::tc::kernel_fwd_tc_kernel<T, NF>;
+  auto kernel = cuda::tc::kernel_fwd_tc_kernel<T, NF, MT>;
   const int threads = plan.warps * cuda::tc::kWarpSize;
   if (plan.smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -166,7 +166,7 @@ void launch_forward_tc(const PropagateParams<T>& prm, const cuda::tc::TcPlan& pl
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads,
                                                                size_t(plan.smem_bytes)));
-  const int64_t warp_tiles = cuda::ceil_div64(prm.batch, cuda::tc::kRows);
+  const int64_t warp_tiles = cuda::ceil_div64(prm.batch, cuda::tc::kRows * MT);
   const int64_t blocks = cuda::ceil_div64(warp_tiles, plan.warps);
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(std::max(per_sm, 1)) * lim.num_sms));
   kernel<<<unsigned(grid), threads, size_t(plan.smem_bytes), stream>>>(prm, plan.ld, plan.state_bytes,
@@ -174,19 +174,29 @@ void launch_forward_tc(const PropagateParams<T>& prm, const cuda::tc::TcPlan& pl
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// DAGFM_CUDA_TC_ROWS=32: each warp of the tensor-core forward owns 32 samples (two row tiles
+// sharing every weight fragment; D <= 32) instead of 16. A variant for measurement, off by default.
+int tc_row_tiles() {
+  const char* v = std::getenv("DAGFM_CUDA_TC_ROWS");
+  return v != nullptr && std::strcmp(v, "32") == 0 ? 2 : 1;
+}
+
 // Returns false (nothing launched) when the tensor-core forward does not apply.
 template <typename T>
 bool try_forward_tc(const PropagateParams<T>& prm, const DeviceLimits& lim, cudaStream_t stream) {
   if (prm.interaction != Interaction::Kernel) return false;
-  const cuda::tc::TcPlan plan =
-      cuda::tc::plan_forward(prm.num_fields, prm.embed_dim, int(sizeof(T)), lim);
+  cuda::tc::TcPlan plan =
+      cuda::tc::plan_forward(prm.num_fields, prm.embed_dim, int(sizeof(T)), lim, tc_row_tiles());
+  if (!plan.ok) plan = cuda::tc::plan_forward(prm.num_fields, prm.embed_dim, int(sizeof(T)), lim);
   if (!use_tensor_cores(prm, lim, plan)) return false;
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    switch (prm.embed_dim / 16) {
-      case 1: launch_forward_tc<T, 1>(prm, plan, lim, stream); return true;
-      case 2: launch_forward_tc<T, 2>(prm, plan, lim, stream); return true;
-      case 3: launch_forward_tc<T, 3>(prm, plan, lim, stream); return true;
-      case 4: launch_forward_tc<T, 4>(prm, plan, lim, stream); return true;
+    switch (prm.embed_dim / 16 * 10 + plan.mt) {
+      case 11: launch_forward_tc<T, 1, 1>(prm, plan, lim, stream); return true;
+      case 21: launch_forward_tc<T, 2, 1>(prm, plan, lim, stream); return true;
+      case 31: launch_forward_tc<T, 3, 1>(prm, plan, lim, stream); return true;
+      case 41: launch_forward_tc<T, 4, 1>(prm, plan, lim, stream); return true;
+      case 12: launch_forward_tc<T, 1, 2>(prm, plan, lim, stream); return true;
+      case 22: launch_forward_tc<T, 2, 2>(prm, plan, lim, stream); return true;
       default: return false;
     }
   }

@@ -3,7 +3,8 @@
 // Per layer the kernel interaction is one block-triangular matrix product per sample tile:
 //     A (rows x F*D) = H (rows x F*D) . W_t,   W_t's (i, j) block = W_t[i, j] (D x D), zero for i > j
 //     h^t = h0 * A (elementwise),  s^t_j = sum_d h^t_j[d]
-// Each warp owns a tile of kRows = 16 samples (the MMA's M) and runs every layer for it, alone: no
+// Each warp owns a tile of kRows = 16 samples (the MMA's M; 32 with MT = 2 row tiles, a variant
+// that shares each weight fragment between two MMAs) and runs every layer for it, alone: no
 // block barrier anywhere, only __syncwarp. The warp keeps its tile's states in one shared-memory
 // buffer (16 rows x F*D, row-padded) and updates it in place, visiting the output column blocks
 // j = F-1 down to 0: output j reads input columns i <= j only, so once column j is written no later
@@ -39,7 +40,8 @@ namespace dagfm {
 namespace cuda {
 namespace tc {
 
-constexpr int kRows = 16;     // samples per warp tile
+constexpr int kRows = 16;     // samples per MMA row tile (the MMA's M); a warp owns MT of them
+constexpr int kMaxRowTiles = 2;  // MT: 2 shares each weight fragment between two MMAs (D <= 32)
 constexpr int kMaxWarps = 8;  // warps per block, at most
 constexpr int kWarpSize = 32;
 
@@ -66,21 +68,25 @@ inline int64_t state_ld(int F, int D, int elem_size) {
 
 struct TcPlan {
   bool ok = false;         // false: no tensor-core launch fits (use the CUDA-core kernels)
+  int mt = 1;              // row tiles per warp: a warp owns 16 * mt samples
   int warps = 0;           // warps per block
   int64_t ld = 0;          // leading dimension of a warp's state buffer (elements)
   int64_t state_bytes = 0; // bytes of one warp's state buffer (128-byte multiple)
-  int64_t warp_bytes = 0;  // bytes of one warp's slice: state buffer, then 16 x D float scratch
+  int64_t warp_bytes = 0;  // bytes of one warp's slice: state buffer, then 16 mt x D float scratch
   int64_t smem_bytes = 0;  // dynamic shared memory per block
 };
 
 // Warps per block: the count that keeps the most warps resident per multiprocessor (ties: more
-// per block), within the opt-in per-block limit. Pure arithmetic, host-tested.
-inline TcPlan plan_forward(int F, int D, int elem_size, const DeviceLimits& lim) {
+// per block), within the opt-in per-block limit. mt = 2 (two row tiles per warp) only for D <= 32,
+// where the accumulators stay in registers. Pure arithmetic, host-tested.
+inline TcPlan plan_forward(int F, int D, int elem_size, const DeviceLimits& lim, int mt = 1) {
   TcPlan plan;
-  if (!supported_dim(D) || F < 1) return plan;
+  if (!supported_dim(D) || F < 1 || mt < 1 || mt > kMaxRowTiles || (mt > 1 && D > 32)) return plan;
+  plan.mt = mt;
+  const int64_t rows = int64_t(kRows) * mt;
   plan.ld = state_ld(F, D, elem_size);
-  plan.state_bytes = round_up(int64_t(kRows) * plan.ld * elem_size, 128);
-  plan.warp_bytes = plan.state_bytes + round_up(int64_t(kRows) * D * int64_t(sizeof(float)), 128);
+  plan.state_bytes = round_up(rows * plan.ld * elem_size, 128);
+  plan.warp_bytes = plan.state_bytes + round_up(rows * D * int64_t(sizeof(float)), 128);
   const int64_t per_sm = lim.smem_per_sm > 0 ? lim.smem_per_sm : lim.smem_optin + 1024;
   int64_t best_resident = 0;
   for (int w = 1; w <= kMaxWarps; ++w) {
@@ -101,52 +107,61 @@ inline TcPlan plan_forward(int F, int D, int elem_size, const DeviceLimits& lim)
   return plan;
 }
 
-// Two MMA accumulator sets of NF fragments each: the message of field i goes to set (i & 1).
-template <typename Mma, int NF>
+// Two MMA accumulator sets of MT x NF fragments each: the message of field i goes to set (i & 1).
+template <typename Mma, int NF, int MT>
 struct AccSets {
-  typename Mma::FragAcc even[NF];
-  typename Mma::FragAcc odd[NF];
+  typename Mma::FragAcc even[MT][NF];
+  typename Mma::FragAcc odd[MT][NF];
 };
 
-// acc[n] += h_i (16 x D) . W[i, j][:, 16n .. 16n+15]  for n < NF, over the K steps of one field.
-template <typename Mma, typename T, int NF>
-DAGFM_HD void mma_field(typename Mma::FragAcc (&acc)[NF], const T* hi, int64_t ld, const T* wij) {
+// acc[m][n] += h_i (rows 16m .. 16m+15, D) . W[i, j][:, 16n .. 16n+15]  for m < MT, n < NF, over
+// the K steps of one field. Each weight fragment is loaded once and used by the MT row tiles.
+template <typename Mma, typename T, int NF, int MT>
+DAGFM_HD void mma_field(typename Mma::FragAcc (&acc)[MT][NF], const T* hi, int64_t ld, const T* wij) {
   constexpr int D = 16 * NF;
   constexpr int kSteps = D / Mma::kK;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int ks = 0; ks < kSteps; ++ks) {
-    typename Mma::FragA a;
-    Mma::load_a(a, hi + ks * Mma::kK, unsigned(ld));
+    typename Mma::FragA a[MT];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int m = 0; m < MT; ++m) Mma::load_a(a[m], hi + m * kRows * ld + ks * Mma::kK, unsigned(ld));
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int n = 0; n < NF; ++n) {
       typename Mma::FragB b;
       Mma::load_b(b, wij + ks * Mma::kK * D + n * 16, unsigned(D));
-      Mma::mma(acc[n], a, b);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int m = 0; m < MT; ++m) Mma::mma(acc[m][n], a[m], b);
     }
   }
 }
 
-// Forward for the 16-sample tile starting at sample b0, run by one warp (`lane`: the warp's 32
-// lanes, or a team of one on the host). hbuf: kRows x ld elements of T; scratch: kRows x D floats.
-// Writes states[b0 .. b0+nb-1, :, :] once; rows past the batch are computed on zeros, never stored.
-template <typename Mma, typename T, int NF>
+// Forward for the 16 * MT-sample tile starting at sample b0, run by one warp (`lane`: the warp's
+// 32 lanes, or a team of one on the host). hbuf: 16 MT x ld elements of T; scratch: 16 MT x D
+// floats. Writes states[b0 .. b0+nb-1, :, :] once; rows past the batch are computed on zeros, never
+// stored.
+template <typename Mma, typename T, int NF, int MT>
 DAGFM_HD void forward_warp_tile(const PropagateParams<T>& prm, T* DAGFM_RESTRICT hbuf, int64_t ld,
                                 float* DAGFM_RESTRICT scratch, int64_t b0, Team lane) {
   constexpr int D = 16 * NF;
+  constexpr int kTileRows = kRows * MT;
   const int F = prm.num_fields, L = prm.depth;
   const int64_t FD = int64_t(F) * D;
-  const int nb = int(imin64(kRows, prm.batch - b0));
+  const int nb = int(imin64(kTileRows, prm.batch - b0));
   const int64_t srow = int64_t(L + 1) * F;  // states per sample
   const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
   T* DAGFM_RESTRICT st = prm.states + b0 * srow;
   const int64_t layer_numel = FD * F * D;
 
   // h^0 into the state buffer (rows past the batch: zeros), and the states of t = 0.
-  for (int64_t k = lane.rank; k < kRows * FD; k += lane.size) {
+  for (int64_t k = lane.rank; k < kTileRows * FD; k += lane.size) {
     const int64_t r = k / FD, c = k % FD;
     hbuf[r * ld + c] = r < nb ? h0g[k] : cvt<T>(0.0f);
   }
@@ -163,29 +178,37 @@ DAGFM_HD void forward_warp_tile(const PropagateParams<T>& prm, T* DAGFM_RESTRICT
   for (int t = 1; t <= L; ++t) {
     const T* DAGFM_RESTRICT w = prm.p + int64_t(t - 1) * layer_numel;
     for (int j = F - 1; j >= 0; --j) {
-      AccSets<Mma, NF> acc;
+      AccSets<Mma, NF, MT> acc;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-      for (int n = 0; n < NF; ++n) {
-        Mma::fill_zero(acc.even[n]);
-        Mma::fill_zero(acc.odd[n]);
-      }
+      for (int m = 0; m < MT; ++m)
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int n = 0; n < NF; ++n) {
+          Mma::fill_zero(acc.even[m][n]);
+          Mma::fill_zero(acc.odd[m][n]);
+        }
       const T* wj = w + int64_t(j) * D * D;  // W[0, j]; W[i, j] is i * F * D * D further
       const int64_t wstride = FD * D;
       int i = 0;
       for (; i + 1 <= j; i += 2) {
-        mma_field<Mma, T, NF>(acc.even, hbuf + int64_t(i) * D, ld, wj + int64_t(i) * wstride);
-        mma_field<Mma, T, NF>(acc.odd, hbuf + int64_t(i + 1) * D, ld, wj + int64_t(i + 1) * wstride);
+        mma_field<Mma, T, NF, MT>(acc.even, hbuf + int64_t(i) * D, ld, wj + int64_t(i) * wstride);
+        mma_field<Mma, T, NF, MT>(acc.odd, hbuf + int64_t(i + 1) * D, ld, wj + int64_t(i + 1) * wstride);
       }
-      if (i <= j) mma_field<Mma, T, NF>(acc.even, hbuf + int64_t(i) * D, ld, wj + int64_t(i) * wstride);
+      if (i <= j) mma_field<Mma, T, NF, MT>(acc.even, hbuf + int64_t(i) * D, ld, wj + int64_t(i) * wstride);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-      for (int n = 0; n < NF; ++n) {
-        Mma::add(acc.even[n], acc.odd[n]);
-        Mma::store(scratch + n * 16, acc.even[n], unsigned(D));
-      }
+      for (int m = 0; m < MT; ++m)
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int n = 0; n < NF; ++n) {
+          Mma::add(acc.even[m][n], acc.odd[m][n]);
+          Mma::store(scratch + m * kRows * D + n * 16, acc.even[m][n], unsigned(D));
+        }
       // Every lane's fragment loads of column j are done (their values fed the MMAs above):
       // after this barrier column j of hbuf may be overwritten.
       warp_sync();
@@ -193,7 +216,7 @@ DAGFM_HD void forward_warp_tile(const PropagateParams<T>& prm, T* DAGFM_RESTRICT
       // a^t_j into the messages when a training forward keeps them.
       T* DAGFM_RESTRICT msg =
           prm.messages == nullptr ? nullptr : prm.messages + (b0 * L + (t - 1)) * FD + int64_t(j) * D;
-      for (int k = lane.rank; k < kRows * D; k += lane.size) {
+      for (int k = lane.rank; k < kTileRows * D; k += lane.size) {
         const int r = k / D, c = k % D;
         if (msg != nullptr && r < nb) msg[int64_t(r) * L * FD + c] = cvt<T>(scratch[k]);
         const float x0 = r < nb ? cvt<float>(h0g[int64_t(r) * FD + int64_t(j) * D + c]) : 0.0f;
@@ -294,7 +317,7 @@ extern __shared__ __align__(128) unsigned char dagfm_tc_smem[];
 // One warp per 16-sample tile, tiles handed out round-robin over the grid's warps (a persistent
 // grid). Launched with plan.warps * 32 threads and plan.smem_bytes of dynamic shared memory.
 // Requirements checked by the launcher: compute capability 8.0+, D = 16 * NF, p 32-byte aligned.
-template <typename T, int NF>
+template <typename T, int NF, int MT>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     kernel_fwd_tc_kernel(PropagateParams<T> prm, int64_t ld, int64_t state_bytes, int64_t warp_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -303,10 +326,10 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   unsigned char* slice = dagfm_tc_smem + warp * warp_bytes;
   T* hbuf = reinterpret_cast<T*>(slice);
   float* scratch = reinterpret_cast<float*>(slice + state_bytes);
-  const int64_t tiles = ceil_div64(prm.batch, kRows);
+  const int64_t tiles = ceil_div64(prm.batch, kRows * MT);
   const Team lane{int(threadIdx.x) % kWarpSize, kWarpSize};
   for (int64_t tile = int64_t(blockIdx.x) * nwarps + warp; tile < tiles; tile += int64_t(gridDim.x) * nwarps)
-    forward_warp_tile<WmmaPolicy<T>, T, NF>(prm, hbuf, ld, scratch, tile * kRows, lane);
+    forward_warp_tile<WmmaPolicy<T>, T, NF, MT>(prm, hbuf, ld, scratch, tile * kRows * MT, lane);
 #else
   (void)prm;
   (void)ld;

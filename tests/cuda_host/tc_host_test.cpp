@@ -63,7 +63,7 @@ struct HostMma {
   }
 };
 
-template <int KK, int NF>
+template <int KK, int NF, int MT = 1>
 void run_case(int64_t B, int F, int L, int warps, std::mt19937_64& rng) {
   constexpr int D = 16 * NF;
   ++g_cases;
@@ -96,16 +96,17 @@ void run_case(int64_t B, int F, int L, int warps, std::mt19937_64& rng) {
   // One slice per warp (state buffer then scratch, as the kernel carves them), poisoned once and
   // reused for every tile the warp takes, tiles round-robin over the warps as on the device.
   const int64_t ld = tc::state_ld(F, D, int(sizeof(float)));
-  const int64_t tiles = ceil_div64(B, tc::kRows);
-  std::vector<std::vector<float>> hbuf(warps, std::vector<float>(tc::kRows * ld, kNaNf));
-  std::vector<std::vector<float>> scratch(warps, std::vector<float>(tc::kRows * D, kNaNf));
+  const int rows = tc::kRows * MT;
+  const int64_t tiles = ceil_div64(B, rows);
+  std::vector<std::vector<float>> hbuf(warps, std::vector<float>(rows * ld, kNaNf));
+  std::vector<std::vector<float>> scratch(warps, std::vector<float>(rows * D, kNaNf));
   for (int w = 0; w < warps; ++w)
     for (int64_t tile = w; tile < tiles; tile += warps)
-      tc::forward_warp_tile<HostMma<KK>, float, NF>(prm, hbuf[w].data(), ld, scratch[w].data(),
-                                                    tile * tc::kRows, Team{0, 1});
+      tc::forward_warp_tile<HostMma<KK>, float, NF, MT>(prm, hbuf[w].data(), ld, scratch[w].data(),
+                                                        tile * rows, Team{0, 1});
   // The row padding is never written (and a read of it would have spread NaN into the outputs).
   for (int w = 0; w < warps; ++w)
-    for (int r = 0; r < tc::kRows; ++r)
+    for (int r = 0; r < rows; ++r)
       for (int64_t c = FD; c < ld; ++c)
         if (!std::isnan(hbuf[w][r * ld + c])) {
           ++g_failures;
@@ -185,12 +186,18 @@ void test_planner() {
                       pl.warps);
         }
       }
-  // Unsupported dims: no plan.
+  // Unsupported dims: no plan; two row tiles per warp only up to D = 32, and a larger slice.
   for (int D : {1, 8, 12, 24, 80})
     if (tc::plan_forward(39, D, 2, h200).ok) {
       ++g_failures;
       std::printf("FAIL planner accepted D=%d\n", D);
     }
+  const tc::TcPlan two = tc::plan_forward(39, 16, 2, h200, 2);
+  if (!(two.ok && two.mt == 2 && two.warp_bytes >= 2 * 16 * 632 * 2) || tc::plan_forward(39, 48, 2, h200, 2).ok ||
+      tc::plan_forward(39, 16, 2, h200, 3).ok) {
+    ++g_failures;
+    std::printf("FAIL planner row tiles\n");
+  }
 }
 
 }  // namespace
@@ -210,6 +217,12 @@ int main() {
   run_case<8, 4>(18, 3, 3, 2, rng);
   run_case<16, 4>(18, 3, 3, 2, rng);
   run_case<16, 1>(100, 39, 3, 4, rng);
+  // Two row tiles per warp (MT = 2): ragged 32-sample tiles, one and two fragments of D.
+  run_case<8, 1, 2>(1, 1, 1, 1, rng);
+  run_case<16, 1, 2>(37, 5, 3, 2, rng);
+  run_case<8, 1, 2>(70, 8, 2, 3, rng);
+  run_case<16, 2, 2>(35, 7, 2, 2, rng);
+  run_case<8, 2, 2>(65, 13, 3, 1, rng);
   if (g_failures) {
     std::printf("tc_host_test: %d failure(s) in %d cases\n", g_failures, g_cases);
     return 1;
