@@ -96,7 +96,7 @@ step() {
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 
-# Reserves: what the later steps need at least (compile 15, pytest 90, bench_tc 60, memcheck 45,
+# Reserves: what the later steps need at least (smoke and compile 15 each, pytest 90, bench_tc 60, memcheck 45,
 # racecheck 30, bench 45).
 BUILD_CMD="'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
 if [[ "$MODE" == "sweep" ]]; then
@@ -104,6 +104,8 @@ if [[ "$MODE" == "sweep" ]]; then
   step sweep 600 0 "'$PY' scripts/bench_tc.py --sweep --json '$OUT/sweep.json'"
 else
   step build 240 285 "$BUILD_CMD"
+  # Every forward / backward path once, one ok/FAIL line each, before anything else can cascade.
+  step smoke 60 270 "'$PY' scripts/sanitizer_case.py"
   # The compile check's objects and logs stay out of $OUT (the tool returns 8 files at most).
   step compile_check 60 270 "scripts/check_cuda_compile.sh '$(mktemp -d)'"
   pytest_extra=""
@@ -136,6 +138,7 @@ echo
 echo "================ gpu_check summary ($(($(date +%s) - START))s, logs in $OUT)"
 grep -hE '^(=+ )?[0-9]+ (passed|failed)|passed|failed|error' "$OUT/pytest.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest: /'
 grep -hE '^(FAILED|ERROR) ' "$OUT/pytest.log" 2>/dev/null | head -n 30 | cut -c1-200
+grep -h '^FAIL' "$OUT/smoke.log" 2>/dev/null | head -n 20 | sed 's/^/smoke: /'
 [[ -f "$OUT/bench_tc.log" ]] && { echo "--- low precision / tensor cores (tail of $OUT/bench_tc.log)"; sed -n '/bench_tc summary/,$p' "$OUT/bench_tc.log" | tail -n 40; }
 [[ -f "$OUT/bench.log" ]] && { echo "--- benchmark (tail of $OUT/bench.log)"; tail -n 25 "$OUT/bench.log"; }
 [[ -f "$OUT/sweep.log" ]] && { echo "--- sweep (tail of $OUT/sweep.log)"; sed -n '/sweep summary/,$p' "$OUT/sweep.log" | tail -n 45; }
