@@ -446,37 +446,58 @@ DAGFM_HD void outer_c_chunk(const Acc* DAGFM_RESTRICT sprev, const Acc* DAGFM_RE
 }
 
 // Outer, second product: a[b, j, e] += sum_{i in chunk, i <= j} C[ir, j, b] * Q[ir, j, e]. Items
-// (e group, sample block, j).
+// (e group, sample block, j). When every item has a thread of its own, its sums stay in that
+// thread's registers (`keep`) across the chunks and are stored once, by the chunk that completes
+// them; otherwise each chunk adds its part to snext.
+template <int kB, typename Acc>
+struct OuterLocal {
+  Acc acc[kB][kJ];
+};
+
+template <int kB, typename T, typename Acc>
+DAGFM_HD void store_outer_item(const Acc (&acc)[kB][kJ], Acc* DAGFM_RESTRICT snext,
+                               const T* DAGFM_RESTRICT h0g, MsgOut<T> msg, bool first, bool last,
+                               int j, int eg, int bg, int nb, int F, int D, const RbConfig& c) {
+  const int64_t FD = int64_t(F) * D;
+  DAGFM_RB_UNROLL
+  for (int ee = 0; ee < kJ; ++ee) {
+    const int e = eg * kJ + ee;
+    if (e >= D) break;
+    Acc col[kB];
+    DAGFM_RB_UNROLL
+    for (int b = 0; b < kB; ++b) col[b] = acc[b][ee];
+    store_samples<kB>(snext + (j * D + e) * c.tbp + bg * kB, col, first, last,
+                      h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB,
+                      offset(msg, bg * kB, j * D + e));
+  }
+}
+
 template <int kB, typename T, typename Acc>
 DAGFM_HD void outer_a_chunk(const Acc* DAGFM_RESTRICT cbuf, const Acc* DAGFM_RESTRICT qs,
                             Acc* DAGFM_RESTRICT snext, const T* DAGFM_RESTRICT h0g, MsgOut<T> msg,
-                            int nb, int i0, int i1, int F, int D, const RbConfig& c, Team team) {
+                            int nb, int i0, int i1, int F, int D, const RbConfig& c, Team team,
+                            OuterLocal<kB, Acc>& keep) {
   const int DG = groups_of(D);
   const int nbg = c.tb / kB;
-  const int64_t FD = int64_t(F) * D;
   const int n = F * nbg * DG;
+  const bool resident = n <= team.size;
   for (int k = team.rank; k < n; k += team.size) {
     const int eg = k % DG;
     const int bg = (k / DG) % nbg;
     const int j = k / (DG * nbg);
     if (j < i0) continue;  // finished in an earlier chunk
     const int iend = i1 < j + 1 ? i1 : j + 1;
-    Acc acc[kB][kJ];
-    zero(acc);
-    rank1_steps<kB>(acc, cbuf + j * c.tbp + bg * kB, c.fp * c.tbp, qs + j * c.dp + eg * kJ,
-                    F * c.dp, iend - i0);
-    const bool first = i0 == 0;
-    const bool last = i1 > j;
-    DAGFM_RB_UNROLL
-    for (int ee = 0; ee < kJ; ++ee) {
-      const int e = eg * kJ + ee;
-      if (e >= D) break;
-      Acc col[kB];
-      DAGFM_RB_UNROLL
-      for (int b = 0; b < kB; ++b) col[b] = acc[b][ee];
-      store_samples<kB>(snext + (j * D + e) * c.tbp + bg * kB, col, first, last,
-                        h0g + bg * kB * FD + int64_t(j) * D + e, FD, nb - bg * kB,
-                        offset(msg, bg * kB, j * D + e));
+    const Acc* x = cbuf + j * c.tbp + bg * kB;
+    const Acc* y = qs + j * c.dp + eg * kJ;
+    if (resident) {
+      if (i0 == 0) zero(keep.acc);
+      rank1_steps<kB>(keep.acc, x, c.fp * c.tbp, y, F * c.dp, iend - i0);
+      if (i1 > j) store_outer_item<kB>(keep.acc, snext, h0g, msg, true, true, j, eg, bg, nb, F, D, c);
+    } else {
+      Acc acc[kB][kJ];
+      zero(acc);
+      rank1_steps<kB>(acc, x, c.fp * c.tbp, y, F * c.dp, iend - i0);
+      store_outer_item<kB>(acc, snext, h0g, msg, i0 == 0, i1 > j, j, eg, bg, nb, F, D, c);
     }
   }
 }
@@ -501,7 +522,7 @@ struct BlockExec {
 // Every layer for the tile starting at sample b0; writes states[b0 .. b0 + nb) once.
 template <Interaction K, int kB, typename T, typename Acc, typename Exec>
 DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const RbConfig& c, Acc* smem, int64_t b0,
-                           const Exec& exec) {
+                           const Exec& exec, OuterLocal<kB, Acc>& mine) {
   const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
   const int FD = F * D;
   const int nb = int(imin64(c.tb, prm.batch - b0));
@@ -530,7 +551,9 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const RbConfig& c, Acc
         exec([&](Team tm) { inner_chunk<kB>(sprev, snext, w, h0g, msg, nb, i0, i1, F, D, c, tm); });
       } else {
         exec([&](Team tm) { outer_c_chunk<kB>(sprev, w, cbuf, i0, i1 - i0, F, D, c, tm); });
-        exec([&](Team tm) { outer_a_chunk<kB>(cbuf, qs, snext, h0g, msg, nb, i0, i1, F, D, c, tm); });
+        exec([&](Team tm) {
+          outer_a_chunk<kB>(cbuf, qs, snext, h0g, msg, nb, i0, i1, F, D, c, tm, exec.local(mine, tm));
+        });
       }
       // (that barrier also frees W, Q and C for the next chunk's staging)
     }
@@ -546,9 +569,10 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const RbConfig& c, Acc
 template <Interaction K, int kB, typename T, typename Acc, typename Exec>
 DAGFM_HD void forward_block(const PropagateParams<T>& prm, const RbConfig& c, int64_t block,
                             int64_t num_blocks, Acc* smem, const Exec& exec) {
+  OuterLocal<kB, Acc> mine;  // a thread's own (on the host test: a stand-in, see Exec::local)
   const int64_t tiles = ceil_div64(prm.batch, c.tb);
   for (int64_t tile = block; tile < tiles; tile += num_blocks)
-    forward_tile<K, kB, T, Acc>(prm, c, smem, tile * c.tb, exec);
+    forward_tile<K, kB, T, Acc>(prm, c, smem, tile * c.tb, exec, mine);
 }
 
 // ---------------------------------------------------------------------------------------------
