@@ -257,8 +257,11 @@ def test_cuda_graph_capture_and_replay(kind, restore_matmul_precision):
     graph.replay()
     torch.cuda.synchronize()
     expect = step()
-    for got, want in zip(captured, expect):
-        assert torch.equal(got, want)
+    # Our kernels replay bit for bit; cuBLAS (the outer / kernel backward) may pick another
+    # algorithm under capture, hence a tolerance rather than equality for the gradients.
+    assert torch.equal(captured[0], expect[0])
+    for got, want in zip(captured[1:], expect[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_other_device_index():
