@@ -11,9 +11,11 @@ namespace cuda {
 namespace rb {
 namespace {
 
-template <typename Kernel, typename T>
-cudaError_t launch(Kernel kernel, const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
-                   cudaStream_t stream) {
+// A persistent grid for `kernel`: as many blocks as can be resident, at most one per tile (raises
+// the kernel's dynamic shared-memory limit first when the plan needs more than 48 KB).
+template <typename Kernel>
+cudaError_t persistent_grid(Kernel kernel, const RbPlan& plan, int64_t batch, int num_sms,
+                            int64_t& grid) {
   cudaError_t err = cudaSuccess;
   if (plan.smem_bytes > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -24,10 +26,19 @@ cudaError_t launch(Kernel kernel, const PropagateParams<T>& prm, const RbPlan& p
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.threads,
                                                       size_t(plan.smem_bytes));
   if (err != cudaSuccess) return err;
-  const int64_t tiles = ceil_div64(prm.batch, plan.cfg.tb);
-  int64_t grid = int64_t(per_sm > 0 ? per_sm : 1) * (num_sms > 0 ? num_sms : 1);
+  const int64_t tiles = ceil_div64(batch, plan.cfg.tb);
+  grid = int64_t(per_sm > 0 ? per_sm : 1) * (num_sms > 0 ? num_sms : 1);
   if (grid > tiles) grid = tiles;
   if (grid < 1) grid = 1;
+  return cudaSuccess;
+}
+
+template <typename Kernel, typename T>
+cudaError_t launch(Kernel kernel, const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+                   cudaStream_t stream) {
+  int64_t grid = 0;
+  const cudaError_t err = persistent_grid(kernel, plan, prm.batch, num_sms, grid);
+  if (err != cudaSuccess) return err;
   kernel<<<unsigned(grid), unsigned(plan.threads), size_t(plan.smem_bytes), stream>>>(prm, plan.cfg);
   return cudaGetLastError();
 }
@@ -59,22 +70,7 @@ cudaError_t launch_forward(const PropagateParams<T>& prm, const RbPlan& plan, in
 
 template <typename T, typename Acc>
 cudaError_t backward_inner_grid(const RbPlan& plan, int64_t batch, int num_sms, int64_t& grid) {
-  auto kernel = inner_backward_kernel<T, Acc>;
-  cudaError_t err = cudaSuccess;
-  if (plan.smem_bytes > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(plan.smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.threads,
-                                                      size_t(plan.smem_bytes));
-  if (err != cudaSuccess) return err;
-  const int64_t tiles = ceil_div64(batch, plan.cfg.tb);
-  grid = int64_t(per_sm > 0 ? per_sm : 1) * (num_sms > 0 ? num_sms : 1);
-  if (grid > tiles) grid = tiles;
-  if (grid < 1) grid = 1;
-  return cudaSuccess;
+  return persistent_grid(inner_backward_kernel<T, Acc>, plan, batch, num_sms, grid);
 }
 
 template <typename T, typename Acc>

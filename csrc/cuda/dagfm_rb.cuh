@@ -72,6 +72,22 @@ struct RbPlan {
 };
 
 DAGFM_HD int groups_of(int n) { return (n + kJ - 1) / kJ; }
+
+// Whether a planner may take tile `tb`: the pinned one when `force_tb` > 0, else any tile that
+// still gives every multiprocessor a tile (small batches get small tiles; the smallest always).
+DAGFM_HD bool tile_allowed(int tb, int64_t batch, const DeviceLimits& lim, int force_tb) {
+  if (force_tb > 0) return tb == force_tb;
+  return tb == kSmallestTile || ceil_div64(batch, tb) >= (lim.num_sms > 0 ? lim.num_sms : 1);
+}
+
+// The sample layout every plan starts from: kb samples per thread, samples padded to tbp.
+DAGFM_HD RbConfig tile_config(int tb, int kb) {
+  RbConfig c;
+  c.tb = tb;
+  c.kb = kb;
+  c.tbp = pad_stride(tb);
+  return c;
+}
 DAGFM_HD int state_numel(const RbConfig& c, int F, int D) { return F * D * c.tbp; }
 DAGFM_HD int row_numel(const RbConfig& c, int F, int D, bool outer) {
   return D * c.wst + (outer ? F * c.dp + c.fp * c.tbp : 0);
@@ -107,14 +123,9 @@ inline RbPlan plan_forward(Interaction kind, int64_t batch, int F, int D, int ac
   if (kind == Interaction::Kernel) return plan_forward_kernel(batch, F, D, acc_size, lim, force_tb);
   const bool outer = kind == Interaction::Outer;
   const int64_t budget = lim.smem_optin / acc_size;
-  const int64_t sms = lim.num_sms > 0 ? lim.num_sms : 1;
   for (int tb : kTiles) {
-    if (force_tb > 0 && tb != force_tb) continue;
-    if (force_tb <= 0 && tb != kSmallestTile && ceil_div64(batch, tb) < sms) continue;
-    RbConfig c;
-    c.tb = tb;
-    c.kb = tb >= 16 ? 8 : 4;
-    c.tbp = pad_stride(tb);
+    if (!tile_allowed(tb, batch, lim, force_tb)) continue;
+    RbConfig c = tile_config(tb, tb >= 16 ? 8 : 4);
     c.fp = groups_of(F) * kJ;
     c.wst = pad_stride(c.fp);
     c.dp = pad_stride(D);
@@ -601,14 +612,9 @@ inline RbPlan plan_forward_kernel(int64_t batch, int F, int D, int acc_size, con
                                   int force_tb) {
   RbPlan plan;
   if (D % 4 != 0) return plan;
-  const int64_t sms = lim.num_sms > 0 ? lim.num_sms : 1;
   for (int tb : kTiles) {
-    if (force_tb > 0 && tb != force_tb) continue;
-    if (force_tb <= 0 && tb != kSmallestTile && ceil_div64(batch, tb) < sms) continue;
-    RbConfig c;
-    c.tb = tb;
-    c.kb = tb >= 16 ? 8 : 4;
-    c.tbp = pad_stride(tb);
+    if (!tile_allowed(tb, batch, lim, force_tb)) continue;
+    RbConfig c = tile_config(tb, tb >= 16 ? 8 : 4);
     c.nf = kKernelCols / D < 1 ? 1 : (kKernelCols / D > F ? F : kKernelCols / D);
     const int items = kernel_items(c, D);
     if (items > kMaxThreads) continue;  // every item keeps its sums in one thread's registers
@@ -835,13 +841,9 @@ inline RbPlan plan_backward_inner(int64_t batch, int F, int D, int L, int acc_si
                                   const DeviceLimits& lim) {
   RbPlan plan;
   if (F < 1 || D < 1 || L < 1 || acc_size <= 0) return plan;
-  const int64_t sms = lim.num_sms > 0 ? lim.num_sms : 1;
   for (int tb : {16, 8}) {
-    if (tb != 8 && ceil_div64(batch, tb) < sms) continue;
-    RbConfig c;
-    c.tb = tb;
-    c.kb = kBwdSampleBlock;
-    c.tbp = pad_stride(tb);
+    if (!tile_allowed(tb, batch, lim, 0)) continue;
+    RbConfig c = tile_config(tb, kBwdSampleBlock);
     c.fp = groups_of(F) * kJ;
     c.wst = pad_stride(c.fp);
     const int64_t bytes = (2 * int64_t(F) * D * c.tbp + int64_t(F) * D * c.wst) * acc_size;
