@@ -8,6 +8,7 @@ put back in the single-process order and metrics are computed on exactly the spl
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ def init_from_env(device: str) -> str:
     if missing:
         raise RuntimeError(f"WORLD_SIZE={world} but the torchrun variables {missing} are not set; "
                            "launch with torchrun --nproc_per_node=N -m dagfm_ext run ...")
+    # Imported before the group exists on purpose: its functions take ``group=group.WORLD`` as
+    # default arguments, so imported later (DDP imports it lazily) they would hold the default
+    # group forever, destroy_process_group could not stop gloo's worker threads, and a worker
+    # thread still releasing a backward's all-reduce while the interpreter exits aborts the process.
+    import torch.distributed.nn  # noqa: F401
     dev = torch.device(device)
     if dev.type == "cuda":
         # One GPU per process; an index in --device would put every rank on the same GPU.
@@ -45,7 +51,9 @@ def init_from_env(device: str) -> str:
 
 
 def shutdown() -> None:
+    """Leave the process group and stop its worker threads (see the import of torch.distributed.nn)."""
     if dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles also hold the group
         dist.destroy_process_group()
 
 

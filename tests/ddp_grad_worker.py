@@ -2,15 +2,18 @@
 DAGFM on each rank's round-robin share of a global batch vs one process on the whole batch.
 
 Rank 0 writes the largest relative gradient difference per interaction (and the number of DDP
-buckets) to the JSON file named on the command line.
+buckets) to the JSON file named on the command line, and the number of gloo threads left running
+after ``dagfm_ext.distributed.shutdown()``.
 """
 import json
 import sys
 
 import torch
 import torch.distributed as dist
+from gloo_threads import gloo_threads
 from torch.nn.parallel import DistributedDataParallel
 
+from dagfm_ext import distributed
 from dagfm_ext.data import FeatureSchema, FieldEmbedding, FieldSpec
 from dagfm_ext.modules import DAGFM
 from dagfm_ext.serving import Scorer
@@ -32,7 +35,7 @@ def grads(model, x, y, rows, world):
 
 
 def main() -> int:
-    dist.init_process_group("gloo")
+    distributed.init_from_env("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(1)
     rows = 7  # an odd global batch: the ranks' shares differ by one row
@@ -53,11 +56,12 @@ def main() -> int:
                     for a, b in zip(ddp.module.parameters(), single.parameters()))
         result[kind] = {"max_rel_err": worst,
                         "buckets": len(str(ddp._get_ddp_logging_data().get("bucket_sizes", "")).split(","))}
+        del ddp  # a live DDP wrapper keeps the process group (and its threads) alive
+    distributed.shutdown()
     if rank == 0:
+        result = {"grads": result, "gloo_threads_after_shutdown": gloo_threads()}
         with open(sys.argv[1], "w") as f:
             json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
