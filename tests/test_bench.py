@@ -71,6 +71,7 @@ def test_quick_json_environment(quick_run):
 
 
 def test_quick_plot_is_a_png(quick_run):
+    pytest.importorskip("matplotlib")  # the optional "plot" extra
     _, _, png = quick_run
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
