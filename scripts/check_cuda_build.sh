@@ -13,7 +13,7 @@ if [[ ! -x "$VENV_CUDA/bin/python" ]]; then
   python3 -m venv "$VENV_CUDA"
   "$VENV_CUDA/bin/python" -m pip install -q --upgrade pip
 fi
-"$VENV_CUDA/bin/python" -m pip install -q "torch==$TORCH_CUDA_VERSION" numpy ninja "setuptools>=64" wheel
+"$VENV_CUDA/bin/python" -m pip install -q "torch==$TORCH_CUDA_VERSION" numpy ninja "setuptools>=77" wheel
 "$VENV_CUDA/bin/python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else "torch is not a CUDA build")'
 
 # torch guesses CUDA_HOME from nvcc's folder, which is wrong when nvcc is a wrapper script.

@@ -91,6 +91,7 @@ step() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
   nvcc --version 2>&1 | tail -n 2
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
+  "$PY" -c 'import setuptools, sys; print("python", sys.version.split()[0], "setuptools", setuptools.__version__)' 2>&1
   echo "CUDA_HOME=${CUDA_HOME:-} CPATH=${CPATH:-} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS sanitizer=${SANITIZER:-none}"
   git -C "$ROOT" rev-parse HEAD 2>/dev/null && git -C "$ROOT" status --short 2>/dev/null | head -n 20
 } >"$OUT/env.log" 2>&1
@@ -98,7 +99,14 @@ cat "$OUT/env.log"
 
 # Reserves: what the later steps need at least (smoke and compile 15 each, pytest 90, bench_tc 60, memcheck 45,
 # racecheck 30, bench 45).
-BUILD_CMD="'$PY' setup.py build_ext --inplace && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
+# setuptools older than 77 rejects pyproject.toml's SPDX license string; setup.py needs none of
+# pyproject's metadata to build the extension in place, so such a setuptools builds a copy without it.
+if "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null; then
+  BUILD_EXT="'$PY' setup.py build_ext --inplace"
+else
+  BUILD_EXT="tmp=\$(mktemp -d) && tar --exclude=./pyproject.toml --exclude=./.git --exclude=./gpu_out -cf - . | tar -C \$tmp -xf - && (cd \$tmp && '$PY' setup.py build_ext --inplace) && cp \$tmp/dagfm_ext/_C*.so dagfm_ext/"
+fi
+BUILD_CMD="$BUILD_EXT && '$PY' -c 'import torch, dagfm_ext; info = dagfm_ext.build_info(); print(info); assert info[\"cuda\"], \"built without CUDA\"'"
 if [[ "$MODE" == "sweep" ]]; then
   step build 240 200 "$BUILD_CMD"
   step sweep 600 0 "'$PY' scripts/bench_tc.py --sweep --json '$OUT/sweep.json'"
