@@ -14,34 +14,14 @@
 #include <random>
 #include <vector>
 
+#include "host_check.h"
 #include "cuda/dagfm_rb.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;
+using namespace host_check;
 
 namespace {
-
-int g_failures = 0;
-int g_cases = 0;
-
-void expect(bool ok, const char* what, const char* ctx) {
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL %s [%s]\n", what, ctx);
-  }
-}
-
-template <typename V>
-double rel_err(const std::vector<V>& a, const std::vector<double>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double err = 0, scale = 1;
-  for (size_t k = 0; k < a.size(); ++k) {
-    if (!std::isfinite(double(a[k])) || !std::isfinite(b[k])) return INFINITY;
-    err = std::fmax(err, std::fabs(double(a[k]) - b[k]));
-    scale = std::fmax(scale, std::fabs(b[k]));
-  }
-  return err / scale;
-}
 
 struct Problem {
   Interaction kind;
@@ -393,6 +373,5 @@ int main() {
   check_kernel_interaction(rng);
   check_inner_backward(rng);
   check_planner();
-  std::printf("rb_host_test: %d cases, %d failures\n", g_cases, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return report("rb_host_test");
 }

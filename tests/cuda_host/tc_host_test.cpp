@@ -14,15 +14,15 @@
 #include <random>
 #include <vector>
 
+#include "host_check.h"
 #include "cuda/dagfm_tc.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;
+using namespace host_check;
 
 namespace {
 
-int g_failures = 0;
-int g_cases = 0;
 const float kNaNf = std::numeric_limits<float>::quiet_NaN();
 
 // The WMMA contract on plain arrays: A is 16 x K row-major at p with leading dimension ldm,
@@ -122,29 +122,8 @@ void run_case(int64_t B, int F, int L, int warps, std::mt19937_64& rng) {
     tile_forward<double, double>(Interaction::Kernel, h0d.data() + b * FD, pd.data(), nullptr,
                                  ref.data() + b * (L + 1) * F, ws.data(), F, D, L, 1,
                                  ref_msg.data() + b * L * FD);
-  double msg_err = 0, msg_scale = 1;
-  for (size_t k = 0; k < messages.size(); ++k) {
-    msg_err = std::isfinite(messages[k]) ? std::fmax(msg_err, std::fabs(messages[k] - ref_msg[k])) : INFINITY;
-    msg_scale = std::fmax(msg_scale, std::fabs(ref_msg[k]));
-  }
-  if (!(msg_err / msg_scale < 2e-5)) {
-    ++g_failures;
-    std::printf("FAIL messages rel err %.3g [%s]\n", msg_err / msg_scale, ctx);
-  }
-  double err = 0, scale_ref = 1;
-  for (size_t k = 0; k < states.size(); ++k) {
-    if (!std::isfinite(states[k])) {
-      err = INFINITY;
-      break;
-    }
-    err = std::fmax(err, std::fabs(states[k] - ref[k]));
-    scale_ref = std::fmax(scale_ref, std::fabs(ref[k]));
-  }
-  const double rel = err / scale_ref;
-  if (!(rel < 2e-5)) {
-    ++g_failures;
-    std::printf("FAIL states rel err %.3g [%s]\n", rel, ctx);
-  }
+  expect(rel_err(messages, ref_msg) < 2e-5, "messages", ctx);
+  expect(rel_err(states, ref) < 2e-5, "states", ctx);
 }
 
 void test_planner() {
@@ -223,10 +202,5 @@ int main() {
   run_case<8, 1, 2>(70, 8, 2, 3, rng);
   run_case<16, 2, 2>(35, 7, 2, 2, rng);
   run_case<8, 2, 2>(65, 13, 3, 1, rng);
-  if (g_failures) {
-    std::printf("tc_host_test: %d failure(s) in %d cases\n", g_failures, g_cases);
-    return 1;
-  }
-  std::printf("tc_host_test: all %d cases passed\n", g_cases);
-  return 0;
+  return report("tc_host_test");
 }

@@ -14,35 +14,16 @@
 #include <random>
 #include <vector>
 
+#include "host_check.h"
 #include "cuda/dagfm_kernels.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;
+using namespace host_check;
 
 namespace {
 
-int g_failures = 0;
-int g_cases = 0;
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-void expect(bool ok, const char* what, const char* ctx) {
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL %s [%s]\n", what, ctx);
-  }
-}
-
-// max |a - b| / max(1, max |b|); NaN anywhere gives infinity.
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double err = 0, scale = 1;
-  for (size_t k = 0; k < a.size(); ++k) {
-    if (!std::isfinite(a[k]) || !std::isfinite(b[k])) return INFINITY;
-    err = std::fmax(err, std::fabs(a[k] - b[k]));
-    scale = std::fmax(scale, std::fabs(b[k]));
-  }
-  return err / scale;
-}
 
 struct Problem {
   Interaction kind;
@@ -294,6 +275,5 @@ int main() {
   check_kind<Interaction::Outer>(rng);
   check_kind<Interaction::Kernel>(rng);
   check_planner();
-  std::printf("tile_host_test: %d tile cases, %d failures\n", g_cases, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return report("tile_host_test");
 }
