@@ -246,20 +246,14 @@ DAGFM_HD void forward_warp_tile(const PropagateParams<T>& prm, T* DAGFM_RESTRICT
 template <typename T>
 struct WmmaPolicy;
 
-// float16 / bfloat16 operands: m16n16k16, float accumulator.
-template <typename T>
-struct WmmaHalfPolicy {
-  static constexpr int kK = 16;
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+// What every policy shares: 16 x 16 x K fragments of operand precision Prec, a float accumulator.
+template <int K, typename Prec>
+struct WmmaFragments {
+  static constexpr int kK = K;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, K, Prec, nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, K, Prec, nvcuda::wmma::row_major>;
+  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, K, float>;
   static __device__ __forceinline__ void fill_zero(FragAcc& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  static __device__ __forceinline__ void load_a(FragA& a, const T* p, unsigned ldm) {
-    nvcuda::wmma::load_matrix_sync(a, p, ldm);
-  }
-  static __device__ __forceinline__ void load_b(FragB& b, const T* p, unsigned ldm) {
-    nvcuda::wmma::load_matrix_sync(b, p, ldm);
-  }
   static __device__ __forceinline__ void mma(FragAcc& c, const FragA& a, const FragB& b) {
     nvcuda::wmma::mma_sync(c, a, b, c);
   }
@@ -272,21 +266,26 @@ struct WmmaHalfPolicy {
   }
 };
 
+// float16 / bfloat16 operands: m16n16k16.
+template <typename T>
+struct WmmaHalfPolicy : WmmaFragments<16, T> {
+  using Base = WmmaFragments<16, T>;
+  static __device__ __forceinline__ void load_a(typename Base::FragA& a, const T* p, unsigned ldm) {
+    nvcuda::wmma::load_matrix_sync(a, p, ldm);
+  }
+  static __device__ __forceinline__ void load_b(typename Base::FragB& b, const T* p, unsigned ldm) {
+    nvcuda::wmma::load_matrix_sync(b, p, ldm);
+  }
+};
+
 template <>
 struct WmmaPolicy<__half> : WmmaHalfPolicy<__half> {};
 template <>
 struct WmmaPolicy<__nv_bfloat16> : WmmaHalfPolicy<__nv_bfloat16> {};
 
-// float operands rounded to TF32: m16n16k8, float accumulator.
+// float operands rounded to TF32: m16n16k8.
 template <>
-struct WmmaPolicy<float> {
-  static constexpr int kK = 8;
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
-                                       nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
-                                       nvcuda::wmma::row_major>;
-  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
-  static __device__ __forceinline__ void fill_zero(FragAcc& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+struct WmmaPolicy<float> : WmmaFragments<8, nvcuda::wmma::precision::tf32> {
   static __device__ __forceinline__ void load_a(FragA& a, const float* p, unsigned ldm) {
     nvcuda::wmma::load_matrix_sync(a, p, ldm);
 #pragma unroll
@@ -296,16 +295,6 @@ struct WmmaPolicy<float> {
     nvcuda::wmma::load_matrix_sync(b, p, ldm);
 #pragma unroll
     for (int k = 0; k < b.num_elements; ++k) b.x[k] = nvcuda::wmma::__float_to_tf32(b.x[k]);
-  }
-  static __device__ __forceinline__ void mma(FragAcc& c, const FragA& a, const FragB& b) {
-    nvcuda::wmma::mma_sync(c, a, b, c);
-  }
-  static __device__ __forceinline__ void add(FragAcc& c, const FragAcc& o) {
-#pragma unroll
-    for (int k = 0; k < c.num_elements; ++k) c.x[k] += o.x[k];
-  }
-  static __device__ __forceinline__ void store(float* p, const FragAcc& c, unsigned ldm) {
-    nvcuda::wmma::store_matrix_sync(p, c, ldm, nvcuda::wmma::mem_row_major);
   }
 };
 #endif
