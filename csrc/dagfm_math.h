@@ -56,172 +56,6 @@ DAGFM_HD Acc sum(const Acc* DAGFM_RESTRICT x, int D) {
   return s;
 }
 
-// Host vector path for the inner interaction (GCC/Clang vector extensions; nvcc never sees it):
-// with D fixed at compile time the per-block accumulators are vector variables the compiler keeps
-// in registers, where a plain array would live on the stack and cost a store per FMA.
-#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
-#define DAGFM_HOST_VECTORS 1
-// The helpers below are always inlined, so passing vectors by value never crosses an ABI boundary.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define DAGFM_UNROLL _Pragma("GCC unroll 16")
-template <typename T>
-struct HostVec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int lanes = int(32 / sizeof(T));
-};
-
-template <typename V, typename T>
-DAGFM_HD V vload(const T* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-DAGFM_HD void vstore(T* p, const V& v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
-
-template <typename T, int kD>
-constexpr bool host_vector_fits() {
-  return (std::is_same_v<T, float> || std::is_same_v<T, double>) && kD > 0 &&
-         kD % HostVec<T>::lanes == 0 && kD / HostVec<T>::lanes <= 4;
-}
-
-template <typename T, typename V>
-DAGFM_HD T lane_sum(const V& v) {
-  T s = T(0);
-  DAGFM_UNROLL
-  for (int k = 0; k < HostVec<T>::lanes; ++k) s += v[k];
-  return s;
-}
-
-// a_j, h_next_j for samples [s0, s0 + kB) (inner, or outer when kOuter): the weight vectors of an
-// edge, loaded once, serve kB samples.
-template <typename T, int kD, int kB, bool kOuter>
-DAGFM_HD void forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
-                            const T* DAGFM_RESTRICT h0, const T* DAGFM_RESTRICT h_prev,
-                            T* DAGFM_RESTRICT a, T* DAGFM_RESTRICT h_next, int F, int s0) {
-  using V = typename HostVec<T>::type;
-  constexpr int kW = HostVec<T>::lanes, kV = kD / kW;
-  const int64_t FD = int64_t(F) * kD;
-  for (int j = 0; j < F; ++j) {
-    V acc[kB][kV];
-    DAGFM_UNROLL
-    for (int b = 0; b < kB; ++b)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) acc[b][v] = V{};
-    for (int i = 0; i <= j; ++i) {
-      const int64_t off = (int64_t(i) * F + j) * kD;
-      V wv[kV], qv[kV];
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        wv[v] = vload<V>(p + off + v * kW);
-        if constexpr (kOuter) qv[v] = vload<V>(q + off + v * kW);
-      }
-      DAGFM_UNROLL
-      for (int b = 0; b < kB; ++b) {
-        const T* hi = h_prev + (s0 + b) * FD + int64_t(i) * kD;
-        if constexpr (kOuter) {
-          V prod = V{};
-          DAGFM_UNROLL
-          for (int v = 0; v < kV; ++v) prod += wv[v] * vload<V>(hi + v * kW);
-          const T c = lane_sum<T>(prod);
-          DAGFM_UNROLL
-          for (int v = 0; v < kV; ++v) acc[b][v] += c * qv[v];
-        } else {
-          DAGFM_UNROLL
-          for (int v = 0; v < kV; ++v) acc[b][v] += wv[v] * vload<V>(hi + v * kW);
-        }
-      }
-    }
-    DAGFM_UNROLL
-    for (int b = 0; b < kB; ++b)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        const int64_t o = (s0 + b) * FD + int64_t(j) * kD + v * kW;
-        vstore(a + o, acc[b][v]);
-        vstore(h_next + o, vload<V>(h0 + o) * acc[b][v]);
-      }
-  }
-}
-
-// Weight gradients and delta_prev for samples [s0, s0 + kB) (inner, or outer when kOuter), by
-// source field i: h_i and the running delta_prev_i stay in registers across the targets j >= i.
-template <typename T, int kD, int kB, bool kOuter>
-DAGFM_HD void backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
-                             const T* DAGFM_RESTRICT h_prev, const T* DAGFM_RESTRICT alpha,
-                             T* DAGFM_RESTRICT delta_prev, T* DAGFM_RESTRICT grad_p,
-                             T* DAGFM_RESTRICT grad_q, int F, int s0) {
-  using V = typename HostVec<T>::type;
-  constexpr int kW = HostVec<T>::lanes, kV = kD / kW;
-  const int64_t FD = int64_t(F) * kD;
-  for (int i = 0; i < F; ++i) {
-    V hv[kB][kV], dv[kB][kV];
-    DAGFM_UNROLL
-    for (int b = 0; b < kB; ++b)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        const int64_t o = (s0 + b) * FD + int64_t(i) * kD + v * kW;
-        hv[b][v] = vload<V>(h_prev + o);
-        dv[b][v] = vload<V>(delta_prev + o);
-      }
-    for (int j = i; j < F; ++j) {
-      const int64_t off = (int64_t(i) * F + j) * kD;
-      V wv[kV], gw[kV], qv[kV], gq[kV];
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        wv[v] = vload<V>(p + off + v * kW);
-        gw[v] = vload<V>(grad_p + off + v * kW);
-        if constexpr (kOuter) {
-          qv[v] = vload<V>(q + off + v * kW);
-          gq[v] = vload<V>(grad_q + off + v * kW);
-        }
-      }
-      DAGFM_UNROLL
-      for (int b = 0; b < kB; ++b) {
-        const T* al = alpha + (s0 + b) * FD + int64_t(j) * kD;
-        V av[kV];
-        DAGFM_UNROLL
-        for (int v = 0; v < kV; ++v) av[v] = vload<V>(al + v * kW);
-        if constexpr (kOuter) {
-          V cp = V{}, rp = V{};
-          DAGFM_UNROLL
-          for (int v = 0; v < kV; ++v) {
-            cp += wv[v] * hv[b][v];
-            rp += qv[v] * av[v];
-          }
-          const T c = lane_sum<T>(cp), r = lane_sum<T>(rp);
-          DAGFM_UNROLL
-          for (int v = 0; v < kV; ++v) {
-            gq[v] += c * av[v];
-            gw[v] += r * hv[b][v];
-            dv[b][v] += r * wv[v];
-          }
-        } else {
-          DAGFM_UNROLL
-          for (int v = 0; v < kV; ++v) {
-            gw[v] += av[v] * hv[b][v];
-            dv[b][v] += wv[v] * av[v];
-          }
-        }
-      }
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        vstore(grad_p + off + v * kW, gw[v]);
-        if constexpr (kOuter) vstore(grad_q + off + v * kW, gq[v]);
-      }
-    }
-    DAGFM_UNROLL
-    for (int b = 0; b < kB; ++b)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) vstore(delta_prev + (s0 + b) * FD + int64_t(i) * kD + v * kW, dv[b][v]);
-  }
-}
-#pragma GCC diagnostic pop
-#endif
-
 // Every per-sample (F, D) array below comes as a tile of S samples, sample s at offset s*F*D:
 // the CPU runs tiles so that each weight it loads serves S samples; S = 1 is one sample.
 
@@ -235,22 +69,8 @@ DAGFM_HD void layer_forward(Interaction kind, const T* DAGFM_RESTRICT p, const T
   const int D = kD > 0 ? kD : D_arg;
   const int64_t FD = int64_t(F) * D;
   const int edge_numel = kind == Interaction::Kernel ? D * D : D;
-  int s0 = 0;
-#ifdef DAGFM_HOST_VECTORS
-  if constexpr (host_vector_fits<T, kD>() && std::is_same_v<T, Acc>) {
-    // Samples per block: inner 8 (measured 5% faster than 4 at F=39, D=16 with AVX-512's 32
-    // registers), outer 4 (its dot products need registers too).
-    if (kind == Interaction::Inner) {
-      for (; s0 + 8 <= S; s0 += 8) forward_block<T, kD, 8, false>(p, q, h0, h_prev, a, h_next, F, s0);
-      for (; s0 < S; ++s0) forward_block<T, kD, 1, false>(p, q, h0, h_prev, a, h_next, F, s0);
-    } else if (kind == Interaction::Outer) {
-      for (; s0 + 4 <= S; s0 += 4) forward_block<T, kD, 4, true>(p, q, h0, h_prev, a, h_next, F, s0);
-      for (; s0 < S; ++s0) forward_block<T, kD, 1, true>(p, q, h0, h_prev, a, h_next, F, s0);
-    }
-  }
-#endif
   for (int j = 0; j < F; ++j) {
-    for (int s = s0; s < S; ++s) {
+    for (int s = 0; s < S; ++s) {
       const int64_t oj = s * FD + int64_t(j) * D;
       Acc local[kD > 0 ? kD : 1];
       Acc* DAGFM_RESTRICT acc;
@@ -306,24 +126,6 @@ DAGFM_HD void layer_backward(Interaction kind, const T* DAGFM_RESTRICT p, const 
     alpha[k] = delta[k] * h0[k];
     grad_h0[k] += delta[k] * a[k];
   }
-#ifdef DAGFM_HOST_VECTORS
-  if constexpr (host_vector_fits<T, kD>() && std::is_same_v<T, Acc>) {
-    // Backward blocks of 2 (inner) and 1 (outer): h_i and delta_prev_i of each sample stay in
-    // registers across j, next to the edge's weights and gradients.
-    if (kind == Interaction::Inner) {
-      int s0 = 0;
-      for (; s0 + 2 <= S; s0 += 2)
-        backward_block<T, kD, 2, false>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
-      for (; s0 < S; ++s0)
-        backward_block<T, kD, 1, false>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
-      return;
-    } else if (kind == Interaction::Outer) {
-      for (int s0 = 0; s0 < S; ++s0)
-        backward_block<T, kD, 1, true>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
-      return;
-    }
-  }
-#endif
   const int edge_numel = kind == Interaction::Kernel ? D * D : D;
   for (int j = 0; j < F; ++j) {
     for (int i = 0; i <= j; ++i) {

@@ -1,10 +1,16 @@
-// Fused CPU kernels for dagfm_ext::propagate_fwd / propagate_bwd.
+// Fused CPU kernels for dagfm_ext::propagate_fwd / propagate_fwd_train / propagate_bwd.
 //
-// inner / outer (and kernel at small D): one pass per batch row over all L layers, the row's states
-// kept in a small per-thread workspace (dagfm_math.h), the batch split over threads.
-// kernel at D >= 8: the layer is a block-upper-triangular matrix product, done as BLAS products
-// over column groups of the masked (F*D x F*D) weight on tiles of rows, so the lower triangle is
-// (almost) never multiplied and a tile's states stay in cache across the layers.
+// Forward (every interaction): tiles of consecutive samples run through all L layers in a small
+// per-thread workspace (tile.h); the register-blocked loops (vec.h) read the weights in their own
+// layout, so no call spends time re-laying them out, and edges i > j are never touched.
+// Backward: the same tiles for inner / outer (and kernel at small D); the kernel interaction at
+// D >= 8 as BLAS products over field groups of the block-upper-triangular weight, split at the
+// diagonal so that no product multiplies a block below it.
+//
+// Threads: a call uses as many threads as it has work for (kMinFlopsPerThread each), so a small
+// batch runs on the calling thread alone; BLAS inside a parallel region runs single-threaded.
+// The instruction set is picked once per process (AVX-512, AVX2 or portable; the environment
+// variable DAGFM_CPU_ISA=avx512|avx2|generic lowers it, e.g. to test the AVX2 loops here).
 //
 // Weight gradients: the batch is cut into chunks that depend only on the shapes (never on the
 // thread count); each chunk sums its rows in order into its own partial, and the partials are added
@@ -14,11 +20,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "../dagfm_math.h"
 #include "../ops.h"
+#include "tile.h"
 
 // Fortran BLAS as exported by the BLAS that torch links (MKL on x86 wheels). Declared weak so a
 // torch without them still loads; the portable loops below take over then.
@@ -39,24 +49,27 @@ int mkl_set_num_threads_local_(const int* nt) DAGFM_WEAK;
 #define DAGFM_HAVE_WEAK_BLAS 0
 #endif
 
-// The per-row loops are compiled for the baseline ISA and for AVX2+FMA / AVX-512; the loader
-// picks the best the machine has (ifunc), so one binary runs anywhere and fast where it can.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DAGFM_ISA_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+// The tile loops are compiled three times: portable, AVX2+FMA and AVX-512; cpu_isa() picks one.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DAGFM_X86_DISPATCH 1
+#define DAGFM_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#define DAGFM_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
-#define DAGFM_ISA_CLONES
+#define DAGFM_X86_DISPATCH 0
 #endif
 
 namespace dagfm {
 namespace {
 
-// Below this embedding size the per-row loops beat BLAS calls on tiny (D-wide) blocks.
+// Below this embedding size the backward's tile loops beat BLAS calls on tiny (D-wide) blocks.
 constexpr int kBlasMinEmbedDim = 8;
-// Rows per tile of the per-row path: each weight loaded from cache serves this many rows.
-constexpr int kRowTile = 8;
-// Rows per forward BLAS tile: its three kTileRows x F*D buffers stay in L2. The backward takes
-// longer tiles (a longer inner dimension for the dW products), capped by its workspace size.
-constexpr int64_t kTileRows = 64;
+// Samples per tile: each weight loaded serves the tile's samples (in register blocks of 2 to 24)
+// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2.
+constexpr int kForwardTileRows = 24;
+constexpr int kBackwardRowTile = 8;
+// Work below which a second thread costs more (wake-up, a cold cache) than it saves.
+constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
+// Rows per backward BLAS tile: a long inner dimension for the dW products, capped by its workspace.
 constexpr int64_t kBackwardTileRows = 256;
 constexpr int64_t kBackwardWorkspaceBytes = int64_t(8) << 20;
 // Gradient chunks: at least this many rows each, at most this many chunks, within this memory.
@@ -173,7 +186,38 @@ int64_t per_row_flops(const PropagateParams<T>& pr) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-row path (all interactions)
+// Instruction set
+
+enum class CpuIsa : int { Generic = 0, Avx2 = 1, Avx512 = 2 };
+
+const char* isa_name(CpuIsa isa) {
+  return isa == CpuIsa::Avx512 ? "avx512" : isa == CpuIsa::Avx2 ? "avx2" : "generic";
+}
+
+CpuIsa detect_isa() {
+  CpuIsa best = CpuIsa::Generic;
+#if DAGFM_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::Avx2;
+  if (best == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    best = CpuIsa::Avx512;
+#endif
+  // DAGFM_CPU_ISA may lower the choice (never raise it above what the CPU has).
+  if (const char* env = std::getenv("DAGFM_CPU_ISA")) {
+    const std::string want(env);
+    const CpuIsa asked = want == "avx512" ? CpuIsa::Avx512 : want == "avx2" ? CpuIsa::Avx2 : CpuIsa::Generic;
+    TORCH_CHECK(want == "avx512" || want == "avx2" || want == "generic",
+                "DAGFM_CPU_ISA: expected one of 'avx512', 'avx2', 'generic', got '", want, "'");
+    best = std::min(best, asked);
+  }
+  return best;
+}
+
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_isa();
+  return isa;
+}
 
 // Calls f.template operator()<kD>() with D fixed at compile time for the common embedding sizes.
 template <typename Fn>
@@ -187,36 +231,101 @@ void with_static_embed_dim(int D, Fn&& f) {
   }
 }
 
-template <typename T, int kD>
-DAGFM_ISA_CLONES void forward_tile(const PropagateParams<T>& pr, int64_t b, int rows, T* ws,
-                                   T* saved) {
-  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
-  tile_forward<T, T, kD>(pr.interaction, pr.h0 + b * F * D, pr.p, pr.q,
-                         pr.states + b * (L + 1) * F, ws, F, D, L, rows,
-                         saved == nullptr ? saved : saved + b * L * F * D);
+// ---------------------------------------------------------------------------------------------
+// Tile ranges, one entry per instruction set
+
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void forward_range(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
+  for (int64_t b = b0; b < b1; b += kForwardTileRows)
+    cpu::forward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kForwardTileRows, b1 - b)), ws, saved);
+}
+
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void backward_range(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* grad_p,
+                             T* grad_q, T* ws, const T* saved) {
+  for (int64_t b = b0; b < b1; b += kBackwardRowTile)
+    cpu::backward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kBackwardRowTile, b1 - b)), grad_p,
+                                             grad_q, ws, saved);
 }
 
 template <typename T, int kD>
-DAGFM_ISA_CLONES void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int rows,
-                                    T* grad_p, T* grad_q, T* ws, const T* saved) {
-  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
-  tile_backward<T, T, kD>(pr.interaction, pr.h0 + b * F * D, pr.p, pr.q,
-                          pr.grad_states + b * (L + 1) * F, pr.grad_h0 + b * F * D, grad_p, grad_q,
-                          ws, F, D, L, rows, saved == nullptr ? saved : saved + b * L * F * D);
+void forward_range_generic(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
+  forward_range<T, 0, 0, kD>(pr, b0, b1, ws, saved);
+}
+template <typename T, int kD>
+void backward_range_generic(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* gp, T* gq,
+                            T* ws, const T* saved) {
+  backward_range<T, 0, 0, kD>(pr, b0, b1, gp, gq, ws, saved);
+}
+#if DAGFM_X86_DISPATCH
+template <typename T, int kD>
+DAGFM_TARGET_AVX2 void forward_range_avx2(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws,
+                                          T* saved) {
+  forward_range<T, 32, 12, kD>(pr, b0, b1, ws, saved);
+}
+template <typename T, int kD>
+DAGFM_TARGET_AVX2 void backward_range_avx2(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1,
+                                           T* gp, T* gq, T* ws, const T* saved) {
+  backward_range<T, 32, 12, kD>(pr, b0, b1, gp, gq, ws, saved);
+}
+template <typename T, int kD>
+DAGFM_TARGET_AVX512 void forward_range_avx512(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws,
+                                              T* saved) {
+  forward_range<T, 64, 24, kD>(pr, b0, b1, ws, saved);
+}
+template <typename T, int kD>
+DAGFM_TARGET_AVX512 void backward_range_avx512(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1,
+                                               T* gp, T* gq, T* ws, const T* saved) {
+  backward_range<T, 64, 24, kD>(pr, b0, b1, gp, gq, ws, saved);
+}
+#endif
+
+template <typename T, int kD>
+void forward_range_isa(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
+#if DAGFM_X86_DISPATCH
+  if (cpu_isa() == CpuIsa::Avx512) return forward_range_avx512<T, kD>(pr, b0, b1, ws, saved);
+  if (cpu_isa() == CpuIsa::Avx2) return forward_range_avx2<T, kD>(pr, b0, b1, ws, saved);
+#endif
+  forward_range_generic<T, kD>(pr, b0, b1, ws, saved);
 }
 
+template <typename T, int kD>
+void backward_range_isa(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* gp, T* gq, T* ws,
+                        const T* saved) {
+#if DAGFM_X86_DISPATCH
+  if (cpu_isa() == CpuIsa::Avx512) return backward_range_avx512<T, kD>(pr, b0, b1, gp, gq, ws, saved);
+  if (cpu_isa() == CpuIsa::Avx2) return backward_range_avx2<T, kD>(pr, b0, b1, gp, gq, ws, saved);
+#endif
+  backward_range_generic<T, kD>(pr, b0, b1, gp, gq, ws, saved);
+}
+
+// A per-thread scratch buffer that only grows: no allocation (and no page faults) per call.
+template <typename T>
+T* thread_workspace(int64_t numel) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < numel) buf.resize(numel);
+  return buf.data();
+}
+
+// Units of `unit_flops` each per thread, so that every thread gets at least kMinFlopsPerThread.
+int64_t grain_for(int64_t unit_flops) {
+  return std::max<int64_t>(1, (kMinFlopsPerThread + unit_flops - 1) / std::max<int64_t>(1, unit_flops));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile path
+
+// saved (nullable): receives the messages a^1..a^L as (B, L, F, D) for the backward.
 template <typename T>
 void forward_rows(const PropagateParams<T>& pr, T* saved = nullptr) {
-  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
-  const int64_t num_tiles = (pr.batch + kRowTile - 1) / kRowTile;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (per_row_flops(pr) * kRowTile));
+  const int F = pr.num_fields, D = pr.embed_dim;
+  const int64_t tile_rows = std::min<int64_t>(kForwardTileRows, pr.batch);
+  const int64_t num_tiles = (pr.batch + tile_rows - 1) / tile_rows;
+  const int64_t grain = grain_for(per_row_flops(pr) * tile_rows);
   at::parallel_for(0, num_tiles, grain, [&](int64_t tile0, int64_t tile1) {
-    std::vector<T> ws(tile_workspace_numel(F, D, L, kRowTile));
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t b = tile * kRowTile;
-      const int rows = int(std::min<int64_t>(kRowTile, pr.batch - b));
-      with_static_embed_dim(D, [&]<int kD>() { forward_tile<T, kD>(pr, b, rows, ws.data(), saved); });
-    }
+    T* ws = thread_workspace<T>(cpu::forward_tile_numel(F, D, int(tile_rows)));
+    const int64_t b0 = tile0 * tile_rows, b1 = std::min(pr.batch, tile1 * tile_rows);
+    with_static_embed_dim(D, [&]<int kD>() { forward_range_isa<T, kD>(pr, b0, b1, ws, saved); });
   });
 }
 
@@ -233,16 +342,14 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
     partial_p.assign(plan.num_chunks * wnum, T(0));
     partial_q.assign(plan.num_chunks * qnum, T(0));
   }
-  at::parallel_for(0, plan.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> ws(tile_workspace_numel(F, D, L, kRowTile));
+  const int64_t grain = grain_for(3 * per_row_flops(pr) * plan.chunk_rows);
+  at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
+    T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile));
     for (int64_t c = c0; c < c1; ++c) {
       T* gp = direct ? pr.grad_p : partial_p.data() + c * wnum;
       T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q.data() + c * qnum;
-      const int64_t b_end = std::min(pr.batch, (c + 1) * plan.chunk_rows);
-      for (int64_t b = c * plan.chunk_rows; b < b_end; b += kRowTile) {
-        const int rows = int(std::min<int64_t>(kRowTile, b_end - b));
-        with_static_embed_dim(D, [&]<int kD>() { backward_tile<T, kD>(pr, b, rows, gp, gq, ws.data(), saved); });
-      }
+      const int64_t b0 = c * plan.chunk_rows, b1 = std::min(pr.batch, b0 + plan.chunk_rows);
+      with_static_embed_dim(D, [&]<int kD>() { backward_range_isa<T, kD>(pr, b0, b1, gp, gq, ws, saved); });
     }
   });
   if (!direct) {
@@ -252,20 +359,26 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
 }
 
 // ---------------------------------------------------------------------------------------------
-// BLAS path for the kernel interaction
+// BLAS backward for the kernel interaction
 
-// Masked dense weight per layer: rows (i, d), columns (j, e), block (i, j) = W[i, j] for i <= j.
 template <typename T>
-std::vector<T> pack_block_triangular(const T* w, int F, int D, int L) {
+void hadamard_row(const T* x, const T* y, int64_t n, T* out) {
+  DAGFM_SIMD
+  for (int64_t k = 0; k < n; ++k) out[k] = x[k] * y[k];
+}
+
+// Dense weight per layer: rows (i, d), columns (j, e), block (i, j) = W[i, j] for i <= j. The
+// blocks below the diagonal are left unset: no product reads them.
+template <typename T>
+std::unique_ptr<T[]> pack_block_triangular(const T* w, int F, int D, int L) {
   const int64_t FD = int64_t(F) * D;
-  std::vector<T> big(int64_t(L) * FD * FD);
-  at::parallel_for(0, int64_t(L) * F, 1, [&](int64_t r0, int64_t r1) {
+  std::unique_ptr<T[]> big(new T[int64_t(L) * FD * FD]);
+  at::parallel_for(0, int64_t(L) * F, grain_for(2 * F * int64_t(D) * D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / F;
       const int i = int(r % F);
       for (int d = 0; d < D; ++d) {
-        T* row = big.data() + t * FD * FD + (int64_t(i) * D + d) * FD;
-        std::fill(row, row + int64_t(i) * D, T(0));
+        T* row = big.get() + t * FD * FD + (int64_t(i) * D + d) * FD;
         for (int j = i; j < F; ++j) {
           const T* src = w + ((t * F + i) * F + j) * int64_t(D) * D + int64_t(d) * D;
           std::copy(src, src + D, row + int64_t(j) * D);
@@ -276,88 +389,30 @@ std::vector<T> pack_block_triangular(const T* w, int F, int D, int L) {
   return big;
 }
 
-// Field groups per BLAS call: wide enough for an efficient product, narrow enough that the
-// zero blocks multiplied next to the diagonal stay a small share of the work.
+// Field groups per BLAS call: wide enough for an efficient product; the triangle of blocks next
+// to the diagonal goes field by field.
 int fields_per_group(int D) { return std::max(1, 64 / D); }
 
+// saved (nullable): the forward's messages (B, L, F, D); without them the caller recomputes them.
 template <typename T>
-void write_states(const T* h, int64_t rows, int F, int D, T* states, int64_t state_row_stride) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int j = 0; j < F; ++j)
-      states[r * state_row_stride + j] = sum(h + (r * F + j) * D, D);
-}
-
-// a (rows x FD) = h_prev (rows x FD) @ W (block upper triangular), by column groups.
-template <typename T>
-void kernel_layer_product(const T* h_prev, const T* w, int rows, int F, int D, T* a) {
-  const int FD = F * D, G = fields_per_group(D);
-  for (int g0 = 0; g0 < F; g0 += G) {
-    const int g1 = std::min(F, g0 + G);
-    gemm_rowmajor<T>(false, false, rows, (g1 - g0) * D, g1 * D, h_prev, FD, w + g0 * D, FD, T(0),
-                     a + g0 * D, FD);
-  }
-}
-
-template <typename T>
-void hadamard(const T* x, const T* y, int64_t n, T* out) {
-  DAGFM_SIMD
-  for (int64_t k = 0; k < n; ++k) out[k] = x[k] * y[k];
-}
-
-// saved (nullable): receives the messages a^1..a^L as (B, L, F, D) for the backward.
-template <typename T>
-void forward_kernel_blas(const PropagateParams<T>& pr, T* saved = nullptr) {
-  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
-  const int64_t FD = int64_t(F) * D;
-  const std::vector<T> w = pack_block_triangular(pr.p, F, D, L);
-  const int64_t num_tiles = (pr.batch + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, num_tiles, 1, [&](int64_t tile0, int64_t tile1) {
-    SingleThreadedBlas single;
-    std::vector<T> buf(3 * kTileRows * FD);
-    T* hb[2] = {buf.data(), buf.data() + kTileRows * FD};
-    T* a = buf.data() + 2 * kTileRows * FD;
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t r0 = tile * kTileRows;
-      const int rows = int(std::min(kTileRows, pr.batch - r0));
-      const T* h0 = pr.h0 + r0 * FD;
-      T* states = pr.states + r0 * (L + 1) * F;
-      write_states(h0, rows, F, D, states, int64_t(L + 1) * F);
-      const T* h_prev = h0;
-      for (int t = 1; t <= L; ++t) {
-        T* h = hb[t & 1];
-        kernel_layer_product(h_prev, w.data() + (t - 1) * FD * FD, rows, F, D, a);
-        hadamard(h0, a, rows * FD, h);
-        if (saved != nullptr)
-          for (int r = 0; r < rows; ++r)
-            std::copy(a + r * FD, a + (r + 1) * FD, saved + ((r0 + r) * L + (t - 1)) * FD);
-        write_states(h, rows, F, D, states + int64_t(t) * F, int64_t(L + 1) * F);
-        h_prev = h;
-      }
-    }
-  });
-}
-
-// saved (nullable): the forward's messages (B, L, F, D); without them the tile recomputes them.
-template <typename T>
-void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved = nullptr) {
+void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) {
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
   const int64_t FD = int64_t(F) * D;
   const int64_t layer_big = FD * FD;
-  const std::vector<T> w = pack_block_triangular(pr.p, F, D, L);
+  const std::unique_ptr<T[]> w = pack_block_triangular(pr.p, F, D, L);
   const ChunkPlan plan = plan_gradient_chunks(pr.batch, L * layer_big * int64_t(sizeof(T)));
   std::vector<T> partials(plan.num_chunks * L * layer_big, T(0));
   const int G = fields_per_group(D);
 
-  at::parallel_for(0, plan.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, plan.num_chunks, grain_for(3 * per_row_flops(pr) * plan.chunk_rows), [&](int64_t c0, int64_t c1) {
     SingleThreadedBlas single;
     // Larger tiles give the dW products a longer inner dimension; cap the workspace per thread.
-    const int64_t R = std::clamp<int64_t>(kBackwardWorkspaceBytes / ((2 * L + 4) * FD * int64_t(sizeof(T))),
-                                          8, kBackwardTileRows);
-    // h^0..h^L, a^1..a^L, delta, delta_prev, alpha, each R x FD.
-    std::vector<T> buf((2 * L + 4) * R * FD);
-    auto H = [&](int t) { return buf.data() + t * R * FD; };
-    auto A = [&](int t) { return buf.data() + (L + t) * R * FD; };
-    T* delta = buf.data() + (2 * L + 1) * R * FD;
+    const int64_t R = std::clamp<int64_t>(kBackwardWorkspaceBytes / ((L + 4) * FD * int64_t(sizeof(T))), 8,
+                                          kBackwardTileRows);
+    // h^0..h^(L-1), delta, delta_prev, alpha, each R x FD.
+    T* buf = thread_workspace<T>((L + 3) * R * FD);
+    auto H = [&](int t) { return buf + t * R * FD; };
+    T* delta = buf + L * R * FD;
     T* delta_prev = delta + R * FD;
     T* alpha = delta_prev + R * FD;
     for (int64_t c = c0; c < c1; ++c) {
@@ -368,18 +423,11 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved =
         const int64_t n = rows * FD;
         const T* h0 = pr.h0 + r0 * FD;
         const T* gs = pr.grad_states + r0 * (L + 1) * F;
+        auto message = [&](int t) { return saved + (r0 * L + (t - 1)) * FD; };  // row r at + r * L * FD
         std::copy(h0, h0 + n, H(0));
-        for (int t = 1; t <= L; ++t) {
-          if (saved != nullptr) {
-            for (int r = 0; r < rows; ++r) {
-              const T* src = saved + ((r0 + r) * L + (t - 1)) * FD;
-              std::copy(src, src + FD, A(t) + r * FD);
-            }
-          } else {
-            kernel_layer_product(H(t - 1), w.data() + (t - 1) * layer_big, rows, F, D, A(t));
-          }
-          hadamard(h0, A(t), n, H(t));
-        }
+        for (int t = 1; t < L; ++t)
+          for (int r = 0; r < rows; ++r)
+            hadamard_row(h0 + r * FD, message(t) + int64_t(r) * L * FD, FD, H(t) + r * FD);
         auto broadcast_grad = [&](int t, T* out) {
           for (int r = 0; r < rows; ++r)
             for (int j = 0; j < F; ++j)
@@ -389,27 +437,41 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved =
         std::fill(gh0, gh0 + n, T(0));
         broadcast_grad(L, delta);
         for (int t = L; t >= 1; --t) {
-          const T* wt = w.data() + (t - 1) * layer_big;
+          const T* wt = w.get() + (t - 1) * layer_big;
           T* dwt = dw + (t - 1) * layer_big;
-          const T* at_ = A(t);
-          DAGFM_SIMD
-          for (int64_t k = 0; k < n; ++k) {
-            alpha[k] = delta[k] * h0[k];
-            gh0[k] += delta[k] * at_[k];
+          for (int r = 0; r < rows; ++r) {
+            const T* at_ = message(t) + int64_t(r) * L * FD;
+            const T* h0r = h0 + r * FD;
+            T* dr = delta + r * FD;
+            T* al = alpha + r * FD;
+            T* g = gh0 + r * FD;
+            DAGFM_SIMD
+            for (int64_t k = 0; k < FD; ++k) {
+              al[k] = dr[k] * h0r[k];
+              g[k] += dr[k] * at_[k];
+            }
           }
-          // dW[:, group] += h^{t-1}[:, rows that reach the group]^T @ alpha[:, group]
+          const T* hp = H(t - 1);
           for (int g0 = 0; g0 < F; g0 += G) {
             const int g1 = std::min(F, g0 + G);
-            gemm_rowmajor<T>(true, false, g1 * D, (g1 - g0) * D, rows, H(t - 1), int(FD),
-                             alpha + g0 * D, int(FD), T(1), dwt + g0 * D, int(FD));
+            // dW[fields < g0, group] += h^{t-1}[:, fields < g0]^T @ alpha[:, group]
+            gemm_rowmajor<T>(true, false, g0 * D, (g1 - g0) * D, rows, hp, int(FD), alpha + g0 * D, int(FD),
+                             T(1), dwt + g0 * D, int(FD));
+            // the diagonal triangle: dW[g0..j, j] += h^{t-1}[:, g0..j]^T @ alpha[:, j]
+            for (int j = g0; j < g1; ++j)
+              gemm_rowmajor<T>(true, false, (j - g0 + 1) * D, D, rows, hp + g0 * D, int(FD), alpha + j * D,
+                               int(FD), T(1), dwt + int64_t(g0) * D * FD + j * D, int(FD));
           }
-          // delta^{t-1}[:, group] = G[t-1] + alpha[:, j >= group] @ W[group, j >= group]^T
+          // delta^{t-1}[:, group] = G[t-1] + alpha[:, fields >= i] @ W[group, fields >= i]^T
           broadcast_grad(t - 1, delta_prev);
           for (int i0 = 0; i0 < F; i0 += G) {
             const int i1 = std::min(F, i0 + G);
-            gemm_rowmajor<T>(false, true, rows, (i1 - i0) * D, (F - i0) * D, alpha + i0 * D, int(FD),
-                             wt + int64_t(i0) * D * FD + i0 * D, int(FD), T(1), delta_prev + i0 * D,
-                             int(FD));
+            if (i1 < F)
+              gemm_rowmajor<T>(false, true, rows, (i1 - i0) * D, (F - i1) * D, alpha + i1 * D, int(FD),
+                               wt + int64_t(i0) * D * FD + i1 * D, int(FD), T(1), delta_prev + i0 * D, int(FD));
+            for (int i = i0; i < i1; ++i)
+              gemm_rowmajor<T>(false, true, rows, D, (i1 - i) * D, alpha + i * D, int(FD),
+                               wt + int64_t(i) * D * FD + i * D, int(FD), T(1), delta_prev + i * D, int(FD));
           }
           std::swap(delta, delta_prev);
         }
@@ -420,7 +482,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved =
   });
 
   // Sum the chunk partials in order and unpack the upper blocks; the lower triangle stays zero.
-  at::parallel_for(0, int64_t(L) * F, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, int64_t(L) * F, grain_for(2 * F * int64_t(D) * D * plan.num_chunks), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / F;
       const int i = int(r % F);
@@ -457,19 +519,13 @@ at::Tensor propagate_fwd_cpu(const at::Tensor& h0, const at::Tensor& p,
   at::Tensor states = empty_states(args);
   if (args.batch == 0) return states;
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_cpu", [&] {
-    const auto params = make_params<scalar_t>(args, states);
-    if (use_kernel_blas(params))
-      forward_kernel_blas(params);
-    else
-      forward_rows(params);
+    forward_rows(make_params<scalar_t>(args, states));
   });
   return states;
 }
 
 // The training forward keeps the messages a^1..a^L, laid out (B, L, F, D): re-deriving them in the
-// backward costs another forward (for the kernel interaction a whole block-triangular product
-// per layer), while reading them back is one pass over B*L*F*D values. Measured on the CPU at
-// F=39, D=16, L=3 (benchmarks/RESULTS.md): kernel fwd+bwd went from 1.2x to 1.55x of eager.
+// backward costs another forward, while reading them back is one pass over B*L*F*D values.
 std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0, const at::Tensor& p,
                                                            const std::optional<at::Tensor>& q,
                                                            c10::string_view interaction) {
@@ -479,11 +535,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
   at::Tensor saved = at::empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
   if (args.batch == 0) return {states, saved};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_train_cpu", [&] {
-    const auto params = make_params<scalar_t>(args, states);
-    if (args.interaction == Interaction::Kernel)
-      forward_kernel_blas(params, saved.data_ptr<scalar_t>());
-    else
-      forward_rows(params, saved.data_ptr<scalar_t>());
+    forward_rows(make_params<scalar_t>(args, states), saved.data_ptr<scalar_t>());
   });
   return {states, saved};
 }
@@ -494,24 +546,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
     const std::optional<at::Tensor>& saved_in) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   const at::Tensor gs = check_grad_states(grad_states, args);
-  const at::Tensor saved = check_saved_messages(saved_in, args);
+  at::Tensor saved = check_saved_messages(saved_in, args);
   at::Tensor grad_h0 = at::empty_like(args.h0);
   at::Tensor grad_p = at::zeros_like(args.p);
   at::Tensor grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
   if (args.batch == 0) return {grad_h0, grad_p, grad_q};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cpu", [&] {
     const auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
-    const scalar_t* kept = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
-    if (params.interaction == Interaction::Kernel && (kept != nullptr || use_kernel_blas(params)))
-      backward_kernel_blas(params, kept);
-    else
-      backward_rows(params, kept);
+    if (use_kernel_blas(params)) {
+      // The BLAS backward reads the messages; without them, one forward recomputes them all.
+      if (!saved.defined()) {
+        at::Tensor no_states = empty_states(args);
+        saved = at::empty({args.batch * args.depth * args.num_fields * int64_t(args.embed_dim)}, args.h0.options());
+        forward_rows(make_params<scalar_t>(args, no_states), saved.data_ptr<scalar_t>());
+      }
+      backward_kernel_blas(params, saved.data_ptr<scalar_t>());
+    } else {
+      backward_rows(params, saved.defined() ? saved.data_ptr<scalar_t>() : nullptr);
+    }
   });
   return {grad_h0, grad_p, grad_q};
 }
 
 }  // namespace
 }  // namespace dagfm
+
+// The instruction set the CPU loops run with in this process, for tests and benchmark reports.
+TORCH_LIBRARY_FRAGMENT(dagfm_ext, m) {
+  m.def("cpu_isa() -> str", [] { return std::string(dagfm::isa_name(dagfm::cpu_isa())); });
+}
 
 TORCH_LIBRARY_IMPL(dagfm_ext, CPU, m) {
   m.impl("propagate_fwd", &dagfm::propagate_fwd_cpu);

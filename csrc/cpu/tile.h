@@ -1,0 +1,204 @@
+// One tile of S consecutive samples through all L layers on the CPU: the register-blocked loops of
+// vec.h where the embedding size fits whole vectors, the portable loops of dagfm_math.h elsewhere.
+//
+// kBytes: vector width the caller's target allows (0: portable loops only); kRegs: accumulator
+// registers the blocks may use (24 of AVX-512's 32 vector registers, 12 of AVX2's 16); kD: the
+// embedding size fixed at compile time (0: any, portable loops).
+#pragma once
+
+#include <cstdint>
+
+#include "../dagfm_math.h"
+#include "../dagfm_params.h"
+#include "vec.h"
+
+namespace dagfm {
+namespace cpu {
+
+#ifdef DAGFM_CPU_VECTORS
+// Widest vector of at most kBytes that rows of kD values of T split into (0: none).
+template <typename T, int kBytes, int kD>
+constexpr int row_vector_bytes() {
+  if constexpr (kBytes >= 64 && vectors_fit<T, 64, kD>()) return 64;
+  if constexpr (kBytes >= 32 && vectors_fit<T, 32, kD>()) return 32;
+  return 0;
+}
+#else
+template <typename T, int kBytes, int kD>
+constexpr int row_vector_bytes() { return 0; }
+#endif
+
+// Runs block<kM>(s0) over samples [0, S): blocks of kM, then of kM / 3, then single samples
+// (a small batch still reuses each weight load for a few samples).
+template <int kM, typename Block>
+DAGFM_HD void over_samples(int S, Block&& block) {
+  int s0 = 0;
+  for (; s0 + kM <= S; s0 += kM) block.template operator()<kM>(s0);
+  constexpr int kSmall = kM / 3 > 1 ? kM / 3 : 1;
+  if constexpr (kSmall > 1)
+    for (; s0 + kSmall <= S; s0 += kSmall) block.template operator()<kSmall>(s0);
+  for (; s0 < S; ++s0) block.template operator()<1>(s0);
+}
+
+// One layer forward for the tile: a = messages into every field, h = h0 * a.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const T* h0,
+                                 const T* h_prev, T* a, T* h, int F, int D, int S) {
+#ifdef DAGFM_CPU_VECTORS
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    constexpr int kV = kD / Vec<T, kVB>::lanes;
+    // Columns (fields x vectors) per block: 4 (inner) or 2 (kernel) on AVX-512, 2 on AVX2;
+    // samples per block: what is left of kRegs accumulators.
+    constexpr int kCols = kRegs >= 24 ? 4 : 2;
+    if (kind == Interaction::Inner) {
+      constexpr int kJ = kCols / kV > 1 ? kCols / kV : 1;
+      constexpr int kM = kRegs / (kJ * kV) > 1 ? kRegs / (kJ * kV) : 1;
+      over_samples<kM>(S, [&]<int kMb>(int s0) {
+        int j0 = 0;
+        for (; j0 + kJ <= F; j0 += kJ) inner_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, a, h, F, j0, s0);
+        for (; j0 < F; ++j0) inner_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, a, h, F, j0, s0);
+      });
+      return;
+    }
+    if (kind == Interaction::Kernel) {
+      constexpr int kJ = 2 / kV > 1 ? 2 / kV : 1;
+      constexpr int kM = kRegs / (kJ * kV) > 1 ? kRegs / (kJ * kV) : 1;
+      over_samples<kM>(S, [&]<int kMb>(int s0) {
+        int j0 = 0;
+        for (; j0 + kJ <= F; j0 += kJ) kernel_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, a, h, F, j0, s0);
+        for (; j0 < F; ++j0) kernel_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, a, h, F, j0, s0);
+      });
+      return;
+    }
+    constexpr int kM = kRegs / (3 * kV) > 1 ? kRegs / (3 * kV) : 1;
+    over_samples<kM>(S, [&]<int kMb>(int s0) {
+      for (int j = 0; j < F; ++j) outer_forward_block<T, kVB, kD, kMb>(p, q, h0, h_prev, a, h, F, j, s0);
+    });
+    return;
+  }
+#endif
+  layer_forward<T, T, kD>(kind, p, q, h0, h_prev, a, h, F, D, S);
+}
+
+// One layer backward for the tile; arguments as dagfm_math.h's layer_backward.
+template <typename T, int kBytes, int kD>
+DAGFM_HD void layer_backward_tile(Interaction kind, const T* p, const T* q, const T* h0,
+                                  const T* h_prev, const T* a, const T* delta, T* delta_prev,
+                                  T* alpha, T* grad_h0, T* grad_p, T* grad_q, int F, int D, int S) {
+#ifdef DAGFM_CPU_VECTORS
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    if (kind != Interaction::Kernel) {
+      const int64_t n = int64_t(S) * F * kD;
+      DAGFM_SIMD
+      for (int64_t k = 0; k < n; ++k) {
+        alpha[k] = delta[k] * h0[k];
+        grad_h0[k] += delta[k] * a[k];
+      }
+      // h_i and delta_prev_i of each sample stay in registers across j, next to the edge's
+      // weights and gradients: 2 samples per block (inner), 1 (outer).
+      if (kind == Interaction::Inner) {
+        int s0 = 0;
+        for (; s0 + 2 <= S; s0 += 2)
+          backward_block<T, kVB, kD, 2, false>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
+        for (; s0 < S; ++s0)
+          backward_block<T, kVB, kD, 1, false>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
+      } else {
+        for (int s0 = 0; s0 < S; ++s0)
+          backward_block<T, kVB, kD, 1, true>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
+      }
+      return;
+    }
+  }
+#endif
+  layer_backward<T, T, kD>(kind, p, q, h0, h_prev, a, delta, delta_prev, alpha, grad_h0, grad_p,
+                           grad_q, F, D, S);
+}
+
+// Workspace of forward_tile, in elements: two state buffers and the messages.
+DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) { return 3 * int64_t(S) * F * D; }
+
+// Forward of samples [b, b + S): states (and, when saved != nullptr, the messages a^1..a^L laid
+// out (B, L, F, D)) written to the outputs of pr.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws, T* saved) {
+  const int F = pr.num_fields, D = kD > 0 ? kD : pr.embed_dim, L = pr.depth;
+  const int64_t FD = int64_t(F) * D, SFD = S * FD, states_row = int64_t(L + 1) * F;
+  const int64_t layer_numel = pr.layer_weight_numel(), q_layer_numel = FD * F;
+  const T* h0 = pr.h0 + b * FD;
+  T* states = pr.states + b * states_row;
+  T* hbuf[2] = {ws, ws + SFD};
+  T* a = ws + 2 * SFD;
+  auto write_states = [&](const T* h, int t) {
+    for (int s = 0; s < S; ++s)
+      for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * D, D);
+  };
+  write_states(h0, 0);
+  const T* h_prev = h0;
+  for (int t = 1; t <= L; ++t) {
+    T* h = hbuf[t & 1];
+    layer_forward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
+                                             pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel,
+                                             h0, h_prev, a, h, F, D, S);
+    write_states(h, t);
+    if (saved != nullptr)
+      for (int s = 0; s < S; ++s) {
+        T* dst = saved + ((b + s) * L + t - 1) * FD;
+        for (int64_t k = 0; k < FD; ++k) dst[k] = a[s * FD + k];
+      }
+    h_prev = h;
+  }
+}
+
+// Backward of samples [b, b + S) into grad_h0 (its rows of pr.grad_h0) and the caller's weight
+// gradient partials grad_p / grad_q; ws holds tile_workspace_numel(F, D, L, S) elements.
+// saved: the forward's messages, or nullptr to recompute them.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int S, T* grad_p,
+                            T* grad_q, T* ws, const T* saved) {
+  const int F = pr.num_fields, D = kD > 0 ? kD : pr.embed_dim, L = pr.depth;
+  const int64_t FD = int64_t(F) * D, SFD = S * FD;
+  const int64_t layer_numel = pr.layer_weight_numel(), q_layer_numel = FD * F;
+  auto H = [&](int t) { return ws + t * SFD; };
+  auto A = [&](int t) { return ws + (L + t) * SFD; };
+  const T* h0 = pr.h0 + b * FD;
+  for (int64_t k = 0; k < SFD; ++k) H(0)[k] = h0[k];
+  for (int t = 1; t <= L; ++t) {
+    if (saved != nullptr) {
+      for (int s = 0; s < S; ++s) {
+        const T* src = saved + ((b + s) * L + t - 1) * FD;
+        for (int64_t k = 0; k < FD; ++k) {
+          A(t)[s * FD + k] = src[k];
+          H(t)[s * FD + k] = h0[s * FD + k] * src[k];
+        }
+      }
+    } else {
+      layer_forward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
+                                               pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel,
+                                               h0, H(t - 1), A(t), H(t), F, D, S);
+    }
+  }
+  T* delta = ws + (2 * L + 1) * SFD;
+  T* delta_prev = delta + SFD;
+  T* alpha = delta_prev + SFD;
+  T* grad_h0 = pr.grad_h0 + b * FD;
+  const T* grad_states = pr.grad_states + b * int64_t(L + 1) * F;
+  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = T(0);
+  broadcast_grad_states(grad_states, L, delta, F, D, L, S);
+  for (int t = L; t >= 1; --t) {
+    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S);
+    layer_backward_tile<T, kBytes, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
+                                       pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
+                                       H(t - 1), A(t), delta, delta_prev, alpha, grad_h0,
+                                       grad_p + (t - 1) * layer_numel,
+                                       grad_q == nullptr ? nullptr : grad_q + (t - 1) * q_layer_numel, F, D, S);
+    T* tmp = delta;
+    delta = delta_prev;
+    delta_prev = tmp;
+  }
+  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
+}
+
+}  // namespace cpu
+}  // namespace dagfm

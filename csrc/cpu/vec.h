@@ -1,0 +1,280 @@
+// Register-blocked CPU loops over a tile of samples, written with GCC/Clang vector extensions.
+//
+// A vector is kBytes wide (64 on AVX-512, 32 on AVX2; the caller's target attribute decides which
+// instructions they become). Each block keeps its accumulators in registers and loads every weight
+// vector once for several samples (and fields): the weights of a layer are the large operand, the
+// tile's states are the small one.
+//
+// Layouts as in dagfm_math.h: a tile's (S, F, D) arrays row-major, sample s at s*F*D; one layer's
+// weights p[i][j][d] (inner/outer, q likewise) or p[i][j][d][e] (kernel); only edges i <= j are read.
+#pragma once
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DAGFM_CPU_VECTORS 1
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../dagfm_math.h"
+
+// The helpers are always inlined, so passing vectors by value never crosses an ABI boundary.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define DAGFM_UNROLL _Pragma("GCC unroll 32")
+
+namespace dagfm {
+namespace cpu {
+
+template <typename T, int kBytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(kBytes)));
+  static constexpr int lanes = kBytes / int(sizeof(T));
+};
+
+template <typename V, typename T>
+DAGFM_HD V vload(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+DAGFM_HD void vstore(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// Whether rows of kD values of T split into whole kBytes vectors, few enough to stay in registers.
+template <typename T, int kBytes, int kD>
+constexpr bool vectors_fit() {
+  return (std::is_same_v<T, float> || std::is_same_v<T, double>) && kBytes > 0 && kD > 0 &&
+         (kD * int(sizeof(T))) % kBytes == 0 && kD / Vec<T, kBytes>::lanes <= 4;
+}
+
+template <typename T, int kBytes, typename V>
+DAGFM_HD T lane_sum(const V& v) {
+  T s = T(0);
+  DAGFM_UNROLL
+  for (int k = 0; k < Vec<T, kBytes>::lanes; ++k) s += v[k];
+  return s;
+}
+
+// Writes a_j and h_next_j = h0_j * a_j for the kM samples at s0 and fields [j0, j0 + kJ).
+template <typename T, int kBytes, int kD, int kM, int kJ, typename V>
+DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const T* DAGFM_RESTRICT h0,
+                             T* DAGFM_RESTRICT a, T* DAGFM_RESTRICT h_next, int64_t FD, int j0, int s0) {
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        const int64_t o = (s0 + m) * FD + int64_t(j0 + jj) * kD + v * kW;
+        vstore(a + o, acc[m][jj][v]);
+        vstore(h_next + o, vload<V>(h0 + o) * acc[m][jj][v]);
+      }
+}
+
+// Inner interaction, a_j = sum_{i<=j} p_ij * h_i for kM samples and kJ fields: per source field i,
+// kJ weight vectors and kM state vectors feed kM * kJ FMAs.
+template <typename T, int kBytes, int kD, int kM, int kJ>
+DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h0,
+                                  const T* DAGFM_RESTRICT h_prev, T* DAGFM_RESTRICT a,
+                                  T* DAGFM_RESTRICT h_next, int F, int j0, int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD;
+  V acc[kM][kJ][kV];
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+  auto step = [&](int i, int first) __attribute__((always_inline)) {
+    const T* w = p + (int64_t(i) * F + j0) * kD;
+    const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
+    V wv[kJ][kV];
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= first ? vload<V>(w + jj * kD + v * kW) : V{};
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        const V h = vload<V>(hi + m * FD + v * kW);
+        DAGFM_UNROLL
+        for (int jj = 0; jj < kJ; ++jj)
+          if (jj >= first) acc[m][jj][v] += wv[jj][v] * h;
+      }
+  };
+  // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
+  // (j0, j0 + kJ) only the fields >= i (never multiplied by a missing edge: Inf * 0 is NaN).
+  for (int i = 0; i <= j0; ++i) step(i, 0);
+  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  store_messages<T, kBytes, kD, kM, kJ>(acc, h0, a, h_next, FD, j0, s0);
+}
+
+// Outer interaction, a_j = sum_{i<=j} <p_ij, h_i> q_ij, for kM samples and one field j.
+template <typename T, int kBytes, int kD, int kM>
+DAGFM_HD void outer_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
+                                  const T* DAGFM_RESTRICT h0, const T* DAGFM_RESTRICT h_prev,
+                                  T* DAGFM_RESTRICT a, T* DAGFM_RESTRICT h_next, int F, int j, int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD;
+  V acc[kM][1][kV];
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int v = 0; v < kV; ++v) acc[m][0][v] = V{};
+  for (int i = 0; i <= j; ++i) {
+    const int64_t off = (int64_t(i) * F + j) * kD;
+    V wv[kV], qv[kV];
+    DAGFM_UNROLL
+    for (int v = 0; v < kV; ++v) {
+      wv[v] = vload<V>(p + off + v * kW);
+      qv[v] = vload<V>(q + off + v * kW);
+    }
+    // The kM dot products first, so their reductions overlap.
+    T c[kM];
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m) {
+      const T* hi = h_prev + (s0 + m) * FD + int64_t(i) * kD;
+      V prod = wv[0] * vload<V>(hi);
+      DAGFM_UNROLL
+      for (int v = 1; v < kV; ++v) prod += wv[v] * vload<V>(hi + v * kW);
+      c[m] = lane_sum<T, kBytes>(prod);
+    }
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) acc[m][0][v] += c[m] * qv[v];
+  }
+  store_messages<T, kBytes, kD, kM, 1>(acc, h0, a, h_next, FD, j, s0);
+}
+
+// Kernel interaction, a_j[e] = sum_{i<=j} sum_d h_i[d] p_ij[d][e], for kM samples and kJ fields:
+// per (i, d), kJ weight rows (read in p's own layout) and kM broadcast states feed kM * kJ * kV FMAs.
+// The blocks (i, j) with i > j are never read nor multiplied.
+template <typename T, int kBytes, int kD, int kM, int kJ>
+DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h0,
+                                   const T* DAGFM_RESTRICT h_prev, T* DAGFM_RESTRICT a,
+                                   T* DAGFM_RESTRICT h_next, int F, int j0, int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  constexpr int64_t kDD = int64_t(kD) * kD;
+  const int64_t FD = int64_t(F) * kD;
+  V acc[kM][kJ][kV];
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+  auto step = [&](int i, int first) __attribute__((always_inline)) {
+    const T* w = p + (int64_t(i) * F + j0) * kDD;
+    const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
+    for (int d = 0; d < kD; ++d) {
+      V wv[kJ][kV];
+      DAGFM_UNROLL
+      for (int jj = 0; jj < kJ; ++jj)
+        DAGFM_UNROLL
+        for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= first ? vload<V>(w + jj * kDD + d * kD + v * kW) : V{};
+      DAGFM_UNROLL
+      for (int m = 0; m < kM; ++m) {
+        const T h = hi[m * FD + d];
+        DAGFM_UNROLL
+        for (int jj = 0; jj < kJ; ++jj)
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v)
+            if (jj >= first) acc[m][jj][v] += h * wv[jj][v];
+      }
+    }
+  };
+  // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
+  // (j0, j0 + kJ) only the fields >= i.
+  for (int i = 0; i <= j0; ++i) step(i, 0);
+  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  store_messages<T, kBytes, kD, kM, kJ>(acc, h0, a, h_next, FD, j0, s0);
+}
+
+// Weight gradients and delta_prev for samples [s0, s0 + kB) (inner, or outer when kOuter), by
+// source field i: h_i and the running delta_prev_i stay in registers across the targets j >= i.
+template <typename T, int kBytes, int kD, int kB, bool kOuter>
+DAGFM_HD void backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
+                             const T* DAGFM_RESTRICT h_prev, const T* DAGFM_RESTRICT alpha,
+                             T* DAGFM_RESTRICT delta_prev, T* DAGFM_RESTRICT grad_p,
+                             T* DAGFM_RESTRICT grad_q, int F, int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD;
+  for (int i = 0; i < F; ++i) {
+    V hv[kB][kV], dv[kB][kV];
+    DAGFM_UNROLL
+    for (int b = 0; b < kB; ++b)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        const int64_t o = (s0 + b) * FD + int64_t(i) * kD + v * kW;
+        hv[b][v] = vload<V>(h_prev + o);
+        dv[b][v] = vload<V>(delta_prev + o);
+      }
+    for (int j = i; j < F; ++j) {
+      const int64_t off = (int64_t(i) * F + j) * kD;
+      V wv[kV], gw[kV], qv[kV], gq[kV];
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        wv[v] = vload<V>(p + off + v * kW);
+        gw[v] = vload<V>(grad_p + off + v * kW);
+        if constexpr (kOuter) {
+          qv[v] = vload<V>(q + off + v * kW);
+          gq[v] = vload<V>(grad_q + off + v * kW);
+        }
+      }
+      DAGFM_UNROLL
+      for (int b = 0; b < kB; ++b) {
+        const T* al = alpha + (s0 + b) * FD + int64_t(j) * kD;
+        V av[kV];
+        DAGFM_UNROLL
+        for (int v = 0; v < kV; ++v) av[v] = vload<V>(al + v * kW);
+        if constexpr (kOuter) {
+          V cp = V{}, rp = V{};
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) {
+            cp += wv[v] * hv[b][v];
+            rp += qv[v] * av[v];
+          }
+          const T c = lane_sum<T, kBytes>(cp), r = lane_sum<T, kBytes>(rp);
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) {
+            gq[v] += c * av[v];
+            gw[v] += r * hv[b][v];
+            dv[b][v] += r * wv[v];
+          }
+        } else {
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) {
+            gw[v] += av[v] * hv[b][v];
+            dv[b][v] += wv[v] * av[v];
+          }
+        }
+      }
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        vstore(grad_p + off + v * kW, gw[v]);
+        if constexpr (kOuter) vstore(grad_q + off + v * kW, gq[v]);
+      }
+    }
+    DAGFM_UNROLL
+    for (int b = 0; b < kB; ++b)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) vstore(delta_prev + (s0 + b) * FD + int64_t(i) * kD + v * kW, dv[b][v]);
+  }
+}
+
+}  // namespace cpu
+}  // namespace dagfm
+
+#pragma GCC diagnostic pop
+#endif
