@@ -12,9 +12,12 @@ __all__ = ["dagfm_propagate", "INTERACTIONS"]
 INTERACTIONS = ("inner", "outer", "kernel")
 
 
-def _edge_mask(num_fields: int, like: torch.Tensor) -> torch.Tensor:
-    # Edge i -> j exists for i <= j (self-loops included).
-    return torch.triu(torch.ones(num_fields, num_fields, dtype=like.dtype, device=like.device))
+def _upper(w: torch.Tensor) -> torch.Tensor:
+    """w (F, F, ...) with the edges i -> j for i > j set to zero (self-loops kept). A where(), not a
+    product with a 0/1 mask: the unused weights may hold anything, and Inf * 0 would be NaN."""
+    num_fields = w.shape[0]
+    keep = torch.ones(num_fields, num_fields, dtype=torch.bool, device=w.device).triu()
+    return torch.where(keep.view(keep.shape + (1,) * (w.dim() - 2)), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,
@@ -26,24 +29,20 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     """
     if interaction not in INTERACTIONS:
         raise ValueError(f"interaction: expected one of {INTERACTIONS}, got {interaction!r}")
-    num_fields = h0.shape[1]
     depth = p.shape[0]
-    mask = _edge_mask(num_fields, p)
     h = h0
     states = [h0.sum(dim=-1)]
     for t in range(depth):
         if interaction == "inner":
-            w = p[t] * mask[:, :, None]
+            w = _upper(p[t])
             a = torch.einsum("bid,ijd->bjd", h, w)
         elif interaction == "outer":
             if q is None:
                 raise ValueError("q: required for interaction='outer'")
-            w = p[t] * mask[:, :, None]
-            c = torch.einsum("bid,ijd->bij", h, w)
-            a = torch.einsum("bij,ijd->bjd", c, q[t])
+            c = torch.einsum("bid,ijd->bij", h, _upper(p[t]))
+            a = torch.einsum("bij,ijd->bjd", c, _upper(q[t]))
         else:
-            w = p[t] * mask[:, :, None, None]
-            a = torch.einsum("bid,ijde->bje", h, w)
+            a = torch.einsum("bid,ijde->bje", h, _upper(p[t]))
         h = h0 * a
         states.append(h.sum(dim=-1))
     return torch.stack(states, dim=1)
