@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
@@ -116,8 +117,16 @@ DAGFM_HD void layer_backward_tile(Interaction kind, const T* p, const T* q, cons
                            grad_q, F, D, S);
 }
 
-// Workspace of forward_tile, in elements: two state buffers and the messages.
-DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) { return 3 * int64_t(S) * F * D; }
+// Workspace of forward_tile, in elements: two state buffers and the messages, or the three
+// (F, D) x 16-lane buffers of outer_forward_lanes.
+DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) { return (3 * int64_t(S) + 48) * F * D; }
+
+// Whether the outer interaction runs with samples in lanes: a vector of samples per group, the
+// kD accumulators of a_j within the register budget.
+template <typename T, int kBytes, int kRegs, int kD>
+constexpr bool outer_in_lanes() {
+  return (std::is_same_v<T, float> || std::is_same_v<T, double>) && kBytes == 64 && kRegs >= 24 && kD > 0 && kD <= 16;
+}
 
 // Forward of samples [b, b + S): states (and, when saved != nullptr, the messages a^1..a^L laid
 // out (B, L, F, D)) written to the outputs of pr.
@@ -134,6 +143,22 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
     for (int s = 0; s < S; ++s)
       for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * D, D);
   };
+#ifdef DAGFM_CPU_VECTORS
+  if constexpr (outer_in_lanes<T, kBytes, kRegs, kD>()) {
+    constexpr int kW = Vec<T, kBytes>::lanes;
+    // Half a vector of samples or more: lanes beat horizontal sums despite the padding.
+    if (pr.interaction == Interaction::Outer && 2 * S >= kW) {
+      for (int g = 0; g < S; g += kW) {
+        const int n = S - g < kW ? S - g : kW;
+        for (int64_t k = 0; k < FD; ++k)
+          for (int lane = 0; lane < kW; ++lane) ws[k * kW + lane] = lane < n ? h0[(g + lane) * FD + k] : T(0);
+        outer_forward_lanes<T, kBytes, kD>(pr.p, pr.q, ws, F, L, n, states + g * states_row, states_row,
+                                           saved == nullptr ? nullptr : saved + (b + g) * L * FD);
+      }
+      return;
+    }
+  }
+#endif
   write_states(h0, 0);
   const T* h_prev = h0;
   for (int t = 1; t <= L; ++t) {

@@ -50,12 +50,21 @@ constexpr bool vectors_fit() {
          (kD * int(sizeof(T))) % kBytes == 0 && kD / Vec<T, kBytes>::lanes <= 4;
 }
 
+// Sum of the lanes by halving (a few shuffles, not one dependent add per lane).
 template <typename T, int kBytes, typename V>
 DAGFM_HD T lane_sum(const V& v) {
-  T s = T(0);
-  DAGFM_UNROLL
-  for (int k = 0; k < Vec<T, kBytes>::lanes; ++k) s += v[k];
-  return s;
+  if constexpr (kBytes > 16) {
+    using Half = typename Vec<T, kBytes / 2>::type;
+    Half lo, hi;
+    __builtin_memcpy(&lo, &v, kBytes / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + kBytes / 2, kBytes / 2);
+    return lane_sum<T, kBytes / 2>(lo + hi);
+  } else {
+    T s = T(0);
+    DAGFM_UNROLL
+    for (int k = 0; k < Vec<T, kBytes>::lanes; ++k) s += v[k];
+    return s;
+  }
 }
 
 // Writes a_j and h_next_j = h0_j * a_j for the kM samples at s0 and fields [j0, j0 + kJ).
@@ -153,6 +162,60 @@ DAGFM_HD void outer_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
       for (int v = 0; v < kV; ++v) acc[m][0][v] += c[m] * qv[v];
   }
   store_messages<T, kBytes, kD, kM, 1>(acc, h0, a, h_next, FD, j, s0);
+}
+
+// Outer interaction for up to one vector of samples, sample s in lane s (the whole tile through
+// all L layers): <p_ij, h_i> for every lane is D FMAs with p_ij[d] broadcast, no horizontal sums.
+// hT, the h0 tile transposed: (F, kD) vectors. ws: 3 * F * kD vectors. Lanes >= n are padding.
+template <typename T, int kBytes, int kD>
+DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q, T* ws, int F,
+                                  int L, int n, T* states, int64_t states_row, T* saved) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes;
+  const int64_t FD = int64_t(F) * kD;
+  T* h0 = ws;                      // (F, kD, kW), filled by the caller
+  T* hbuf[2] = {ws + FD * kW, ws + 2 * FD * kW};
+  auto write_states = [&](const T* h, int t) {
+    for (int j = 0; j < F; ++j) {
+      V s = vload<V>(h + int64_t(j) * kD * kW);
+      for (int d = 1; d < kD; ++d) s += vload<V>(h + (int64_t(j) * kD + d) * kW);
+      for (int lane = 0; lane < n; ++lane) states[lane * states_row + int64_t(t) * F + j] = s[lane];
+    }
+  };
+  write_states(h0, 0);
+  const T* h_prev = h0;
+  const int64_t layer = FD * F;
+  for (int t = 1; t <= L; ++t) {
+    T* h = hbuf[t & 1];
+    const T* pt = p + (t - 1) * layer;
+    const T* qt = q + (t - 1) * layer;
+    for (int j = 0; j < F; ++j) {
+      V acc[kD];
+      DAGFM_UNROLL
+      for (int e = 0; e < kD; ++e) acc[e] = V{};
+      for (int i = 0; i <= j; ++i) {
+        const T* w = pt + (int64_t(i) * F + j) * kD;
+        const T* qq = qt + (int64_t(i) * F + j) * kD;
+        const T* hi = h_prev + int64_t(i) * kD * kW;
+        // Four partial sums: the dot product is not one chain of kD dependent FMAs.
+        V c[4] = {V{}, V{}, V{}, V{}};
+        DAGFM_UNROLL
+        for (int d = 0; d < kD; ++d) c[d % 4] += w[d] * vload<V>(hi + d * kW);
+        const V dot = (c[0] + c[1]) + (c[2] + c[3]);
+        DAGFM_UNROLL
+        for (int e = 0; e < kD; ++e) acc[e] += qq[e] * dot;
+      }
+      DAGFM_UNROLL
+      for (int e = 0; e < kD; ++e) {
+        const int64_t o = (int64_t(j) * kD + e) * kW;
+        vstore(h + o, vload<V>(h0 + o) * acc[e]);
+        if (saved != nullptr)
+          for (int lane = 0; lane < n; ++lane) saved[(int64_t(lane) * L + t - 1) * FD + int64_t(j) * kD + e] = acc[e][lane];
+      }
+    }
+    write_states(h, t);
+    h_prev = h;
+  }
 }
 
 // Kernel interaction, a_j[e] = sum_{i<=j} sum_d h_i[d] p_ij[d][e], for kM samples and kJ fields:
