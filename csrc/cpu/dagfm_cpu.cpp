@@ -66,7 +66,7 @@ constexpr int kBlasMinEmbedDim = 8;
 // Samples per tile: each weight loaded serves the tile's samples (in register blocks of 2 to 24)
 // while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2.
 constexpr int kForwardTileRows = 24;
-constexpr int kBackwardRowTile = 8;
+constexpr int kBackwardRowTile = 32;
 // Work below which a second thread costs more (wake-up, a cold cache) than it saves.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
 // Rows per backward BLAS tile: a long inner dimension for the dW products, capped by its workspace.
@@ -243,9 +243,10 @@ DAGFM_HD void forward_range(const PropagateParams<T>& pr, int64_t b0, int64_t b1
 template <typename T, int kBytes, int kRegs, int kD>
 DAGFM_HD void backward_range(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* grad_p,
                              T* grad_q, T* ws, const T* saved) {
+  T* scratch = ws + tile_workspace_numel(pr.num_fields, pr.embed_dim, pr.depth, kBackwardRowTile);
   for (int64_t b = b0; b < b1; b += kBackwardRowTile)
     cpu::backward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kBackwardRowTile, b1 - b)), grad_p,
-                                             grad_q, ws, saved);
+                                             grad_q, ws, saved, scratch);
 }
 
 template <typename T, int kD>
@@ -344,7 +345,7 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
   }
   const int64_t grain = grain_for(3 * per_row_flops(pr) * plan.chunk_rows);
   at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
-    T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile));
+    T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile) + cpu::outer_lanes_scratch_numel(F, D));
     for (int64_t c = c0; c < c1; ++c) {
       T* gp = direct ? pr.grad_p : partial_p.data() + c * wnum;
       T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q.data() + c * qnum;

@@ -263,6 +263,84 @@ DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
   store_messages<T, kBytes, kD, kM, kJ>(acc, h0, a, h_next, FD, j0, s0);
 }
 
+// Outer backward, first half, for up to one vector of samples in lanes: C[i][j] = <p_ij, h_i> and
+// R[i][j] = <q_ij, alpha_j> for every edge, each an (F, F) array of vectors (lane = sample).
+// hT, aT: h_prev and alpha transposed, (F, kD) vectors.
+template <typename T, int kBytes, int kD>
+DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
+                                    const T* DAGFM_RESTRICT hT, const T* DAGFM_RESTRICT aT,
+                                    T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes;
+  for (int i = 0; i < F; ++i)
+    for (int j = i; j < F; ++j) {
+      const int64_t e = int64_t(i) * F + j;
+      const T* w = p + e * kD;
+      const T* qq = q + e * kD;
+      V c[2] = {V{}, V{}}, r[2] = {V{}, V{}};
+      DAGFM_UNROLL
+      for (int d = 0; d < kD; ++d) {
+        c[d % 2] += w[d] * vload<V>(hT + (int64_t(i) * kD + d) * kW);
+        r[d % 2] += qq[d] * vload<V>(aT + (int64_t(j) * kD + d) * kW);
+      }
+      vstore(C + e * kW, c[0] + c[1]);
+      vstore(R + e * kW, r[0] + r[1]);
+    }
+}
+
+// Outer backward, second half, for kS samples from s0 whose dot products sit at lane0.. of C / R
+// (kW lanes per edge): weight gradients and delta_prev with the dots broadcast, by source field i
+// (delta_prev_i of the kS samples in registers across the targets j >= i).
+template <typename T, int kBytes, int kD, int kS>
+DAGFM_HD void outer_backward_rows(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h_prev,
+                                  const T* DAGFM_RESTRICT alpha, const T* DAGFM_RESTRICT C,
+                                  const T* DAGFM_RESTRICT R, T* DAGFM_RESTRICT delta_prev,
+                                  T* DAGFM_RESTRICT grad_p, T* DAGFM_RESTRICT grad_q, int F, int s0,
+                                  int lane0, int kW) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kWR = Vec<T, kBytes>::lanes, kV = kD / kWR;
+  const int64_t FD = int64_t(F) * kD;
+  for (int i = 0; i < F; ++i) {
+    V dv[kS][kV];
+    DAGFM_UNROLL
+    for (int s = 0; s < kS; ++s)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) dv[s][v] = vload<V>(delta_prev + (s0 + s) * FD + int64_t(i) * kD + v * kWR);
+    for (int j = i; j < F; ++j) {
+      const int64_t e = int64_t(i) * F + j, off = e * kD;
+      const T* c = C + e * kW + lane0;
+      const T* r = R + e * kW + lane0;
+      V wv[kV], gp[kV], gq[kV];
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        wv[v] = vload<V>(p + off + v * kWR);
+        gp[v] = vload<V>(grad_p + off + v * kWR);
+        gq[v] = vload<V>(grad_q + off + v * kWR);
+      }
+      DAGFM_UNROLL
+      for (int s = 0; s < kS; ++s) {
+        const T* hs = h_prev + (s0 + s) * FD + int64_t(i) * kD;
+        const T* as = alpha + (s0 + s) * FD + int64_t(j) * kD;
+        DAGFM_UNROLL
+        for (int v = 0; v < kV; ++v) {
+          gq[v] += c[s] * vload<V>(as + v * kWR);
+          gp[v] += r[s] * vload<V>(hs + v * kWR);
+          dv[s][v] += r[s] * wv[v];
+        }
+      }
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        vstore(grad_p + off + v * kWR, gp[v]);
+        vstore(grad_q + off + v * kWR, gq[v]);
+      }
+    }
+    DAGFM_UNROLL
+    for (int s = 0; s < kS; ++s)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) vstore(delta_prev + (s0 + s) * FD + int64_t(i) * kD + v * kWR, dv[s][v]);
+  }
+}
+
 // Weight gradients and delta_prev for samples [s0, s0 + kB) (inner, or outer when kOuter), by
 // source field i: h_i and the running delta_prev_i stay in registers across the targets j >= i.
 template <typename T, int kBytes, int kD, int kB, bool kOuter>
