@@ -39,20 +39,28 @@ INTERACTIONS = reference.INTERACTIONS
 
 
 def time_calls(fns: Dict[str, Callable[[], object]], calls: int = 200, rounds: int = 10,
-               warmup: int = 20) -> Dict[str, dict]:
-    """Per-call seconds of each fn, interleaved in `rounds` blocks of `calls // rounds` calls:
-    {name: {'median_s', 'p99_s', 'n'}}."""
-    for fn in fns.values():
+               warmup: int = 20, budget_s: float = 2.0) -> Dict[str, dict]:
+    """Per-call seconds of each fn, interleaved in `rounds` blocks of calls: {name: {'median_s',
+    'p99_s', 'n'}}. Up to `calls` calls per fn, fewer (at least `rounds`) for a fn so slow that
+    they would take over `budget_s`."""
+    clock = time.perf_counter
+    per_block = {}
+    for name, fn in fns.items():
+        t0 = clock()
         for _ in range(warmup):
             fn()
-    per_block = max(1, calls // rounds)
+            if clock() - t0 > budget_s / 10:
+                break
+        t0 = clock()
+        fn()
+        n = min(calls, max(rounds, int(budget_s / max(clock() - t0, 1e-9))))
+        per_block[name] = max(1, n // rounds)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     names = list(fns)
-    clock = time.perf_counter
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, out = fns[name], samples[name]
-            for _ in range(per_block):
+            for _ in range(per_block[name]):
                 t0 = clock()
                 fn()
                 out.append(clock() - t0)
@@ -151,7 +159,8 @@ def useful_flops(B: int, F: int, D: int, L: int, interaction: str, backward: boo
 def matmul_rate(n: int = 2048, calls: int = 10) -> float:
     """float32 square matrix-product rate (FLOP/s) on the default threads, measured now."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / time_calls({"mm": lambda: torch.mm(a, b)}, calls=calls, rounds=calls, warmup=2)["mm"]["median_s"]
+    timed = time_calls({"mm": lambda: torch.mm(a, b)}, calls=calls, rounds=calls, warmup=2, budget_s=10.0)
+    return 2 * n ** 3 / timed["mm"]["median_s"]
 
 
 def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, calls: int) -> dict:
@@ -178,7 +187,7 @@ def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, 
         ops = {"fused": functional.dagfm_propagate, "eager": reference.dagfm_propagate}
         fns = {f"{name} {kind}": make(op) for name, op in ops.items()
                for kind, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd))}
-        t = time_calls(fns, calls=max(2, calls), rounds=max(2, calls), warmup=1)
+        t = time_calls(fns, calls=max(2, calls), rounds=max(2, calls), warmup=1, budget_s=30.0)
         rates.append(matmul_rate())
         row = {"interaction": interaction, "batch": batch}
         for name, v in t.items():

@@ -67,6 +67,16 @@ DAGFM_HD T lane_sum(const V& v) {
   }
 }
 
+template <int kM, int kJ, int kV, typename V>
+DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+}
+
 // Writes a_j and h_next_j = h0_j * a_j for the kM samples at s0 and fields [j0, j0 + kJ).
 template <typename T, int kBytes, int kD, int kM, int kJ, typename V>
 DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const T* DAGFM_RESTRICT h0,
@@ -94,12 +104,7 @@ DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
   const int64_t FD = int64_t(F) * kD;
   V acc[kM][kJ][kV];
-  DAGFM_UNROLL
-  for (int m = 0; m < kM; ++m)
-    DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+  zero_all(acc);
   auto step = [&](int i, int first) __attribute__((always_inline)) {
     const T* w = p + (int64_t(i) * F + j0) * kD;
     const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
@@ -134,10 +139,7 @@ DAGFM_HD void outer_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
   const int64_t FD = int64_t(F) * kD;
   V acc[kM][1][kV];
-  DAGFM_UNROLL
-  for (int m = 0; m < kM; ++m)
-    DAGFM_UNROLL
-    for (int v = 0; v < kV; ++v) acc[m][0][v] = V{};
+  zero_all(acc);
   for (int i = 0; i <= j; ++i) {
     const int64_t off = (int64_t(i) * F + j) * kD;
     V wv[kV], qv[kV];
@@ -230,12 +232,7 @@ DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
   constexpr int64_t kDD = int64_t(kD) * kD;
   const int64_t FD = int64_t(F) * kD;
   V acc[kM][kJ][kV];
-  DAGFM_UNROLL
-  for (int m = 0; m < kM; ++m)
-    DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+  zero_all(acc);
   auto step = [&](int i, int first) __attribute__((always_inline)) {
     const T* w = p + (int64_t(i) * F + j0) * kDD;
     const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
