@@ -2,7 +2,8 @@
 //
 // Forward (every interaction): tiles of consecutive samples run through all L layers in a small
 // per-thread workspace (tile.h); the register-blocked loops (vec.h) read the weights in their own
-// layout, so no call spends time re-laying them out, and edges i > j are never touched.
+// layout, so no call spends time re-laying them out, and edges i > j are never touched. The kernel
+// interaction at large batches: BLAS products over field groups of the packed weight instead.
 // Backward: the same tiles for inner / outer (and kernel at small D); the kernel interaction at
 // D >= 8 as BLAS products over field groups of the block-upper-triangular weight, split at the
 // diagonal so that no product multiplies a block below it.
@@ -69,6 +70,9 @@ constexpr int kForwardTileRows = 24;
 constexpr int kBackwardRowTile = 32;
 // Work below which a second thread costs more (wake-up, a cold cache) than it saves.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
+// Kernel interaction: from this batch size the forward runs as BLAS products on tiles of rows.
+constexpr int64_t kBlasForwardMinBatch = 512;
+constexpr int64_t kBlasTileRows = 64;
 // Rows per backward BLAS tile: a long inner dimension for the dW products, capped by its workspace.
 constexpr int64_t kBackwardTileRows = 256;
 constexpr int64_t kBackwardWorkspaceBytes = int64_t(8) << 20;
@@ -394,6 +398,62 @@ std::unique_ptr<T[]> pack_block_triangular(const T* w, int F, int D, int L) {
 // to the diagonal goes field by field.
 int fields_per_group(int D) { return std::max(1, 64 / D); }
 
+// a (rows x FD) = h_prev (rows x FD) @ W (block upper triangular), by column groups: the fields
+// before the group in one product, the diagonal triangle field by field (no block below the
+// diagonal is multiplied: Inf * 0 is NaN).
+template <typename T>
+void kernel_layer_product(const T* h_prev, const T* w, int rows, int F, int D, T* a) {
+  const int FD = F * D, G = fields_per_group(D);
+  for (int g0 = 0; g0 < F; g0 += G) {
+    const int g1 = std::min(F, g0 + G);
+    if (g0 > 0)
+      gemm_rowmajor<T>(false, false, rows, (g1 - g0) * D, g0 * D, h_prev, FD, w + g0 * D, FD, T(0), a + g0 * D, FD);
+    else
+      for (int r = 0; r < rows; ++r) std::fill_n(a + int64_t(r) * FD, g1 * D, T(0));
+    for (int j = g0; j < g1; ++j)
+      gemm_rowmajor<T>(false, false, rows, D, (j - g0 + 1) * D, h_prev + g0 * D, FD,
+                       w + int64_t(g0) * D * FD + j * D, FD, T(1), a + j * D, FD);
+  }
+}
+
+// Large batches of the kernel interaction: MKL's products beat the tile loops there, and packing
+// the weights once per call is a small share of the work. saved as in forward_rows.
+template <typename T>
+void forward_kernel_blas(const PropagateParams<T>& pr, T* saved) {
+  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
+  const int64_t FD = int64_t(F) * D, states_row = int64_t(L + 1) * F;
+  const std::unique_ptr<T[]> w = pack_block_triangular(pr.p, F, D, L);
+  const int64_t num_tiles = (pr.batch + kBlasTileRows - 1) / kBlasTileRows;
+  at::parallel_for(0, num_tiles, grain_for(per_row_flops(pr) * kBlasTileRows), [&](int64_t tile0, int64_t tile1) {
+    SingleThreadedBlas single;
+    T* buf = thread_workspace<T>(3 * kBlasTileRows * FD);
+    T* hb[2] = {buf, buf + kBlasTileRows * FD};
+    T* a = buf + 2 * kBlasTileRows * FD;
+    auto write_states = [&](const T* h, int64_t rows, T* states) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int j = 0; j < F; ++j) states[r * states_row + j] = sum(h + (r * F + j) * D, D);
+    };
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t r0 = tile * kBlasTileRows;
+      const int rows = int(std::min(kBlasTileRows, pr.batch - r0));
+      const T* h0 = pr.h0 + r0 * FD;
+      T* states = pr.states + r0 * states_row;
+      write_states(h0, rows, states);
+      const T* h_prev = h0;
+      for (int t = 1; t <= L; ++t) {
+        T* h = hb[t & 1];
+        kernel_layer_product(h_prev, w.get() + (t - 1) * FD * FD, rows, F, D, a);
+        hadamard_row(h0, a, rows * FD, h);
+        if (saved != nullptr)
+          for (int r = 0; r < rows; ++r)
+            std::copy(a + r * FD, a + (r + 1) * FD, saved + ((r0 + r) * L + (t - 1)) * FD);
+        write_states(h, rows, states + int64_t(t) * F);
+        h_prev = h;
+      }
+    }
+  });
+}
+
 // saved (nullable): the forward's messages (B, L, F, D); without them the caller recomputes them.
 template <typename T>
 void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) {
@@ -511,6 +571,15 @@ bool use_kernel_blas(const PropagateParams<T>& pr) {
          int64_t(pr.num_fields) * pr.embed_dim <= (int64_t(1) << 15) && blas_available<T>();
 }
 
+// The forward takes BLAS only where packing the weights is small next to the products.
+template <typename T>
+void forward(const PropagateParams<T>& pr, T* saved = nullptr) {
+  if (use_kernel_blas(pr) && pr.batch >= kBlasForwardMinBatch)
+    forward_kernel_blas(pr, saved);
+  else
+    forward_rows(pr, saved);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Op implementations
 
@@ -520,7 +589,7 @@ at::Tensor propagate_fwd_cpu(const at::Tensor& h0, const at::Tensor& p,
   at::Tensor states = empty_states(args);
   if (args.batch == 0) return states;
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_cpu", [&] {
-    forward_rows(make_params<scalar_t>(args, states));
+    forward(make_params<scalar_t>(args, states));
   });
   return states;
 }
@@ -536,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
   at::Tensor saved = at::empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
   if (args.batch == 0) return {states, saved};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_train_cpu", [&] {
-    forward_rows(make_params<scalar_t>(args, states), saved.data_ptr<scalar_t>());
+    forward(make_params<scalar_t>(args, states), saved.data_ptr<scalar_t>());
   });
   return {states, saved};
 }
@@ -559,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
       if (!saved.defined()) {
         at::Tensor no_states = empty_states(args);
         saved = at::empty({args.batch * args.depth * args.num_fields * int64_t(args.embed_dim)}, args.h0.options());
-        forward_rows(make_params<scalar_t>(args, no_states), saved.data_ptr<scalar_t>());
+        forward(make_params<scalar_t>(args, no_states), saved.data_ptr<scalar_t>());
       }
       backward_kernel_blas(params, saved.data_ptr<scalar_t>());
     } else {
