@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from . import cost as _cost
 from . import functional as _functional
 
 __all__ = ["DAGFM", "DAGFMPlus", "INTERACTIONS"]
@@ -75,13 +76,6 @@ class _DagBase(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_fields={self.num_fields}, embed_dim={self.embed_dim}, depth={self.depth}, "
                 f"interaction={self.interaction!r}")
-
-    def _propagation_flops(self) -> int:
-        F, D, L = self.num_fields, self.embed_dim, self.depth
-        edges = F * (F + 1) // 2
-        per_edge = {"inner": 2 * D, "outer": 4 * D, "kernel": 2 * D * D}[self.interaction]
-        # per layer: edge aggregation, h0 * a, and the state sum
-        return 2 * F * F * D + L * (edges * per_edge + F * D + F * D) + F * D
 
     # -- public-reference weight import -------------------------------------------------------
     def _load_dag_weights(self, sd: Mapping[str, torch.Tensor], prefix: str) -> set:
@@ -146,7 +140,7 @@ class DAGFM(_DagBase):
         return self.linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 
     def flops_per_sample(self) -> int:
-        return self._propagation_flops() + 2 * (self.depth + 1) * self.num_fields
+        return _cost.dagfm_flops_per_sample(self.num_fields, self.embed_dim, self.depth, self.interaction)
 
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor], prefix: str | None = None,
                                  strict: bool = True) -> None:
@@ -218,9 +212,8 @@ class DAGFMPlus(_DagBase):
         return self.mlp(z.reshape(z.shape[0], -1)).squeeze(-1)
 
     def flops_per_sample(self) -> int:
-        dims = [self.num_fields * self.embed_dim, *self.mlp_dims, 1]
-        mlp = sum(2 * a * b + b for a, b in zip(dims[:-1], dims[1:]))
-        return self._propagation_flops() + self.depth * self.num_fields * self.embed_dim + mlp
+        return _cost.dagfm_plus_flops_per_sample(self.num_fields, self.embed_dim, self.depth,
+                                                 self.interaction, self.mlp_dims)
 
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor], prefix: str | None = None,
                                  strict: bool = True) -> None:
