@@ -39,7 +39,7 @@ def _default_device() -> str:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .distill import RunConfig, STUDENTS
-    from .modules import INTERACTIONS
+    from .reference import INTERACTIONS
     from .teachers import teacher_names
     d = RunConfig()
     p.add_argument("--dataset", type=_dataset, default=d.dataset, metavar="{ml-100k,criteo:PATH,synthetic}",

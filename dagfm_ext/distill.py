@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from . import distributed, metrics
 from .data import FeatureSchema, FieldEmbedding, TabularData, load_dataset
-from .modules import DAGFM, DAGFMPlus, INTERACTIONS
+from .modules import DAGFM, DAGFMPlus
+from .reference import INTERACTIONS
 from .serving import Scorer
 from .teachers import FM, build_teacher, teacher_names
 
