@@ -1,7 +1,8 @@
 """What a distillation run is asked to do: ``RunConfig``, the phase names and the student names.
 
-Plain data and its validation; it imports no training code, so the CLI can build its parser
-from the defaults and a checkpoint's config can be read back without the pipeline.
+Plain data and its validation (which needs only the interaction names and the teacher registry),
+so the CLI builds its parser from the defaults and a checkpoint's config is read back without
+loading the pipeline.
 """
 from __future__ import annotations
 

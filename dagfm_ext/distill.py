@@ -17,6 +17,7 @@ Under torchrun (``dagfm_ext.distributed``) every rank trains a DistributedDataPa
 its round-robin share of each global batch; the loss is scaled so the averaged gradient is the
 global-batch mean, validation/test predictions are gathered from all ranks before scoring, and
 rank 0 alone writes the checkpoint, logs and report (every rank reads the checkpoint on resume).
+docs/layout.md follows a run from the CLI through this loop down to the fused op.
 """
 from __future__ import annotations
 

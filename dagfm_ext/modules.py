@@ -3,6 +3,7 @@
 Both map field embeddings (B, F, D) to logits (B,). The DAG propagation runs in one call of
 ``dagfm_ext.dagfm_propagate``; only the upper triangle of ``p``/``q`` is used (the op masks it
 implicitly, so the lower triangle gets exactly zero gradient and no mask buffer is needed).
+The maths of both networks is in docs/maths.md.
 """
 from __future__ import annotations
 
