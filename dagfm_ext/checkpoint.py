@@ -22,7 +22,7 @@ from .fileio import atomic_torch_save
 from .kd_model import KDModel, build_model
 
 __all__ = ["CHECKPOINT", "Progress", "seed_all", "capture_rng", "restore_rng", "checkpoint_state",
-           "save_checkpoint", "read_checkpoint", "checkpoint_file", "load_finished_run"]
+           "write_checkpoint", "read_checkpoint", "checkpoint_file", "load_finished_run"]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -91,7 +91,7 @@ def checkpoint_state(cfg: RunConfig, schema: FeatureSchema, model: torch.nn.Modu
             **progress.to_dict(), "rng": capture_rng()}
 
 
-def save_checkpoint(out_dir: Path, state: dict) -> None:
+def write_checkpoint(out_dir: Path, state: dict) -> None:
     atomic_torch_save(state, Path(out_dir) / CHECKPOINT)
 
 

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
-from .checkpoint import (CHECKPOINT, Progress, checkpoint_state, read_checkpoint, restore_rng,
-                         save_checkpoint, seed_all)
+from .checkpoint import (CHECKPOINT, Progress, checkpoint_state, read_checkpoint, restore_rng, seed_all,
+                         write_checkpoint)
 from .config import PHASES, RunConfig
 from .data import FeatureSchema, TabularData, load_dataset
 from .fileio import atomic_write_text
@@ -240,8 +240,8 @@ class Pipeline:
     # -- saving and resuming ------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
-            save_checkpoint(self.out, checkpoint_state(self.cfg, self.data.schema, self.model,
-                                                       self.optimizer, self.progress))
+            write_checkpoint(self.out, checkpoint_state(self.cfg, self.data.schema, self.model,
+                                                        self.optimizer, self.progress))
             write_logs(self.out, self.progress.history)
         # No rank starts the next epoch before this checkpoint is on disk: a rank killed there
         # resumes from this epoch, not an older one.
