@@ -38,8 +38,8 @@ def _default_device() -> str:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .distill import RunConfig, STUDENTS
-    from .modules import INTERACTIONS
+    from .config import RunConfig, STUDENTS
+    from .reference import INTERACTIONS
     from .teachers import teacher_names
     d = RunConfig()
     p.add_argument("--dataset", type=_dataset, default=d.dataset, metavar="{ml-100k,criteo:PATH,synthetic}",
@@ -99,7 +99,9 @@ def _bench(argv: Sequence[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from . import distributed
-    from .distill import Pipeline, RunConfig, format_table
+    from .config import RunConfig
+    from .distill import Pipeline
+    from .report import format_table
     try:
         # Under torchrun this joins the process group; the device becomes cuda:LOCAL_RANK on GPUs.
         device = distributed.init_from_env(args.device or _default_device())
@@ -142,7 +144,8 @@ def _serving(command: str, argv: Sequence[str]) -> int:
     from . import serving
     try:
         if command == "export":
-            serving.export_checkpoint(args.checkpoint, args.output, args.aoti)
+            from .export import export_checkpoint  # the training side: only export loads it
+            export_checkpoint(args.checkpoint, args.output, args.aoti)
             print(f"exported: {args.output}" + (f" and {args.aoti}" if args.aoti else ""))
         elif args.output:
             with open(args.output, "w") as f:

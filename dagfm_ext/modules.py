@@ -3,6 +3,7 @@
 Both map field embeddings (B, F, D) to logits (B,). The DAG propagation runs in one call of
 ``dagfm_ext.dagfm_propagate``; only the upper triangle of ``p``/``q`` is used (the op masks it
 implicitly, so the lower triangle gets exactly zero gradient and no mask buffer is needed).
+The maths of both networks is in docs/maths.md.
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from torch import nn
 
 from . import cost as _cost
 from . import functional as _functional
+from .reference import INTERACTIONS, edge_mask, propagate_layer
 
-__all__ = ["DAGFM", "DAGFMPlus", "INTERACTIONS"]
-
-INTERACTIONS = ("inner", "outer", "kernel")
+__all__ = ["DAGFM", "DAGFMPlus"]
 
 
 def _check_positive(name: str, value) -> int:
@@ -173,7 +173,7 @@ class DAGFMPlus(_DagBase):
     """KD-DAGFM+: the same propagation, read out by an MLP over flatten(h0 + sum_t h^t).
 
     The fused op returns only the per-field sums s^t_j, not the D-vectors h^t_j this readout
-    needs, so the propagation here is the plain recurrence (one einsum per layer) under autograd.
+    needs, so the propagation here is the reference's per-layer step under autograd.
     """
 
     def __init__(self, num_fields: int, embed_dim: int, depth: int = 3, interaction: str = "inner",
@@ -192,18 +192,11 @@ class DAGFMPlus(_DagBase):
     def hidden_sum(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 + sum_{t=1..L} h^t, (B, F, D)."""
         h0 = self.mixed(emb)
-        F = self.num_fields
-        mask = torch.ones(F, F, dtype=h0.dtype, device=h0.device).triu()
+        mask = edge_mask(self.num_fields, h0)
         h, total = h0, h0
         for t in range(self.depth):
-            if self.interaction == "inner":
-                a = torch.einsum("bid,ijd->bjd", h, self.p[t] * mask[:, :, None])
-            elif self.interaction == "outer":
-                c = torch.einsum("bid,ijd->bij", h, self.p[t] * mask[:, :, None])
-                a = torch.einsum("bij,ijd->bjd", c, self.q[t])
-            else:
-                a = torch.einsum("bid,ijde->bje", h, self.p[t] * mask[:, :, None, None])
-            h = h0 * a
+            q_t = self.q[t] if self.q is not None else None
+            h = propagate_layer(h, h0, self.p[t], q_t, self.interaction, mask)
             total = total + h
         return total
 

@@ -11,7 +11,8 @@ the ids of the first ``max_len`` tokens followed by ``-1`` padding (a row withou
 OOV id 0). The graph masks ``-1`` slots and averages the rest, so padding never reaches a lookup.
 
 Loading (``load_student``, ``dagfm-ext predict``) needs only torch and this package's ops: the
-model classes and the training stack are not imported.
+model classes and the training stack are not imported, and this module imports none of them
+(exporting a training run's checkpoint is ``dagfm_ext.export``).
 """
 from __future__ import annotations
 
@@ -25,24 +26,14 @@ import torch
 from torch import nn
 
 from .data import DataFormatError, FeatureSchema
+from .scorer import Scorer
 
-__all__ = ["Scorer", "export_student", "export_checkpoint", "load_student", "read_raw_rows",
-           "predict_file", "SCHEMA_FILE", "META_FILE"]
+__all__ = ["Scorer", "export_student", "load_student", "read_raw_rows", "predict_file",
+           "SCHEMA_FILE", "META_FILE"]
 
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
 FORMAT = 1
-
-
-class Scorer(nn.Module):
-    """Encoded rows (B, num_slots) int64 -> logits (B,): the shared embedding, then one network."""
-
-    def __init__(self, embedding: nn.Module, network: nn.Module):
-        super().__init__()
-        self.embedding, self.network = embedding, network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.embedding(x))
 
 
 def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSchema, output,
@@ -70,32 +61,6 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
             program, package_path=str(aoti_output),
             inductor_configs={"aot_inductor.metadata": {"num_slots": str(schema.num_slots)}})
     return program
-
-
-def export_checkpoint(checkpoint, output, aoti_output=None) -> torch.export.ExportedProgram:
-    """Export the finetuned student of a finished run (a run directory or its checkpoint.pt)."""
-    from .distill import CHECKPOINT, PHASES, RunConfig, build_model  # the training side only
-
-    path = Path(checkpoint)
-    file = path / CHECKPOINT if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint: expected a run directory holding {CHECKPOINT} or the "
-                                f"file itself, got {str(path)!r}")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "schema" not in state:
-        raise ValueError(f"checkpoint: {file} is not a dagfm_ext run checkpoint")
-    if state["phase_idx"] < len(PHASES):
-        raise ValueError(f"checkpoint: the run in {file.parent} has not finished (in phase "
-                         f"{PHASES[state['phase_idx']]!r}, epoch {state['epoch']}); finish it with "
-                         "'dagfm-ext run --output DIR --resume' first")
-    cfg = RunConfig.from_dict(state["config"])
-    cfg.device = "cpu"
-    schema = FeatureSchema.from_dict(state["schema"])
-    model = build_model(cfg, schema)
-    model.load_state_dict(state["model"])
-    meta = {"student": cfg.student, "interaction": cfg.interaction, "depth": cfg.depth,
-            "embed_dim": cfg.embed_dim, "dataset": cfg.dataset}
-    return export_student(model.embedding, model.student, schema, output, aoti_output, meta=meta)
 
 
 def load_student(path) -> Tuple[nn.Module, FeatureSchema, dict]:

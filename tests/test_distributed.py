@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dagfm_ext.distill import CHECKPOINT, RunConfig, run_pipeline
+from dagfm_ext.checkpoint import CHECKPOINT
+from dagfm_ext.config import RunConfig
+from dagfm_ext.distill import run_pipeline
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")

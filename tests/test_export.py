@@ -11,9 +11,11 @@ import torch
 
 from dagfm_ext.cli import main
 from dagfm_ext.data import FeatureSchema, FieldEmbedding, FieldSpec
-from dagfm_ext.distill import Pipeline, RunConfig
+from dagfm_ext.config import RunConfig
+from dagfm_ext.distill import Pipeline
 from dagfm_ext.modules import DAGFM, DAGFMPlus
-from dagfm_ext.serving import Scorer, export_student, load_student
+from dagfm_ext.scorer import Scorer
+from dagfm_ext.serving import export_student, load_student
 
 SMALL = dict(embed_dim=4, batch_size=128, max_epochs=1, patience=1, depth=2, teacher_depth=2, seed=3,
              progress=False, device="cpu")

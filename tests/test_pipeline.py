@@ -15,7 +15,9 @@ import dagfm_ext
 
 from dagfm_ext.cli import main
 from dagfm_ext.data import make_synthetic
-from dagfm_ext.distill import PHASES, CHECKPOINT, Pipeline, RunConfig, run_pipeline
+from dagfm_ext.checkpoint import CHECKPOINT
+from dagfm_ext.config import PHASES, RunConfig
+from dagfm_ext.distill import Pipeline, run_pipeline
 
 REPORT_KEYS = {"test_auc", "test_logloss", "params", "flops", "infer_ms"}
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "2000", "--embed-dim", "4", "--batch-size", "128",
