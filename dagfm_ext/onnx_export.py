@@ -41,9 +41,9 @@ from typing import List, Optional
 import numpy as np
 
 from .data import FeatureSchema
-from .onnx_scorer import INPUT_NAME, META_KEY, OUTPUT_NAMES, SCHEMA_KEY
+from .onnx_scorer import INPUT_NAME, META_KEY, OUTPUT_NAMES, SCHEMA_KEY, require
 
-__all__ = ["build_onnx_student", "export_onnx", "OPSET"]
+__all__ = ["build_onnx_student", "export_onnx", "export_onnx_checkpoint", "OPSET"]
 
 OPSET = 17
 # Bands of kernel's block-triangular product: n bands do (n + 1) / 2n of the dense work for n + 1
@@ -208,7 +208,7 @@ def _readout(g: _Graph, student, hs: List[str]) -> str:
 
 def build_onnx_student(embedding, student, schema: FeatureSchema, meta: Optional[dict] = None):
     """The ``onnx.ModelProto`` of ``Scorer(embedding, student)`` (DAGFM or DAGFMPlus, eval mode)."""
-    import onnx
+    onnx = require("onnx")
     from onnx import TensorProto, helper
     from .modules import DAGFM, DAGFMPlus
 
@@ -244,7 +244,7 @@ def export_onnx(embedding, student, schema: FeatureSchema, output, triton_dir=No
                 model_name: Optional[str] = None, meta: Optional[dict] = None):
     """Write the student as ``output`` (.onnx); with ``triton_dir`` also a Triton model repository
     ``triton_dir/<model_name>/`` (default name: the file's stem). Returns the ``onnx.ModelProto``."""
-    import onnx
+    onnx = require("onnx")
     model = build_onnx_student(embedding, student, schema, meta)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -253,3 +253,10 @@ def export_onnx(embedding, student, schema: FeatureSchema, output, triton_dir=No
         from .triton import write_model_repository
         write_model_repository(model, triton_dir, model_name or output.stem)
     return model
+
+
+def export_onnx_checkpoint(checkpoint, output, triton_dir=None, model_name: Optional[str] = None):
+    """``export_onnx`` of the finetuned student of a finished run (a run directory or its checkpoint.pt)."""
+    from .serving import student_from_checkpoint
+    embedding, student, schema, meta = student_from_checkpoint(checkpoint)
+    return export_onnx(embedding, student, schema, output, triton_dir, model_name, meta)

@@ -12,13 +12,23 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["OnnxStudent"]
+__all__ = ["OnnxStudent", "require"]
 
 # The file's contract: one int64 input of encoded rows, these outputs, this metadata.
 INPUT_NAME = "slots"
 OUTPUT_NAMES = ("logit", "probability")
 SCHEMA_KEY = "dagfm_ext.schema"
 META_KEY = "dagfm_ext.meta"
+
+
+def require(module: str):
+    """Import an optional dependency of the ONNX path, or say how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(f"the ONNX export and scoring need the {module!r} package: "
+                           "pip install 'dagfm_ext[onnx]'") from None
 
 
 class OnnxStudent:
@@ -28,7 +38,7 @@ class OnnxStudent:
     the export's metadata; ``threads`` sets onnxruntime's intra-op threads (default: its own)."""
 
     def __init__(self, path, threads: Optional[int] = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model: no such file: {path}")

@@ -26,12 +26,20 @@ from torch import nn
 
 from .data import DataFormatError, FeatureSchema
 
-__all__ = ["Scorer", "export_student", "export_checkpoint", "load_student", "read_raw_rows",
-           "predict_file", "SCHEMA_FILE", "META_FILE"]
+__all__ = ["Scorer", "export_student", "export_checkpoint", "student_from_checkpoint", "load_student",
+           "read_raw_rows", "predict_file", "export_onnx", "export_onnx_checkpoint", "SCHEMA_FILE", "META_FILE"]
 
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
 FORMAT = 1
+
+
+def __getattr__(name: str):
+    # The ONNX export needs the optional onnx package: imported on first use only.
+    if name in ("export_onnx", "export_onnx_checkpoint"):
+        from . import onnx_export
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Scorer(nn.Module):
@@ -74,6 +82,12 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
 
 def export_checkpoint(checkpoint, output, aoti_output=None) -> torch.export.ExportedProgram:
     """Export the finetuned student of a finished run (a run directory or its checkpoint.pt)."""
+    embedding, student, schema, meta = student_from_checkpoint(checkpoint)
+    return export_student(embedding, student, schema, output, aoti_output, meta=meta)
+
+
+def student_from_checkpoint(checkpoint) -> Tuple[nn.Module, nn.Module, FeatureSchema, dict]:
+    """(embedding, student, schema, metadata) of a finished run, on CPU."""
     from .distill import CHECKPOINT, PHASES, RunConfig, build_model  # the training side only
 
     path = Path(checkpoint)
@@ -95,12 +109,18 @@ def export_checkpoint(checkpoint, output, aoti_output=None) -> torch.export.Expo
     model.load_state_dict(state["model"])
     meta = {"student": cfg.student, "interaction": cfg.interaction, "depth": cfg.depth,
             "embed_dim": cfg.embed_dim, "dataset": cfg.dataset}
-    return export_student(model.embedding, model.student, schema, output, aoti_output, meta=meta)
+    return model.embedding, model.student, schema, meta
 
 
 def load_student(path) -> Tuple[nn.Module, FeatureSchema, dict]:
-    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student."""
+    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student, or
+    from an .onnx file written by ``export_onnx`` (run by onnxruntime)."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":  # scored by onnxruntime; the schema is in the model's metadata
+        from .onnx_scorer import OnnxStudent
+        onnx_student = OnnxStudent(path)
+        return (lambda x: torch.from_numpy(onnx_student(x.numpy())), FeatureSchema.from_dict(onnx_student.schema),
+                onnx_student.meta)
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file: {path}")
     extra = {SCHEMA_FILE: "", META_FILE: ""}
