@@ -21,6 +21,7 @@ from dagfm_ext.modules import DAGFM, DAGFMPlus  # noqa: E402
 from dagfm_ext.onnx_export import build_onnx_student, export_onnx  # noqa: E402
 from dagfm_ext.onnx_scorer import OnnxStudent  # noqa: E402
 from dagfm_ext.serving import Scorer, read_raw_rows  # noqa: E402
+from test_export import _criteo_file as write_criteo  # noqa: E402  (a Criteo-format file)
 
 STUDENTS = [("dagfm", "inner"), ("dagfm", "outer"), ("dagfm", "kernel"),
             ("dagfm+", "inner"), ("dagfm+", "outer"), ("dagfm+", "kernel")]
@@ -39,16 +40,6 @@ def make_student(schema: FeatureSchema, student: str, interaction: str, embed_di
 def in_memory(embedding, net, slots: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return Scorer(embedding, net).eval()(torch.from_numpy(slots)).numpy()
-
-
-def write_criteo(path: Path, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n):
-        ints = ["" if rng.random() < 0.1 else str(int(rng.integers(-1, 300))) for _ in range(13)]
-        cats = ["" if rng.random() < 0.1 else f"{int(rng.integers(0, 20)):08x}" for _ in range(26)]
-        lines.append("\t".join([str(int(rng.random() < 0.3))] + ints + cats))
-    path.write_text("\n".join(lines) + "\n")
 
 
 def criteo_rows(tmp_path):
