@@ -165,9 +165,9 @@ def main(argv=None) -> int:
                       file=sys.stderr, flush=True)
     load_end = os.getloadavg()
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/bench_serving.py", *(argv or sys.argv[1:])])
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"`{command}`, {now}, {cpu_model()} ({os.cpu_count()} logical CPUs), {args.threads} threads per "
-             f"engine, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average "
+    start = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"`{command}`, started {start}, {cpu_model()} ({os.cpu_count()} logical CPUs), threads per "
+             f"engine: {args.threads}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average "
              f"{load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; {time.time() - started:.0f} s.", "",
              "| interaction | B | engine | rows/s | p50 ms | p99 ms | calls | p50 / ort ours |",
              "|---|---|---|---|---|---|---|---|"]
