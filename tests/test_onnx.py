@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,7 +202,7 @@ SMALL = dict(embed_dim=4, batch_size=128, max_epochs=1, patience=1, depth=2, tea
 
 
 @pytest.mark.parametrize("student", ["dagfm", "dagfm+"])
-def test_cli_export_and_predict_onnx_equals_pt2(tmp_path, student, capsys):
+def test_cli_export_and_predict_onnx_equals_pt2(tmp_path, student):
     data = tmp_path / "train.tsv"
     write_criteo(data, 400, seed=2)
     run = tmp_path / "run"
