@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dagfm_ext import reference
-from dagfm_ext.data import CRITEO_CAT, CRITEO_INT, FeatureSchema, FieldEmbedding, FieldSpec
+from dagfm_ext.data import FeatureSchema, FieldEmbedding, FieldSpec
 from dagfm_ext.modules import DAGFM
 from dagfm_ext.onnx_export import export_onnx
 from dagfm_ext.onnx_scorer import OnnxStudent
@@ -56,7 +56,7 @@ class EagerStudent(nn.Module):
 
 
 def criteo_like_schema(vocab: int) -> FeatureSchema:
-    kinds = [(n, "integer") for n in CRITEO_INT] + [(n, "categorical") for n in CRITEO_CAT]
+    kinds = [(f"I{k}", "integer") for k in range(1, 14)] + [(f"C{k}", "categorical") for k in range(1, 27)]
     return FeatureSchema([FieldSpec(n, kind=k, vocab={str(v): v for v in range(1, vocab + 1)}) for n, k in kinds])
 
 
