@@ -1,8 +1,10 @@
 """Scoring encoded rows with an exported ONNX student through onnxruntime.
 
-This module uses onnxruntime, numpy and json only; the graph needs no part of this package, so any
-onnxruntime process (or Triton's onnxruntime backend) can serve the same file with the schema read
-from the model's metadata (``dagfm_ext.schema`` holds ``FeatureSchema.to_dict()`` as JSON).
+This module itself uses onnxruntime, numpy and json only, and the graph needs no part of this
+package: a process without torch or dagfm_ext (importing ``dagfm_ext`` loads torch) serves the same
+file with a plain ``onnxruntime.InferenceSession`` (input ``slots``, outputs ``logit`` and
+``probability``), as does Triton's onnxruntime backend. The schema is in the model's metadata:
+``dagfm_ext.schema`` holds ``FeatureSchema.to_dict()`` as JSON.
 """
 from __future__ import annotations
 
