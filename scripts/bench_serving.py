@@ -11,7 +11,9 @@ categorical Criteo-like fields), D=16, L=3, float32. Engines, all on the same we
   (compiled for this CPU; compile time excluded).
 
 Every engine's logits are checked against ``fused`` first. Latency is per call (one batch), over
-interleaved rounds so that load changes hit every engine alike; rows/s = B / mean latency.
+interleaved rounds so that load changes hit every engine alike; rows/s = B / mean latency. With
+``--threads 1 --cpu-time`` each call is timed by the calling thread's CPU time, which other jobs on
+a shared machine disturb much less than wall time.
 
     python scripts/bench_serving.py [--threads 2] [--batches 1,64,1024] [--aoti] [--append benchmarks/RESULTS.md]
 """
@@ -98,8 +100,9 @@ def engines_for(interaction: str, schema: FeatureSchema, args, work: Path) -> di
     return out
 
 
-def measure(engines: dict, x: np.ndarray, rounds: int, seconds: float) -> dict:
-    """Per-call latencies (s) of every engine, interleaved: each round gives each engine its share."""
+def measure(engines: dict, x: np.ndarray, rounds: int, seconds: float, clock=time.perf_counter) -> dict:
+    """Per-call times (s) of every engine by ``clock``, interleaved: each round gives each engine its
+    share of ``seconds`` of wall time."""
     for fn in engines.values():  # warm-up
         for _ in range(3):
             fn(x)
@@ -108,11 +111,10 @@ def measure(engines: dict, x: np.ndarray, rounds: int, seconds: float) -> dict:
         for name, fn in engines.items():
             stop = time.perf_counter() + seconds / rounds
             while True:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn(x)
-                t1 = time.perf_counter()
-                lat[name].append(t1 - t0)
-                if t1 >= stop and len(lat[name]) >= 3:
+                lat[name].append(clock() - t0)
+                if time.perf_counter() >= stop and len(lat[name]) >= 3:
                     break
     return lat
 
@@ -135,10 +137,16 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=10000, help="ids per field (default: 10000)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per engine and batch size (default: 2)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each call by the calling thread's CPU time instead of wall time (needs --threads 1: "
+                        "every engine then runs on the calling thread); less sensitive to other jobs on the machine")
     p.add_argument("--aoti", action="store_true", help="also the AOTInductor package (compiles one per interaction)")
     p.add_argument("--append", metavar="FILE", help="append the table as a section of this markdown file")
     args = p.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time: expected --threads 1 (other threads' CPU time would not be counted)")
     batches = [int(b) for b in args.batches.split(",")]
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     import onnxruntime
     schema = criteo_like_schema(args.vocab)
@@ -154,8 +162,9 @@ def main(argv=None) -> int:
                 for name, fn in engines.items():
                     err = float(np.abs(fn(x) - want).max())
                     if err > 1e-4:
-                        raise SystemExit(f"{name} {interaction} B={B}: logits differ from the fused student by {err:.2e}")
-                lat = measure(engines, x, args.rounds, args.seconds)
+                        raise SystemExit(f"{name} {interaction} B={B}: logits differ from the fused student "
+                                         f"by {err:.2e}")
+                lat = measure(engines, x, args.rounds, args.seconds, clock)
                 for name, values in lat.items():
                     v = np.asarray(values)
                     rows.append((interaction, B, name, B / v.mean(), np.percentile(v, 50) * 1e3,
@@ -167,7 +176,8 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in ["scripts/bench_serving.py", *(argv or sys.argv[1:])])
     start = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"`{command}`, started {start}, {cpu_model()} ({os.cpu_count()} logical CPUs), threads per "
-             f"engine: {args.threads}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average "
+             f"engine: {args.threads}, {'CPU time of the calling thread' if args.cpu_time else 'wall time'} per call, "
+             f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average "
              f"{load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; {time.time() - started:.0f} s.", "",
              "| interaction | B | engine | rows/s | p50 ms | p99 ms | calls | p50 / ort ours |",
              "|---|---|---|---|---|---|---|---|"]
