@@ -5,6 +5,7 @@
     python -m dagfm_ext run --output runs/x --resume   # continue a killed run
     torchrun --nproc_per_node=2 -m dagfm_ext run --output runs/x   # DistributedDataParallel
     python -m dagfm_ext export --checkpoint runs/x --output student.pt2
+    python -m dagfm_ext export --checkpoint runs/x --onnx student.onnx --triton model_repository
     python -m dagfm_ext predict --model student.pt2 --input rows.tsv --output preds.csv
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(under torchrun: one DDP process per rank)")
     _add_run_arguments(run)
     # export and predict have their own parsers (see _serving): predict must not import the training code.
-    sub.add_parser("export", help="write a finished run's student as a torch.export program (.pt2)", add_help=False)
+    sub.add_parser("export", help="write a finished run's student as a torch.export program (.pt2) or ONNX graph", add_help=False)
     sub.add_parser("predict", help="score raw TSV/CSV rows with an exported student", add_help=False)
     # bench's own options are added only when it runs (the module is imported lazily).
     sub.add_parser("bench", help="benchmark the fused op (see 'dagfm-ext bench --help')", add_help=False)
@@ -128,25 +129,37 @@ def _serving(command: str, argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"dagfm-ext {command}")
     if command == "export":
         parser.description = ("Write the finetuned student of a finished run (embeddings, schema, field mixing, "
-                              "propagation, readout) as a torch.export program with a dynamic batch dimension.")
+                              "propagation, readout) as a torch.export program (--output) and/or a standard-op ONNX graph "
+                              "(--onnx), both with a dynamic batch dimension.")
         parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory (or its checkpoint.pt)")
-        parser.add_argument("--output", required=True, metavar="FILE", help="the .pt2 file to write")
+        parser.add_argument("--output", metavar="FILE", help="the .pt2 file to write")
         parser.add_argument("--aoti", metavar="FILE", help="also write an AOTInductor package (compiled for this "
                             "CPU; for C++ serving, see examples/cpp/serve_student.cpp)")
+        parser.add_argument("--onnx", metavar="FILE", help="write the student as a standard-op ONNX graph for "
+                            "onnxruntime (needs the 'onnx' extra)")
+        parser.add_argument("--triton", metavar="DIR", help="with --onnx: also a Triton model repository in DIR")
     else:
         parser.description = "Score raw rows with a student written by 'dagfm-ext export'."
-        parser.add_argument("--model", required=True, metavar="FILE", help="the .pt2 written by 'dagfm-ext export'")
+        parser.add_argument("--model", required=True, metavar="FILE",
+                            help="the .pt2 or .onnx written by 'dagfm-ext export'")
         parser.add_argument("--input", required=True, metavar="ROWS",
                             help="TSV/CSV rows: a header naming the fields, or the fields in order with an "
                                  "optional leading label column (Criteo format)")
         parser.add_argument("--output", metavar="FILE", help="CSV of logit,probability (default: stdout)")
     args = parser.parse_args(list(argv))
+    if command == "export" and not (args.output or args.onnx):
+        parser.error("expected --output FILE.pt2, --onnx FILE.onnx or both")
+    if command == "export" and ((args.aoti and not args.output) or (args.triton and not args.onnx)):
+        parser.error("--aoti needs --output, --triton needs --onnx")
     from . import serving
     try:
         if command == "export":
-            from .export import export_checkpoint  # the training side: only export loads it
-            export_checkpoint(args.checkpoint, args.output, args.aoti)
-            print(f"exported: {args.output}" + (f" and {args.aoti}" if args.aoti else ""))
+            from . import export  # the training side: only export loads it
+            if args.output:
+                export.export_checkpoint(args.checkpoint, args.output, args.aoti)
+            if args.onnx:
+                export.export_onnx_checkpoint(args.checkpoint, args.onnx, args.triton)
+            print("exported: " + ", ".join(f for f in (args.output, args.aoti, args.onnx, args.triton) if f))
         elif args.output:
             with open(args.output, "w") as f:
                 n = len(serving.predict_file(args.model, args.input, f))

@@ -28,12 +28,20 @@ from torch import nn
 from .data import DataFormatError, FeatureSchema
 from .scorer import Scorer
 
-__all__ = ["Scorer", "export_student", "load_student", "read_raw_rows", "predict_file",
+__all__ = ["Scorer", "export_student", "load_student", "read_raw_rows", "predict_file", "export_onnx",
            "SCHEMA_FILE", "META_FILE"]
 
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
 FORMAT = 1
+
+
+def __getattr__(name: str):
+    # The ONNX export needs the optional onnx package: imported on first use only.
+    if name == "export_onnx":
+        from . import onnx_export
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSchema, output,
@@ -64,8 +72,14 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
 
 
 def load_student(path) -> Tuple[nn.Module, FeatureSchema, dict]:
-    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student."""
+    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student, or
+    from an .onnx file written by ``export_onnx`` (run by onnxruntime)."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":  # scored by onnxruntime; the schema is in the model's metadata
+        from .onnx_scorer import OnnxStudent
+        onnx_student = OnnxStudent(path)
+        return (lambda x: torch.from_numpy(onnx_student(x.numpy())), FeatureSchema.from_dict(onnx_student.schema),
+                onnx_student.meta)
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file: {path}")
     extra = {SCHEMA_FILE: "", META_FILE: ""}
