@@ -51,20 +51,24 @@ LOW_PRECISION_FACTOR = 2
 LOW_PRECISION_FLOOR_ULPS = 4
 
 
+def assert_error_within_tolerance(dtype: torch.dtype, err: float, reference_err: float, what: str) -> None:
+    """``err``: the fused op's relative error against float64; ``reference_err``: the reference's
+    own in ``dtype`` (unused for float64)."""
+    if dtype == torch.float64:
+        assert err < FLOAT64_REL_TOL, f"{what}: relative error {err:.3g} in float64"
+        return
+    tol = LOW_PRECISION_FACTOR * max(reference_err, LOW_PRECISION_FLOOR_ULPS * torch.finfo(dtype).eps)
+    assert err <= tol, f"{what}: relative error {err:.3g} in {dtype_name(dtype)}, the reference's own {reference_err:.3g}"
+
+
 def assert_close_to_float64(actual: torch.Tensor, same_dtype_reference: torch.Tensor, exact: torch.Tensor,
                             what: str) -> None:
     """``actual`` (the fused op) against ``exact`` (the reference in float64), within the
     tolerance of ``actual``'s dtype; ``same_dtype_reference`` is the reference in that dtype."""
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
-    err = rel_err(actual, exact)
-    if actual.dtype == torch.float64:
-        assert err < FLOAT64_REL_TOL, f"{what}: relative error {err:.3g} in float64"
-        return
     assert same_dtype_reference.dtype == actual.dtype, what
-    ref_err = rel_err(same_dtype_reference, exact)
-    tol = LOW_PRECISION_FACTOR * max(ref_err, LOW_PRECISION_FLOOR_ULPS * torch.finfo(actual.dtype).eps)
-    assert err <= tol, (f"{what}: relative error {err:.3g} in {dtype_name(actual.dtype)}, the reference's "
-                        f"own {ref_err:.3g}")
+    reference_err = 0.0 if actual.dtype == torch.float64 else rel_err(same_dtype_reference, exact)
+    assert_error_within_tolerance(actual.dtype, rel_err(actual, exact), reference_err, what)
 
 
 def run_with_grads(fn, h0, p, q, interaction, grad_states=None):
@@ -89,12 +93,15 @@ def fused_and_reference(h0, p, q, interaction, grad_states=None):
     """The fused op, the reference in the inputs' dtype and the reference in float64 on the same
     (already rounded) inputs, each as (states, [grads]) for the same upstream gradient."""
     s, g, grad_states = run_with_grads(dagfm_ext.dagfm_propagate, h0, p, q, interaction, grad_states)
-    double = lambda t: None if t is None else t.double()
-    s64, g64, _ = run_with_grads(reference.dagfm_propagate, double(h0), double(p), double(q), interaction,
-                                 grad_states.double())
+    # The references get contiguous copies: their answer must not depend on the layout under test.
+    dense = lambda t, dtype: None if t is None else t.to(dtype).contiguous()
+    s64, g64, _ = run_with_grads(reference.dagfm_propagate, dense(h0, torch.float64), dense(p, torch.float64),
+                                 dense(q, torch.float64), interaction, dense(grad_states, torch.float64))
     if h0.dtype == torch.float64:
         return (s, g), (s64, g64), (s64, g64)
-    s_lo, g_lo, _ = run_with_grads(reference.dagfm_propagate, h0, p, q, interaction, grad_states)
+    dtype = h0.dtype
+    s_lo, g_lo, _ = run_with_grads(reference.dagfm_propagate, dense(h0, dtype), dense(p, dtype), dense(q, dtype),
+                                   interaction, dense(grad_states, dtype))
     return (s, g), (s_lo, g_lo), (s64, g64)
 
 
