@@ -19,7 +19,7 @@ from dagfm_ext.reference import INTERACTIONS
 from dagfm_ext.testing import make_grad_states, rel_err
 
 # "ci" runs by default and draws the same cases every run, so a failure reproduces on a rerun;
-# `pytest --hypothesis-profile=long` searches about ten times longer, on new cases each run (a
+# `pytest --hypothesis-profile=long` searches many more cases, new ones each run (a
 # failure prints the blob that reproduces it).
 settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, database=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])
