@@ -144,7 +144,8 @@ def build_inputs(case: Case):
             continue
         for t, i, j in case.zero_edges:
             w[t, i, j] = 0
-        if case.loud_lower_triangle:
+        # Expanded along a field dim, an upper edge would alias a loud lower one.
+        if case.loud_lower_triangle and not {1, 2} & set(case.layouts[name].expanded):
             w[:, lower] *= LOUD_LOWER_TRIANGLE
     tensors = {"h0": h0, **weights, "grad_states": grad_states}
     return {name: None if t is None else lay_out(t.to(device=case.device, dtype=case.dtype), case.layouts[name])
