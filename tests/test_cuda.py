@@ -3,31 +3,21 @@ the global-memory fallback path, determinism, streams, empty and large batches, 
 contract and full output coverage. Skipped without a GPU."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import dagfm_ext
-from dagfm_ext import reference
+from dagfm_ext import reference, testing
+from dagfm_ext.reference import INTERACTIONS as KINDS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-KINDS = ("inner", "outer", "kernel")
 FALLBACK_ENV = "DAGFM_CUDA_FORCE_FALLBACK"
 
-
-def make_inputs(kind, B, F, D, L, dtype=torch.float64, device="cuda", seed=0, requires_grad=False):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h0 = torch.randn(B, F, D, generator=g, dtype=torch.float64)
-    pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
-    # Scaled so that states stay O(1) through the layers.
-    p = torch.randn(pshape, generator=g, dtype=torch.float64) / (F * (D if kind == "kernel" else 1)) ** 0.5
-    q = torch.randn(L, F, F, D, generator=g, dtype=torch.float64) / D**0.5 if kind == "outer" else None
-    out = [t.to(device=device, dtype=dtype) if t is not None else None for t in (h0, p, q)]
-    if requires_grad:
-        for t in out:
-            if t is not None:
-                t.requires_grad_(True)
-    return out
+# The shared cases, drawn on the GPU unless a test names another device.
+make_inputs = functools.partial(testing.make_inputs, device="cuda")
 
 
 def run(kind, h0, p, q, grad_states=None):
