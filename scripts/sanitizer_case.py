@@ -28,7 +28,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 5e-3, torch.float16: 5
 
 
 def check(kind, B, F, D, L, dtype, fallback, tf32=False, keep_messages=False):
-    os.environ["DAGFM_CUDA_FORCE_FALLBACK"] = "1" if fallback else "0"
+    os.environ["DAGFM_CUDA_FORCE_GLOBAL_MEMORY"] = "1" if fallback else "0"
+    dagfm_ext._C._reread_cuda_switches()  # the extension reads its switches once per process
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     g = torch.Generator().manual_seed(B * 1000 + F)
     h0 = torch.randn(B, F, D, generator=g, dtype=torch.float64)
