@@ -46,6 +46,13 @@ BackwardCall backward_call(Interaction kind, bool saved, int L = 3) {
   return c;
 }
 
+// The default switches with one of them set.
+Switches with(bool Switches::*field, bool value) {
+  Switches s;
+  s.*field = value;
+  return s;
+}
+
 void expect_forward(const ForwardCall& call, const DeviceLimits& lim, const Switches& sw, ForwardPath want,
                     const char* what) {
   const ForwardChoice got = choose_forward(call, lim, sw);
@@ -94,18 +101,15 @@ void check_forward_rules() {
                    "inner / outer do not fit");
   }
   // The switches.
-  Switches no_tc;
-  no_tc.tensor_cores = false;
+  const Switches no_tc = with(&Switches::tensor_cores, false);
   expect_forward(forward_call(K, StorageType::Float16, 16), kH200, no_tc, ForwardPath::RegisterBlocked,
                  "DAGFM_CUDA_TENSOR_CORES=0");
-  Switches no_rb;
-  no_rb.register_blocking = false;
+  const Switches no_rb = with(&Switches::register_blocking, false);
   expect_forward(forward_call(K, StorageType::Float16, 16), kH200, no_rb, ForwardPath::TensorCores,
                  "DAGFM_CUDA_REGISTER_BLOCKING=0 keeps tensor cores");
   expect_forward(forward_call(Interaction::Inner, StorageType::Float32, 16), kH200, no_rb,
                  ForwardPath::OneOutputPerThread, "DAGFM_CUDA_REGISTER_BLOCKING=0");
-  Switches global;
-  global.force_global_memory = true;
+  const Switches global = with(&Switches::force_global_memory, true);
   expect_forward(forward_call(K, StorageType::Float16, 16), kH200, global, ForwardPath::OneOutputPerThread,
                  "DAGFM_CUDA_FORCE_GLOBAL_MEMORY=1, tensor cores");
   expect_forward(forward_call(Interaction::Outer, StorageType::Float32, 16), kH200, global,
@@ -150,20 +154,17 @@ void check_backward_rules() {
                   "inner plan does not fit");
   expect_backward(backward_call(Interaction::Inner, true, 0), kH200, on, BackwardPath::OneOutputPerThread,
                   "inner, L = 0");
-  Switches no_gemm;
-  no_gemm.gemm_backward = false;
+  const Switches no_gemm = with(&Switches::gemm_backward, false);
   expect_backward(backward_call(Interaction::Kernel, true), kH200, no_gemm, BackwardPath::OneOutputPerThread,
                   "DAGFM_CUDA_GEMM_BACKWARD=0");
   expect_backward(backward_call(Interaction::Inner, true), kH200, no_gemm, BackwardPath::RegisterBlockedInner,
                   "DAGFM_CUDA_GEMM_BACKWARD=0 leaves the inner backward");
-  Switches no_rb;
-  no_rb.register_blocking = false;
+  const Switches no_rb = with(&Switches::register_blocking, false);
   expect_backward(backward_call(Interaction::Inner, true), kH200, no_rb, BackwardPath::OneOutputPerThread,
                   "DAGFM_CUDA_REGISTER_BLOCKING=0");
   expect_backward(backward_call(Interaction::Outer, true), kH200, no_rb, BackwardPath::Gemm,
                   "DAGFM_CUDA_REGISTER_BLOCKING=0 leaves the GEMM backward");
-  Switches global;
-  global.force_global_memory = true;
+  const Switches global = with(&Switches::force_global_memory, true);
   for (Interaction kind : {Interaction::Inner, Interaction::Outer, Interaction::Kernel})
     expect_backward(backward_call(kind, true), kH200, global, BackwardPath::OneOutputPerThread,
                     "DAGFM_CUDA_FORCE_GLOBAL_MEMORY=1");
