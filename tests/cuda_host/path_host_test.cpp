@@ -53,21 +53,26 @@ Switches with(bool Switches::*field, bool value) {
   return s;
 }
 
+template <typename Path>
+void expect_path(Path got, Path want, bool plan_fits, const char* what, const char* pass) {
+  ++g_cases;
+  expect(got == want, what, pass);
+  expect(plan_fits, "the chosen path has a plan that fits", what);
+}
+
 void expect_forward(const ForwardCall& call, const DeviceLimits& lim, const Switches& sw, ForwardPath want,
                     const char* what) {
   const ForwardChoice got = choose_forward(call, lim, sw);
-  ++g_cases;
-  expect(got.path == want, what, "forward");
-  if (got.path == ForwardPath::TensorCores) expect(got.tc_plan.ok, "a tensor-core plan that fits", what);
-  if (got.path == ForwardPath::RegisterBlocked) expect(got.rb_plan.ok, "a register-blocked plan that fits", what);
+  const bool fits = got.path == ForwardPath::TensorCores       ? got.tc_plan.ok
+                    : got.path == ForwardPath::RegisterBlocked ? got.rb_plan.ok
+                                                               : true;
+  expect_path(got.path, want, fits, what, "forward");
 }
 
 void expect_backward(const BackwardCall& call, const DeviceLimits& lim, const Switches& sw, BackwardPath want,
                      const char* what) {
   const BackwardChoice got = choose_backward(call, lim, sw);
-  ++g_cases;
-  expect(got.path == want, what, "backward");
-  if (got.path == BackwardPath::RegisterBlockedInner) expect(got.rb_plan.ok, "a register-blocked plan", what);
+  expect_path(got.path, want, got.path != BackwardPath::RegisterBlockedInner || got.rb_plan.ok, what, "backward");
 }
 
 void check_forward_rules() {
