@@ -35,6 +35,7 @@ import time
 
 import torch
 
+import dagfm_ext
 from dagfm_ext import bench, cost
 from dagfm_ext.bench.roofline import measure_copy_bandwidth, measure_matmul_rate
 from dagfm_ext.bench.timing import median_seconds
@@ -45,7 +46,9 @@ DT = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16,
 # Relative error against float64 a fused row must stay under to be timed.
 LIMIT = {"float32": 1e-5, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
 # The environment switches that select a kernel variant in the CUDA backend.
-VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_RB_TILE", "DAGFM_CUDA_TC_ROWS")
+# The extension reads them once per process, so every change is followed by a reread.
+VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_GEMM_BACKWARD",
+               "DAGFM_CUDA_RB_TILE", "DAGFM_CUDA_TC_ROWS")
 SWEEP_F, SWEEP_D = (8, 23, 39), (8, 16, 32)
 
 
@@ -61,17 +64,20 @@ def precision(dtype_name: str):
 
 @contextlib.contextmanager
 def variant(name=None, tensor_cores=True):
-    """None = the default path, "v0" = the first CUDA-core kernels, "rb8" ... "rb64" = the
+    """None = the default path, "v0" = the first CUDA-core kernels (forward and backward, no cuBLAS
+    backward), "rb8" ... "rb64" = the
     register-blocked forward with that many samples per tile, "tc32" = the tensor-core forward
     with 32 samples per warp."""
     saved = {k: os.environ.get(k) for k in VARIANT_ENV}
     os.environ["DAGFM_CUDA_TENSOR_CORES"] = "1" if tensor_cores else "0"
     if name == "v0":
         os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        os.environ["DAGFM_CUDA_GEMM_BACKWARD"] = "0"
     elif name == "tc32":
         os.environ["DAGFM_CUDA_TC_ROWS"] = "32"
     elif name:
         os.environ["DAGFM_CUDA_RB_TILE"] = name[2:]
+    dagfm_ext._C._reread_cuda_switches()
     try:
         yield
     finally:
@@ -80,6 +86,7 @@ def variant(name=None, tensor_cores=True):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        dagfm_ext._C._reread_cuda_switches()
 
 
 @functools.lru_cache(maxsize=4)

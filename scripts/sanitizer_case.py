@@ -29,7 +29,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 5e-3, torch.float16: 5
 
 
 def check(kind, B, F, D, L, dtype, fallback, tf32=False, keep_messages=False):
-    os.environ["DAGFM_CUDA_FORCE_FALLBACK"] = "1" if fallback else "0"
+    os.environ["DAGFM_CUDA_FORCE_GLOBAL_MEMORY"] = "1" if fallback else "0"
+    dagfm_ext._C._reread_cuda_switches()  # the extension reads its switches once per process
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     seed = B * 1000 + F
     dev = [*make_inputs(kind, B, F, D, L, dtype, "cuda", seed), make_grad_states(B, F, L, dtype, "cuda", seed + 1)]
@@ -67,7 +68,7 @@ def main():
     # first forward kernels it replaced.
     for kind, shape in (("inner", (33, 80, 16, 1)), ("outer", (33, 80, 16, 1)), ("kernel", (33, 40, 8, 1))):
         ok &= check(kind, *shape, torch.float32, False)
-        os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"  # check() rereads the switches
         ok &= check(kind, *SHAPES[0], torch.float32, False)
         del os.environ["DAGFM_CUDA_REGISTER_BLOCKING"]
     # The training path (messages kept; the inner backward is then register-blocked), every kind.

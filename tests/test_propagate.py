@@ -250,7 +250,7 @@ def test_training_forward_op_and_saved_messages(device, kind):
     torch.testing.assert_close((h0[:, None] * saved.view(70, 3, 6, 9)).sum(-1), states[:, 1:])
 
 
-# The GEMM backward of the kernel and outer interactions (csrc/gemm_backward.cpp): the CUDA backend's
+# The GEMM backward of the kernel and outer interactions (csrc/cuda/gemm_backward.cpp): the CUDA backend's
 # backward when the messages are kept; device-agnostic, so its algebra is checked here on every device.
 
 @pytest.mark.parametrize("device", DEVICES)
