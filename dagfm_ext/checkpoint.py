@@ -26,7 +26,7 @@ from .config import PHASES, RunConfig
 from .data import FeatureSchema
 from .fileio import atomic_torch_save
 from .kd_model import KDModel, build_model
-from .safe_load import UnsafeFileError, digest, load_plain
+from .safe_load import UnsafeFileError, digest, load_failure, load_plain
 
 __all__ = ["CHECKPOINT", "Progress", "seed_all", "capture_rng", "restore_rng", "checkpoint_state",
            "write_checkpoint", "read_checkpoint", "checkpoint_file", "load_finished_run",
@@ -181,7 +181,7 @@ def convert_checkpoint(old, new, trust_pickle: bool = False) -> Path:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"convert-checkpoint: {file} is not a checkpoint of an older dagfm_ext ({e})") from None
     except Exception as e:  # noqa: BLE001  (torch.load of arbitrary bytes fails in many ways)
-        raise ValueError(f"convert-checkpoint: {file} is not a readable torch file ({type(e).__name__})") from None
+        raise ValueError(f"convert-checkpoint: {file} is not a readable torch file ({load_failure(e)})") from None
     state.pop("digest", None)
     state["format"] = FORMAT
     state["digest"] = digest(state)

@@ -46,12 +46,14 @@ def _file_ancestor(path: Path):
     return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
 
 
-def make_dirs(path) -> None:
-    """``mkdir -p path``; an ancestor that is a file is an error naming it."""
+def make_dirs(path, needed_for=None) -> None:
+    """``mkdir -p path`` (a folder ``needed_for`` some file); an ancestor that is a file is an
+    error naming it."""
     path = Path(path)
     blocker = _file_ancestor(path / "x")
     if blocker is not None:
-        raise NotADirectoryError(errno.ENOTDIR, f"is a file, so {path} cannot be created", str(blocker))
+        what = f"{needed_for} cannot be written" if needed_for is not None else f"{path} cannot be created"
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file, so {what}", str(blocker))
     path.mkdir(parents=True, exist_ok=True)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UnsafeFileError", "load_plain", "digest", "read_pt2", "check_program_ops"]
+__all__ = ["UnsafeFileError", "load_plain", "load_failure", "digest", "read_pt2", "check_program_ops"]
 
 
 class UnsafeFileError(ValueError):
@@ -59,9 +59,15 @@ def load_plain(source, what: str, name=None) -> Any:
                                   f"({_refused_global(e)}); refused, since loading it could run code") from None
         raise ValueError(f"{what}: {name} is not a readable torch file ({_unpickler_reason(e)})") from None
     except Exception as e:  # noqa: BLE001  (torch.load of arbitrary bytes fails in many ways)
-        raise ValueError(f"{what}: {name} is not a readable torch file "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
-                         ) from None
+        raise ValueError(f"{what}: {name} is not a readable torch file ({load_failure(e)})") from None
+
+
+def load_failure(e: Exception) -> str:
+    """Why torch.load failed, in a few words."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    if isinstance(e, EOFError):
+        return "it is empty or cut short"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 _SCALARS = (type(None), bool, int, float, str)

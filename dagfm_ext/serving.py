@@ -53,11 +53,11 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
     info = {"format": FORMAT, "num_slots": schema.num_slots, "num_fields": schema.num_fields,
             "slot_fields": schema.slot_fields(), **(meta or {})}
     output = Path(output)
-    make_dirs(output.parent)
+    make_dirs(output.parent, needed_for=output)
     extra = {SCHEMA_FILE: json.dumps(schema.to_dict()), META_FILE: json.dumps(info)}
     atomic_write(output, lambda f: torch.export.save(program, f, extra_files=extra))
     if aoti_output is not None:
-        make_dirs(Path(aoti_output).parent)
+        make_dirs(Path(aoti_output).parent, needed_for=aoti_output)
         # The custom op has no C shim: the package calls it through the dispatcher by name, so the
         # loading process must have the ops registered (dagfm_ext._C, or libdagfm_ops in C++).
         torch._inductor.aoti_compile_and_package(
@@ -105,7 +105,7 @@ def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
     hold space-separated tokens; empty cells are missing values (OOV)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input: no such file: {path}")
+        raise FileNotFoundError(f"input: {'not a file' if path.exists() else 'no such file'}: {path}")
     names = schema.names
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         first = f.readline()

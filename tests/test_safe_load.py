@@ -216,3 +216,25 @@ def test_crafted_pt2_payload_is_live_for_torch_export_load(finished_run, tmp_pat
 def test_exported_student_still_loads(finished_run):
     module, schema, meta = load_student(finished_run[1])
     assert meta["student"] == "dagfm" and schema.num_fields == 8
+
+
+def test_random_bit_flips_are_errors_or_harmless(finished_run, tmp_path):
+    """Any one flipped bit either leaves the loaded checkpoint identical (zip padding, timestamps)
+    or is a one-line ValueError naming the file: never a different model."""
+    import random
+    src = (finished_run[0] / CHECKPOINT).read_bytes()
+    want = read_checkpoint(finished_run[0] / CHECKPOINT)
+    rng, file, errors = random.Random(0), tmp_path / CHECKPOINT, 0
+    for _ in range(60):
+        data = bytearray(src)
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        file.write_bytes(bytes(data))
+        try:
+            got = read_checkpoint(file)
+        except ValueError as e:
+            assert str(file) in str(e) and "\n" not in str(e)
+            errors += 1
+            continue
+        assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+        assert got["config"] == want["config"] and got["history"] == want["history"]
+    assert errors >= 40
