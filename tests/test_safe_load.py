@@ -181,6 +181,7 @@ CRAFTED = {
     "pickled sample inputs": (_sample_inputs, "data/sample_inputs/"),
     "pickled weight": (_pickled_weight, "a pickled payload"),
     "shape expression": (lambda m: _model_json("expr_str", f"__import__('io').open('{m}', 'w')"), "shape expression"),
+    "power that never ends": (lambda m: _model_json("expr_str", "9**9**9**9"), "shape expression"),
     "guard code": (lambda m: _model_json("guards_code", f"open('{m}', 'w')"), "guard code"),
     "compiled library": (lambda m: _extra_entry("data/aotinductor/model/model.so"), "not an entry an export writes"),
 }
