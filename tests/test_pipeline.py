@@ -112,6 +112,7 @@ def test_kill_mid_phase_and_resume(tmp_path):
     stdout, stderr = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, stderr[-2000:]
     check_report(out)
+    assert not list(out.glob("*.tmp"))  # a write cut by the kill leaves nothing behind
 
     ref = tmp_path / "ref"
     run_pipeline(small_cfg(ref, synthetic_size=6000, max_epochs=4, patience=4))
