@@ -9,7 +9,11 @@ import sys
 
 from setuptools import setup
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:  # pip's build isolation builds in an environment without torch
+    sys.exit("dagfm_ext builds against the torch it will run with: install torch first, then "
+             "pip install --no-build-isolation .")
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -7,14 +7,35 @@
     python -m dagfm_ext export --checkpoint runs/x --output student.pt2
     python -m dagfm_ext export --checkpoint runs/x --onnx student.onnx --triton model_repository
     python -m dagfm_ext predict --model student.pt2 --input rows.tsv --output preds.csv
+    python -m dagfm_ext convert-checkpoint --trust-pickle old/checkpoint.pt new.pt   # older format
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
+
+
+# Errors a user can cause, each reported as one line and exit status 2: ValueError (a bad value
+# or a bad file: the message names it), OSError (the filesystem: a path that is missing, a
+# directory, unreadable) and RuntimeError (torch at run time: out of memory, a device that cannot
+# be used). Any other exception is a bug in dagfm_ext and keeps its traceback; so do these with
+# DAGFM_EXT_TRACEBACK=1.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def _report_error(command: str, e: BaseException) -> int:
+    if os.environ.get("DAGFM_EXT_TRACEBACK", "0") not in ("", "0"):
+        raise e
+    if isinstance(e, OSError) and e.filename is not None:
+        msg = f"{e.filename}: {e.strerror or e}"
+    else:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"dagfm-ext {command}: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def _dataset(value: str) -> str:
@@ -75,13 +96,19 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dagfm-ext", description="KD-DAGFM: distil a CTR teacher into a fast DAGFM student.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,export,predict,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,export,predict,bench,convert-checkpoint}")
     run = sub.add_parser("run", help="train teacher, distil, finetune; print the teacher-vs-student table "
                                      "(under torchrun: one DDP process per rank)")
     _add_run_arguments(run)
     # export and predict have their own parsers (see _serving): predict must not import the training code.
     sub.add_parser("export", help="write a finished run's student as a torch.export program (.pt2) or ONNX graph", add_help=False)
     sub.add_parser("predict", help="score raw TSV/CSV rows with an exported student", add_help=False)
+    convert = sub.add_parser("convert-checkpoint", help="rewrite a checkpoint of an older dagfm-ext in the "
+                             "present format (reading it unpickles: only for files you trust)")
+    convert.add_argument("old", metavar="OLD", help="the old checkpoint.pt (or its run directory)")
+    convert.add_argument("new", metavar="NEW", help="where to write the converted checkpoint")
+    convert.add_argument("--trust-pickle", action="store_true", required=True,
+                         help="confirm that OLD comes from a source you trust: reading it can run any code it holds")
     # bench's own options are added only when it runs (the module is imported lazily).
     sub.add_parser("bench", help="benchmark the fused op (see 'dagfm-ext bench --help')", add_help=False)
     return parser
@@ -98,7 +125,16 @@ def _bench(argv: Sequence[str]) -> int:
     return int(bench.main(parser.parse_args(list(argv))) or 0)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _given_options(run_argv: Sequence[str]) -> set:
+    """The run options set on the command line (not left at their defaults)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_run_arguments(parser)
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {k for k, v in vars(parser.parse_args(list(run_argv))).items() if v is not unset}
+
+
+def _run(args: argparse.Namespace, given: set) -> int:
     from . import distributed
     from .config import RunConfig
     from .distill import Pipeline
@@ -113,10 +149,10 @@ def _run(args: argparse.Namespace) -> int:
                         beta=args.beta, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
                         device=device, min_count=args.min_count, synthetic_size=args.synthetic_size,
                         output=args.output, progress=not args.quiet)
-        report = Pipeline(cfg, resume=args.resume).run()
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"dagfm-ext run: error: {e}", file=sys.stderr)
-        return 2
+        given = {"progress" if g == "quiet" else g for g in given}
+        report = Pipeline(cfg, resume=args.resume, given=given).run()
+    except USER_ERRORS as e:
+        return _report_error("run", e)
     finally:
         distributed.shutdown()
     if report is not None:  # only rank 0 reports
@@ -161,14 +197,14 @@ def _serving(command: str, argv: Sequence[str]) -> int:
                 export.export_onnx_checkpoint(args.checkpoint, args.onnx, args.triton)
             print("exported: " + ", ".join(f for f in (args.output, args.aoti, args.onnx, args.triton) if f))
         elif args.output:
-            with open(args.output, "w") as f:
-                n = len(serving.predict_file(args.model, args.input, f))
-            print(f"scored {n} rows: {args.output}", file=sys.stderr)
+            from .fileio import atomic_write_stream  # no partial file if a row is malformed
+            scored = []
+            atomic_write_stream(args.output, lambda f: scored.append(serving.predict_file(args.model, args.input, f)))
+            print(f"scored {len(scored[0])} rows: {args.output}", file=sys.stderr)
         else:
             serving.predict_file(args.model, args.input, sys.stdout)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"dagfm-ext {command}: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return _report_error(command, e)
     return 0
 
 
@@ -183,7 +219,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return _run(args)
+    if args.command == "convert-checkpoint":
+        from .checkpoint import convert_checkpoint
+        try:
+            print(f"converted: {convert_checkpoint(args.old, args.new, trust_pickle=args.trust_pickle)}")
+        except USER_ERRORS as e:
+            return _report_error("convert-checkpoint", e)
+        return 0
+    return _run(args, _given_options(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ loading the pipeline.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
-from typing import Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -18,6 +19,8 @@ from .teachers import teacher_names
 __all__ = ["RunConfig", "PHASES", "STUDENTS"]
 
 PHASES = ("teacher", "distill", "finetune")
+# What a resumed run may change: where it executes and how it reports, not what it trains.
+RESUMABLE = ("device", "progress", "output", "stop_after", "eval_batch_size")
 STUDENTS = ("dagfm", "dagfm+", "fm")
 
 
@@ -69,8 +72,15 @@ class RunConfig:
         except RuntimeError:
             raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
                              f"got {self.device!r}") from None
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+        dev = torch.device(self.device)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {self.device!r} requested but CUDA is not available")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {self.device!r} requested but only {torch.cuda.device_count()} GPUs are visible")
+        if self.dataset.startswith("criteo:"):  # absolute, so a resumed run finds it from anywhere
+            self.dataset = "criteo:" + os.path.abspath(self.dataset[len("criteo:"):])
         if self.stop_after not in PHASES:
             raise ValueError(f"stop_after: expected one of {PHASES}, got {self.stop_after!r}")
         self.cin_layers, self.mlp = tuple(self.cin_layers), tuple(self.mlp)
@@ -84,8 +94,18 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def continued_by(self, cfg: "RunConfig") -> "RunConfig":
-        """This (saved) run's config as ``cfg`` resumes it: only where the run executes and how it
-        reports may change, never what it trains."""
-        self.device, self.progress, self.output = cfg.device, cfg.progress, cfg.output
-        return self
+    def continued_by(self, cfg: "RunConfig", given: Optional[Iterable[str]] = None) -> "RunConfig":
+        """This (saved) run's config as ``cfg`` resumes it. Only where the run executes and how it
+        reports may change (``RESUMABLE``); a setting named in ``given`` (every setting when None)
+        that differs from the saved one is a ValueError listing them all."""
+        saved = RunConfig.from_dict(self.to_dict())
+        for n in RESUMABLE:
+            setattr(saved, n, getattr(cfg, n))
+        saved, cfg = saved.validate(), cfg.validate()
+        names = [f.name for f in fields(self) if f.name not in RESUMABLE and (given is None or f.name in given)]
+        differ = [f"{n} {getattr(saved, n)!r} (given {getattr(cfg, n)!r})" for n in names
+                  if getattr(saved, n) != getattr(cfg, n)]
+        if differ:
+            raise ValueError(f"resume: the run in {cfg.output} was started with other settings: {'; '.join(differ)}. "
+                             "Resume with its settings, or start a new run in another --output")
+        return saved

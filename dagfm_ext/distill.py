@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from .checkpoint import (CHECKPOINT, Progress, checkpoint_state, read_checkpoint
                          write_checkpoint)
 from .config import PHASES, RunConfig
 from .data import FeatureSchema, TabularData, load_dataset
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, make_dirs
 from .kd_model import build_model
 from .report import build_report, epoch_line, write_logs
 from .scorer import Scorer
@@ -53,18 +53,27 @@ _PHASE_PARTS = {"teacher": ("embedding", "teacher"), "distill": ("student",), "f
 class Pipeline:
     """Runs (or resumes) the three phases for one ``RunConfig``; ``run()`` returns the report."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, data: Optional[TabularData] = None):
+    def __init__(self, cfg: RunConfig, resume: bool = False, data: Optional[TabularData] = None,
+                 given: Optional[Iterable[str]] = None):
+        """``resume`` continues the run in ``cfg.output``; the settings named in ``given`` (all of
+        ``cfg`` when None) must then be those the run was started with (``RunConfig.continued_by``)."""
         self.ctx = distributed.context()
         self.out = Path(cfg.output)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"output: {self.out} is a file; expected a run directory")
+        if resume and not (self.out / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"resume: {self.out} holds no run to resume (no {CHECKPOINT}); "
+                                    "leave out --resume to start one")
+        make_dirs(self.out)
         saved = self._saved_run(resume)
         if saved is not None:
-            cfg = RunConfig.from_dict(saved["config"]).continued_by(cfg)
+            cfg = RunConfig.from_dict(saved["config"]).continued_by(cfg, given)
         self.cfg = cfg.validate()
         self.device = torch.device(cfg.device)
         if saved is None:
             seed_all(cfg.seed)
         self.data = data if data is not None else self._load_data()
+        self._check_splits()
         if saved is not None:
             self._use_saved_schema(saved["schema"])
         self.model = build_model(cfg, self.data.schema).to(self.device)
@@ -269,6 +278,16 @@ class Pipeline:
         if ctx.is_main:
             ctx.barrier()
         return data
+
+    def _check_splits(self) -> None:
+        """Every split must have rows of both classes: AUC, which each phase selects its best epoch
+        by and the report compares, is undefined otherwise."""
+        data = self.data
+        for split in ("train", "val", "test"):
+            y = np.asarray(data.y[data.splits[split]])
+            what = (f"dataset: the {split} split of {self.cfg.dataset!r} ({len(data.y)} rows, "
+                    f"{len(y)} in {split})")
+            metrics.require_both_classes(y, what)
 
     def _use_saved_schema(self, schema: dict) -> None:
         # The vocabularies must be those the saved weights were trained with.

@@ -44,10 +44,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h0, p, q, None)
 
 
+_NO_DOUBLE_BACKWARD = (b"dagfm_propagate: double backward (differentiating its gradients, computed with "
+                       b"create_graph=True) is not implemented")
+
+
 def _backward(ctx, grad_states):
     # What the forward did not keep, the backward op recomputes from the inputs.
     h0, p, q, saved = ctx.saved_tensors
-    grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction, saved)
+    with torch.no_grad():
+        grads = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction, saved)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h0, p, q)):
+        # create_graph=True: gradients whose own backward raises, never a silent None.
+        grads = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 3)(
+            *[g.detach().requires_grad_() for g in grads])
+    grad_h0, grad_p, grad_q = grads
     return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
-__all__ = ["sigmoid", "auc", "logloss", "evaluate_logits"]
+__all__ = ["sigmoid", "auc", "logloss", "evaluate_logits", "require_both_classes"]
 
 
 def sigmoid(logits) -> np.ndarray:
@@ -27,3 +27,13 @@ def logloss(labels, logits) -> float:
 
 def evaluate_logits(labels, logits) -> dict:
     return {"auc": auc(labels, logits), "logloss": logloss(labels, logits)}
+
+
+def require_both_classes(labels, what: str) -> None:
+    """ValueError unless ``labels`` hold both 0 and 1 (AUC is undefined otherwise); ``what``
+    names the labels in the message."""
+    y = np.asarray(labels)
+    if y.size == 0:
+        raise ValueError(f"{what} has no rows; AUC needs rows of both classes")
+    if y.min() == y.max():  # O(n), no sort: Criteo's splits have tens of millions of labels
+        raise ValueError(f"{what} has only label {y.flat[0]:g}; AUC is undefined without both classes")

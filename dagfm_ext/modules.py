@@ -8,6 +8,7 @@ The maths of both networks is in docs/maths.md.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from typing import Mapping, Sequence
 
@@ -22,9 +23,13 @@ __all__ = ["DAGFM", "DAGFMPlus"]
 
 
 def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    try:  # any integral type (numpy ints too), not bool or float
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return v
 
 
 class _DagBase(nn.Module):
@@ -67,6 +72,9 @@ class _DagBase(nn.Module):
         if emb.dim() != 3 or emb.shape[1] != self.num_fields or emb.shape[2] != self.embed_dim:
             raise ValueError(f"emb: expected shape (B, {self.num_fields}, {self.embed_dim}), "
                              f"got {tuple(emb.shape)}")
+        want = self.connect_layer.dtype  # under autocast the matmuls pick the dtype
+        if not emb.is_floating_point() or (emb.dtype != want and not torch.is_autocast_enabled(emb.device.type)):
+            raise ValueError(f"emb: expected dtype {want} (the module's), got {emb.dtype}")
 
     def mixed(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 = C @ x, (B, F, D)."""
@@ -110,6 +118,8 @@ class _DagBase(nn.Module):
 
 
 def _find_prefix(sd: Mapping[str, torch.Tensor], prefix: str | None) -> str:
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"sd: expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
     if prefix is not None:
         return prefix
     # Accept the bare layout or any single wrapper prefix (e.g. 'student_network.').

@@ -10,7 +10,8 @@ Multi-valued fields (MovieLens genres) have a fixed width in the graph: ``max_le
 the ids of the first ``max_len`` tokens followed by ``-1`` padding (a row without tokens is one
 OOV id 0). The graph masks ``-1`` slots and averages the rest, so padding never reaches a lookup.
 
-Loading (``load_student``, ``dagfm-ext predict``) needs only torch and this package's ops: the
+Loading (``load_student``, ``dagfm-ext predict``) first checks the archive (``safe_load.read_pt2``:
+nothing torch.export.load would unpickle or execute), then needs only torch and this package's ops: the
 model classes and the training stack are not imported, and this module imports none of them
 (exporting a training run's checkpoint is ``dagfm_ext.export``).
 """
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from .data import DataFormatError, FeatureSchema
+from .fileio import atomic_write, make_dirs
+from .safe_load import check_program_ops, read_pt2
 from .scorer import Scorer
 
 __all__ = ["Scorer", "export_student", "load_student", "read_raw_rows", "predict_file", "export_onnx",
@@ -58,11 +61,11 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
     info = {"format": FORMAT, "num_slots": schema.num_slots, "num_fields": schema.num_fields,
             "slot_fields": schema.slot_fields(), **(meta or {})}
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, output, extra_files={SCHEMA_FILE: json.dumps(schema.to_dict()),
-                                                    META_FILE: json.dumps(info)})
+    make_dirs(output.parent, needed_for=output)
+    extra = {SCHEMA_FILE: json.dumps(schema.to_dict()), META_FILE: json.dumps(info)}
+    atomic_write(output, lambda f: torch.export.save(program, f, extra_files=extra))
     if aoti_output is not None:
-        Path(aoti_output).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(aoti_output).parent, needed_for=aoti_output)
         # The custom op has no C shim: the package calls it through the dispatcher by name, so the
         # loading process must have the ops registered (dagfm_ext._C, or libdagfm_ops in C++).
         torch._inductor.aoti_compile_and_package(
@@ -82,15 +85,21 @@ def load_student(path) -> Tuple[nn.Module, FeatureSchema, dict]:
                 onnx_student.meta)
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file: {path}")
+    checked = read_pt2(path)  # refuses what torch.export.load would unpickle or execute
     extra = {SCHEMA_FILE: "", META_FILE: ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
+        program = torch.export.load(checked, extra_files=extra)
     except Exception as e:  # noqa: BLE001  (any unreadable file is reported the same way)
         raise ValueError(f"model: {path} is not a torch.export program written by "
                          f"'dagfm-ext export' ({type(e).__name__}: {e})") from None
+    check_program_ops(program, path)
     if not extra[SCHEMA_FILE]:
         raise ValueError(f"model: {path} has no {SCHEMA_FILE}; write it with 'dagfm-ext export'")
-    return program.module(), FeatureSchema.from_dict(json.loads(extra[SCHEMA_FILE])), json.loads(extra[META_FILE] or "{}")
+    try:
+        schema, meta = FeatureSchema.from_dict(json.loads(extra[SCHEMA_FILE])), json.loads(extra[META_FILE] or "{}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"model: {path} has an unreadable {SCHEMA_FILE} or {META_FILE} ({e})") from None
+    return program.module(), schema, meta
 
 
 def _delimiter(path: Path, first_line: str) -> str:
@@ -110,7 +119,7 @@ def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
     hold space-separated tokens; empty cells are missing values (OOV)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input: no such file: {path}")
+        raise FileNotFoundError(f"input: {'not a file' if path.exists() else 'no such file'}: {path}")
     names = schema.names
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         first = f.readline()

@@ -157,7 +157,7 @@ def test_export_and_predict_errors(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "m.pt2"), "--input", str(bad)]) == 2
     assert f"{bad}:2: expected 8 columns, got 5" in capsys.readouterr().err
     assert main(["predict", "--model", str(bad), "--input", str(bad)]) == 2
-    assert "is not a torch.export program" in capsys.readouterr().err
+    assert f"model: {bad} is not a .pt2 archive (not a zip file)" in capsys.readouterr().err
 
 
 def test_aoti_package_runs_the_custom_op(tmp_path):
