@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dagfm_ext import data as D
+from dagfm_ext.data import movielens
 from dagfm_ext.data import (DataFormatError, FeatureSchema, FieldEmbedding, FieldSpec, criteo_int_bucket,
                             load_criteo, make_synthetic, read_ml100k_dir, split_indices)
 from dagfm_ext import metrics
@@ -70,12 +71,12 @@ def test_ml100k_fetch_verifies_pinned_checksums(tmp_path, monkeypatch):
     write_fake_ml100k(tmp_path / "ml-100k")
 
     def fake_download(dest):
-        wheel = dest / D.RECBOLE_WHEEL
+        wheel = dest / movielens.RECBOLE_WHEEL
         with zipfile.ZipFile(wheel, "w") as z:
             z.writestr("recbole/dataset_example/ml-100k/ml-100k.inter", "x")
         return wheel
 
-    monkeypatch.setattr(D, "_download_wheel", fake_download)
+    monkeypatch.setattr(movielens, "_download_wheel", fake_download)
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         D.fetch_ml100k(tmp_path / "ml-100k")
     monkeypatch.setenv("DAGFM_EXT_CACHE", str(tmp_path / "c"))
