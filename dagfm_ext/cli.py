@@ -1,7 +1,8 @@
-"""Command line: ``dagfm-ext run`` (the distillation pipeline), ``export``, ``predict``, ``bench``.
+"""Command line: ``dagfm-ext run`` (the distillation pipeline), ``preprocess``, ``export``, ``predict``, ``bench``.
 
     python -m dagfm_ext run                       # whole pipeline on MovieLens-100K, CPU
     python -m dagfm_ext run --dataset criteo:train.txt --teacher cin --interaction outer
+    python -m dagfm_ext preprocess --dataset criteo:train.txt   # encode once into the cache
     python -m dagfm_ext run --output runs/x --resume   # continue a killed run
     torchrun --nproc_per_node=2 -m dagfm_ext run --output runs/x   # DistributedDataParallel
     python -m dagfm_ext export --checkpoint runs/x --output student.pt2
@@ -17,9 +18,11 @@ __all__ = ["main", "build_parser"]
 
 
 def _dataset(value: str) -> str:
-    if value in ("ml-100k", "synthetic") or (value.startswith("criteo:") and len(value) > len("criteo:")):
-        return value
-    raise argparse.ArgumentTypeError(f"expected 'ml-100k', 'criteo:PATH' or 'synthetic', got {value!r}")
+    from .data.datasets import check_dataset
+    try:
+        return check_dataset(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(value: str):
@@ -38,11 +41,13 @@ def _default_device() -> str:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.command import add_cache_argument
     from .distill import RunConfig, STUDENTS
     from .modules import INTERACTIONS
     from .teachers import teacher_names
     d = RunConfig()
-    p.add_argument("--dataset", type=_dataset, default=d.dataset, metavar="{ml-100k,criteo:PATH,synthetic}",
+    p.add_argument("--dataset", type=_dataset, default=d.dataset,
+                   metavar="{ml-100k,synthetic,criteo:PATH,avazu:PATH,spec:SPEC.json}",
                    help="data to train on (default: %(default)s, downloaded and cached on first use)")
     p.add_argument("--teacher", choices=teacher_names(), default=d.teacher, help="teacher network (default: %(default)s)")
     p.add_argument("--student", choices=STUDENTS, default=d.student,
@@ -64,6 +69,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=d.min_count,
                    help="Criteo: categories seen fewer times become out-of-vocabulary (default: %(default)s)")
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="rows of --dataset synthetic")
+    add_cache_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for init, split and shuffling (default: %(default)s)")
     p.add_argument("--output", default=d.output, metavar="DIR",
@@ -74,10 +80,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dagfm-ext", description="KD-DAGFM: distil a CTR teacher into a fast DAGFM student.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,export,predict,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,preprocess,export,predict,bench}")
     run = sub.add_parser("run", help="train teacher, distil, finetune; print the teacher-vs-student table "
                                      "(under torchrun: one DDP process per rank)")
     _add_run_arguments(run)
+    sub.add_parser("preprocess", help="encode a raw dataset into the cache ahead of 'run'", add_help=False)
     # export and predict have their own parsers (see _serving): predict must not import the training code.
     sub.add_parser("export", help="write a finished run's student as a torch.export program (.pt2)", add_help=False)
     sub.add_parser("predict", help="score raw TSV/CSV rows with an exported student", add_help=False)
@@ -109,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, alpha=args.alpha,
                         beta=args.beta, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
                         device=device, min_count=args.min_count, synthetic_size=args.synthetic_size,
-                        output=args.output, progress=not args.quiet)
+                        cache_dir=args.cache_dir or "", output=args.output, progress=not args.quiet)
         report = Pipeline(cfg, resume=args.resume).run()
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"dagfm-ext run: error: {e}", file=sys.stderr)
@@ -160,6 +167,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "preprocess":
+        from .data.command import main as preprocess
+        return preprocess(argv[1:])
     if argv and argv[0] in ("export", "predict"):
         return _serving(argv[0], argv[1:])
     parser = build_parser()

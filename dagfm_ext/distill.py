@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
-from .data import FeatureSchema, FieldEmbedding, TabularData, load_dataset
+from .data import FeatureSchema, FieldEmbedding, Prefetcher, TabularData, load_dataset
 from .modules import DAGFM, DAGFMPlus, INTERACTIONS
 from .serving import Scorer
 from .teachers import FM, build_teacher, teacher_names
@@ -75,6 +75,7 @@ class RunConfig:
     device: str = "cpu"
     min_count: int = 10
     synthetic_size: int = 20000
+    cache_dir: str = ""  # preprocessed data; "" = the per-user default
     output: str = "runs/dagfm"
     progress: bool = True
     stop_after: str = "finetune"  # last phase to run; the report needs all three
@@ -208,6 +209,7 @@ class Pipeline:
             saved = RunConfig.from_dict(state["config"])
             # Continue the saved run; only where it runs and how it talks may change.
             saved.device, saved.progress, saved.output = cfg.device, cfg.progress, cfg.output
+            saved.cache_dir = cfg.cache_dir
             cfg = saved
         self.cfg = cfg.validate()
         self.device = torch.device(cfg.device)
@@ -216,13 +218,11 @@ class Pipeline:
             np.random.seed(cfg.seed % 2**32)
             torch.manual_seed(cfg.seed)
         if data is None:
-            # Rank 0 first: it fills the download cache the others then read. Each rank has its
-            # own work dir, since a memmap being written must not be one another rank has mapped.
-            work_dir = self.out / "data" / (f"rank{self.ctx.rank}" if self.ctx.distributed else "")
+            # Rank 0 first: it fills the download and preprocessing caches the others then read.
             if not self.ctx.is_main:
                 self.ctx.barrier()
-            data = load_dataset(cfg.dataset, seed=cfg.seed, min_count=cfg.min_count, work_dir=work_dir,
-                                synthetic_size=cfg.synthetic_size)
+            data = load_dataset(cfg.dataset, seed=cfg.seed, min_count=cfg.min_count, cache_dir=cfg.cache_dir or None,
+                                synthetic_size=cfg.synthetic_size, progress=cfg.progress and self.ctx.is_main)
             if self.ctx.is_main:
                 self.ctx.barrier()
         self.data = data
@@ -311,7 +311,7 @@ class Pipeline:
 
     def _write_logs(self) -> None:
         _atomic_write_text(self.out / "log.json", json.dumps(self.history, indent=1))
-        cols = ["phase", "epoch", "train_loss", "val_auc", "val_logloss", "val_logit_mse", "best", "seconds"]
+        cols = ["phase", "epoch", "train_loss", "val_auc", "val_gauc", "val_logloss", "val_logit_mse", "best", "seconds"]
         lines = [",".join(cols)] + [",".join("" if r.get(c) is None else str(r.get(c)) for c in cols)
                                     for r in self.history]
         _atomic_write_text(self.out / "log.csv", "\n".join(lines) + "\n")
@@ -350,12 +350,12 @@ class Pipeline:
         rng = np.random.default_rng([cfg.seed, self.phase_idx, self.epoch])
         total, n, size = 0.0, 0, self.data.size("train")
         steps = math.ceil(size / cfg.batch_size)
-        batches = self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng, rank=ctx.rank,
-                                    world_size=ctx.world_size)
+        batches = Prefetcher(self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng, rank=ctx.rank,
+                                               world_size=ctx.world_size), pin=self.device.type == "cuda")
         bar = tqdm(batches, total=steps, desc=f"{self.phase} {self.epoch + 1}/{cfg.max_epochs}", leave=False,
                    disable=not (cfg.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # Means over the *global* batch: DDP averages gradients over the ranks, so each rank's
             # sum is divided by the global row count and multiplied by the world size. Then W ranks
             # step exactly as one process does on the whole batch, even when shares differ by a row.
@@ -385,7 +385,7 @@ class Pipeline:
             t0 = time.perf_counter()
             train_loss = self._train_epoch()
             logits, y = self._logits("val", self._phase_module())
-            val = metrics.evaluate_logits(y, logits)
+            val = metrics.evaluate_logits(y, logits, self.data.users("val"))
             val_mse = None
             if self.phase == "distill":
                 t_logits, _ = self._logits("val", self.model.teacher)
@@ -398,7 +398,7 @@ class Pipeline:
             else:
                 self.bad_epochs += 1
             self.history.append({"phase": self.phase, "epoch": self.epoch, "train_loss": train_loss,
-                                 "val_auc": val["auc"], "val_logloss": val["logloss"],
+                                 "val_auc": val["auc"], "val_gauc": val.get("gauc"), "val_logloss": val["logloss"],
                                  "val_logit_mse": val_mse, "best": improved,
                                  "seconds": round(time.perf_counter() - t0, 3)})
             self._say(f"[{self.phase}] epoch {self.epoch}: loss {train_loss:.4f}  val AUC {val['auc']:.4f}"
@@ -412,10 +412,10 @@ class Pipeline:
             self.model.load_state_dict(self.best_state, strict=False)
         net = self._phase_module()
         logits, y = self._logits("test", net)
-        test = metrics.evaluate_logits(y, logits)
+        test = metrics.evaluate_logits(y, logits, self.data.users("test"))
         summary = {"phase": self.phase, "epochs": self.epoch, "best_epoch": self.best_epoch,
                    "best_val_auc": self.best_auc if math.isfinite(self.best_auc) else None,
-                   "test_auc": test["auc"], "test_logloss": test["logloss"]}
+                   "test_auc": test["auc"], "test_logloss": test["logloss"], "test_gauc": test.get("gauc")}
         if self.phase == "teacher":
             self.teacher_test_logits = logits
         elif self.teacher_test_logits is not None:

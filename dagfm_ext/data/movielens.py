@@ -169,7 +169,7 @@ def read_ml100k_dir(path, seed: int = 2022) -> TabularData:
     except ValueError as e:
         raise DataFormatError(f"{path / 'ml-100k.inter'}: rating: expected a number ({e})") from None
     y = (rating >= 4).astype(np.float32)
-    return TabularData("ml-100k", schema, x.astype(np.int32), y, split_indices(len(y), seed))
+    return TabularData("ml-100k", schema, x.astype(np.int32), y, split_indices(len(y), seed), user_field="user_id")
 
 
 def load_ml100k(seed: int = 2022, root: Optional[Path] = None) -> TabularData:

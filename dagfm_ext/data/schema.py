@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,18 +34,22 @@ class FieldSpec:
     """One field. ``kind``: 'categorical' (one token), 'multi' (up to ``max_len`` tokens,
     mean-pooled into one embedding) or 'integer' (bucketed with ``criteo_int_bucket`` first).
     ``vocab`` maps a raw token (str) to its id 1..n; anything else (or a token seen fewer than
-    ``min_count`` times when the vocabulary was built) is id 0."""
+    ``min_count`` times when the vocabulary was built) is id 0. ``sep`` splits the raw string of
+    a 'multi' field (None: any whitespace)."""
     name: str
     kind: str = "categorical"
     min_count: int = 1
     max_len: int = 1
     vocab: Dict[str, int] = field(default_factory=dict)
+    sep: Optional[str] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS} for field {self.name!r}, got {self.kind!r}")
         if self.kind != "multi" and self.max_len != 1:
             raise ValueError(f"max_len: only 'multi' fields may have max_len != 1 ({self.name!r})")
+        if self.sep is not None and (self.kind != "multi" or not isinstance(self.sep, str) or not self.sep):
+            raise ValueError(f"sep: only 'multi' fields take a separator, a non-empty string ({self.name!r})")
 
     @property
     def vocab_size(self) -> int:
@@ -65,9 +69,15 @@ class FieldSpec:
                       key=lambda t: (-counts[t], t))
         self.vocab = {t: i + 1 for i, t in enumerate(kept)}
 
+    def split(self, raw) -> List[str]:
+        """The tokens of one raw value of a 'multi' field."""
+        if raw is None:
+            return []
+        return raw.split(self.sep) if isinstance(raw, str) else [str(t) for t in raw]
+
     def encode_one(self, raw) -> List[int]:
         if self.kind == "multi":
-            tokens = [] if raw is None else (raw.split() if isinstance(raw, str) else list(raw))
+            tokens = self.split(raw)
             ids = [self.vocab.get(str(t), 0) for t in tokens[: self.max_len]] or [0]
             return ids + [-1] * (self.max_len - len(ids))
         return [self.vocab.get(self.token(raw), 0)]
@@ -110,8 +120,9 @@ class FeatureSchema:
         return np.asarray(rows, dtype=np.int64).reshape(len(rows), self.num_slots)
 
     def to_dict(self) -> dict:
-        return {"fields": [dict(name=f.name, kind=f.kind, min_count=f.min_count,
-                                max_len=f.max_len, vocab=f.vocab) for f in self.fields]}
+        return {"fields": [dict(name=f.name, kind=f.kind, min_count=f.min_count, max_len=f.max_len,
+                                vocab=f.vocab, **({} if f.sep is None else {"sep": f.sep}))
+                           for f in self.fields]}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FeatureSchema":

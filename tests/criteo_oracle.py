@@ -1,4 +1,5 @@
-"""Criteo-format TSV (label, I1-I13, C1-C26)."""
+"""The row-by-row Criteo reader in plain Python: the reference the columnar preprocessing must
+match encoding for encoding (same vocabularies, same ids, same split)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,13 +8,8 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from .container import TabularData, split_indices
-from .schema import DataFormatError, FeatureSchema, FieldSpec, criteo_int_bucket
-
-__all__ = ["CRITEO_INT", "CRITEO_CAT", "load_criteo"]
-
-CRITEO_INT = [f"I{i}" for i in range(1, 14)]
-CRITEO_CAT = [f"C{i}" for i in range(1, 27)]
+from dagfm_ext.data import DataFormatError, FeatureSchema, FieldSpec, TabularData, criteo_int_bucket, split_indices
+from dagfm_ext.data.formats import CRITEO_CAT, CRITEO_INT
 
 
 def _criteo_rows(path: Path) -> Iterator[Tuple[int, int, List[str]]]:
@@ -44,12 +40,9 @@ def _criteo_rows(path: Path) -> Iterator[Tuple[int, int, List[str]]]:
             yield lineno, int(parts[0]), tokens
 
 
-def load_criteo(path, min_count: int = 10, seed: int = 2022, work_dir=None) -> TabularData:
-    """Criteo-format TSV (label, I1-I13, C1-C26), streamed in two passes (counts, then encode).
-
-    Integer features are bucketed by ``criteo_int_bucket``; categories seen fewer than
-    ``min_count`` times (and missing values) map to id 0. With ``work_dir`` the encoded rows go
-    to a memmap there, so files larger than memory work."""
+def load_criteo_rows(path, min_count: int = 10, seed: int = 2022) -> TabularData:
+    """Criteo-format TSV (label, I1-I13, C1-C26), streamed in two passes (counts, then encode),
+    rows in file order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"criteo: no such file: {path}")
@@ -68,11 +61,7 @@ def load_criteo(path, min_count: int = 10, seed: int = 2022, work_dir=None) -> T
     for f, c in zip(fields, counts):
         f.build_vocab(c)
     schema = FeatureSchema(fields)
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
-        x = np.lib.format.open_memmap(Path(work_dir) / "criteo_x.npy", mode="w+", dtype=np.int32, shape=(n, 39))
-    else:
-        x = np.empty((n, 39), dtype=np.int32)
+    x = np.empty((n, 39), dtype=np.int32)
     y = np.empty(n, dtype=np.float32)
     vocabs = [f.vocab for f in fields]
     chunk, rows, start = 65536, [], 0
@@ -84,6 +73,4 @@ def load_criteo(path, min_count: int = 10, seed: int = 2022, work_dir=None) -> T
             start, rows = start + chunk, []
     if rows:
         x[start:start + len(rows)] = rows
-    if isinstance(x, np.memmap):
-        x.flush()
     return TabularData(f"criteo:{path}", schema, x, y, split_indices(n, seed))
