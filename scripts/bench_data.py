@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,26 +30,39 @@ from dagfm_ext.data.formats import CRITEO_CAT, CRITEO_INT
 from dagfm_ext.modules import DAGFM
 
 
-def bare_read(path: Path) -> float:
+# The child reports its own peak (VmHWM belongs to its address space; a fork's copy of this
+# parent, counted by rusage's maxrss, is not).
+CHILD = """import sys
+from dagfm_ext.cli import main
+from dagfm_ext.data import datasets
+rc = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
+peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]
+print('VmHWM_KiB', peak, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def bare_read(path: Path) -> tuple:
+    """(wall s, CPU s) of pyarrow reading every column as strings."""
     names = ["label"] + CRITEO_INT + CRITEO_CAT
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=names),
                    parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
                    convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                         strings_can_be_null=False))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def child_peak_rss(cmd) -> tuple:
-    """(seconds, peak RSS in MiB, stdout) of a child process."""
+def child(args) -> dict:
+    """Wall and CPU seconds, peak RSS (MiB) and stdout of `dagfm-ext ARGS` in a fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed with {proc.returncode}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024, out
+        raise RuntimeError(f"{args} failed with {proc.returncode}: {err[-2000:]}")
+    peak = int(err.rsplit("VmHWM_KiB", 1)[1].split()[0]) / 1024
+    return {"wall_s": time.perf_counter() - t0, "peak_rss_mib": peak, "says": out.strip().splitlines()[:1]}
 
 
 def profile_steps(data, steps: int, batch_size: int, prefetch: bool) -> dict:
@@ -56,8 +70,13 @@ def profile_steps(data, steps: int, batch_size: int, prefetch: bool) -> dict:
     emb = FieldEmbedding(data.schema, 16)
     net = DAGFM(data.schema.num_fields, 16, 3, "inner")
     opt = torch.optim.Adam(list(emb.parameters()) + list(net.parameters()), lr=1e-3)
-    batches = data.batches("train", batch_size, shuffle=True, rng=np.random.default_rng(0))
-    it = iter(Prefetcher(batches) if prefetch else batches)
+
+    def epochs():  # as the pipeline does: a new shuffle (and prefetch thread) every epoch
+        for epoch in range(10**6):
+            batches = data.batches("train", batch_size, shuffle=True, rng=np.random.default_rng([0, epoch]))
+            yield from (Prefetcher(batches) if prefetch else batches)
+
+    it = epochs()
     wait = compute = 0.0
     for step in range(steps + 10):
         t0 = time.perf_counter()
@@ -84,18 +103,21 @@ def main(argv=None) -> int:
     rows = sum(1 for _ in open(args.input, "rb"))
     out = {"file": str(args.input), "rows": rows, "file_mib": args.input.stat().st_size / 2**20,
            "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "torch_threads": torch.get_num_threads()}
-    out["bare_read_s"] = bare_read(args.input)
+    out["imports_only"] = child([])  # the floor: torch, pyarrow and the package imported
     with tempfile.TemporaryDirectory() as cache:
-        cmd = [sys.executable, "-m", "dagfm_ext", "preprocess", "--dataset", f"criteo:{args.input}",
-               "--cache-dir", cache, "--quiet"]
-        first_s, first_rss, _ = child_peak_rss(cmd)
-        second_s, second_rss, text = child_peak_rss(cmd)
+        cmd = ["preprocess", "--dataset", f"criteo:{args.input}", "--cache-dir", cache, "--quiet"]
+        out["bare_read_s"], out["bare_read_cpu_s"] = bare_read(args.input)
+        c0 = os.times()
+        out["first"] = child(cmd)
+        c1 = os.times()
+        out["first"]["cpu_s"] = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+        inner = float(re.search(r" in ([0-9.]+) s", out["first"]["says"][0]).group(1))  # without start-up
+        out["first"].update(preprocess_s=inner, rows_per_s=rows / inner)
+        out["ratio_to_bare_read"] = inner / out["bare_read_s"]
+        out["second"] = child(cmd)
         t0 = time.perf_counter()
         data = load_criteo(args.input, cache_dir=cache)
         out["ready_in_process_s"] = time.perf_counter() - t0
-        out.update(first_s=first_s, first_rows_per_s=rows / first_s, ratio_to_bare_read=first_s / out["bare_read_s"],
-                   first_peak_rss_mib=first_rss, second_run_s=second_s, second_peak_rss_mib=second_rss,
-                   second_run_says=text.strip().splitlines()[0])
         if not args.skip_profile:
             out["profile"] = [profile_steps(data, args.steps, args.batch_size, prefetch) for prefetch in (True, False)]
     out["load_avg_after"] = os.getloadavg()

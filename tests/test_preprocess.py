@@ -1,7 +1,6 @@
 """The columnar preprocessing and its cache: encodings identical to the row-by-row reader,
 malformed rows named by file and line, a cache keyed on the file and the options, and a build
 killed mid-way that leaves nothing a later run would use."""
-import json
 import os
 import signal
 import subprocess

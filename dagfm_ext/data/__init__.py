@@ -3,12 +3,14 @@
   * ``schema``     fields, vocabularies, the slot layout; ``FeatureSchema.encode`` at inference
   * ``embedding``  ``FieldEmbedding``, one table for all fields
   * ``container``  ``TabularData`` (encoded rows, labels, split) and its batches
-  * ``batches``    block-shuffled batches and the background prefetcher
+  * ``batches``    batches: contiguous blocks of memory-mapped splits, shuffled by block
+  * ``prefetch``   a background thread that assembles the next batches during the step
   * ``formats``, ``spec``   how raw Criteo, Avazu and spec-described tables become fields
   * ``preprocess`` the columnar preprocessing (pyarrow) of those files
   * ``cache``      the per-user cache directory and the preprocessed-data cache
   * ``movielens``, ``synthetic``: the in-memory datasets
   * ``datasets``   ``load_dataset``: any of them by name
+  * ``command``    ``dagfm-ext preprocess``
 
 Splits are a seeded random permutation cut 80/10/10 (train/val/test), or given files.
 """

@@ -200,7 +200,6 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
     counts = [_Counts() for _ in fmt.fields]
     memos: List[dict] = [{} for _ in fmt.fields]
     field_max = [1] * len(fmt.fields)
-    chunk_rows, chunk_split, file_rows = [], [], []
     with open(out / "codes.tmp", "wb") as codes_f, open(out / "labels.tmp", "wb") as labels_f, \
             pa.ipc.new_stream(out / "tokens.tmp", _TOKENS) as spill:
         for src in sources:
@@ -233,7 +232,6 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
                 for s in src_names[1:]:  # column after column: pass 2 reads each contiguously
                     codes_f.write(cols[s][0].tobytes())
                 chunk_rows.append(table.num_rows)
-                chunk_split.append(src.split)
                 if progress:
                     progress(nbytes, table.num_rows)
             file_rows.append(sum(chunk_rows) - rows_before)
