@@ -200,6 +200,8 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
     counts = [_Counts() for _ in fmt.fields]
     memos: List[dict] = [{} for _ in fmt.fields]
     field_max = [1] * len(fmt.fields)
+    chunk_rows: List[int] = []
+    file_rows: List[int] = []
     with open(out / "codes.tmp", "wb") as codes_f, open(out / "labels.tmp", "wb") as labels_f, \
             pa.ipc.new_stream(out / "tokens.tmp", _TOKENS) as spill:
         for src in sources:
