@@ -350,8 +350,10 @@ class Pipeline:
         rng = np.random.default_rng([cfg.seed, self.phase_idx, self.epoch])
         total, n, size = 0.0, 0, self.data.size("train")
         steps = math.ceil(size / cfg.batch_size)
-        batches = Prefetcher(self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng, rank=ctx.rank,
-                                               world_size=ctx.world_size), pin=self.device.type == "cuda")
+        batches = self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng, rank=ctx.rank,
+                                    world_size=ctx.world_size)
+        if self.device.type == "cuda":  # assemble the next batches in pinned memory during the step
+            batches = Prefetcher(batches, pin=True)
         bar = tqdm(batches, total=steps, desc=f"{self.phase} {self.epoch + 1}/{cfg.max_epochs}", leave=False,
                    disable=not (cfg.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
