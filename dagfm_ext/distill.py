@@ -311,7 +311,8 @@ class Pipeline:
 
     def _write_logs(self) -> None:
         _atomic_write_text(self.out / "log.json", json.dumps(self.history, indent=1))
-        cols = ["phase", "epoch", "train_loss", "val_auc", "val_gauc", "val_logloss", "val_logit_mse", "best", "seconds"]
+        cols = ["phase", "epoch", "train_loss", "val_auc", "val_gauc", "val_logloss", "val_logit_mse", "best",
+                "seconds"]
         lines = [",".join(cols)] + [",".join("" if r.get(c) is None else str(r.get(c)) for c in cols)
                                     for r in self.history]
         _atomic_write_text(self.out / "log.csv", "\n".join(lines) + "\n")

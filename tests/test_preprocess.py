@@ -100,7 +100,7 @@ def test_sigkill_while_preprocessing_then_rerun(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline, killed = time.time() + 120, False
     while time.time() < deadline and proc.poll() is None:
-        building = list((cache / "preprocessed").glob(".building-*/codes.tmp")) if (cache / "preprocessed").exists() else []
+        building = list((cache / "preprocessed").glob(".building-*/codes.tmp"))
         if building and building[0].stat().st_size > 0:  # pass 1 under way
             proc.send_signal(signal.SIGKILL)
             killed = True

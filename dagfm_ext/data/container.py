@@ -43,9 +43,9 @@ class TabularData:
                 rng: Optional[np.random.Generator] = None, rank: int = 0,
                 world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Batches of ``batch_size`` rows in split order, or shuffled by ``rng`` (a memory-mapped
-        split by blocks of consecutive rows, see ``batches.py``). With ``world_size`` > 1 each batch is dealt round-robin
-        across the ranks and only this ``rank``'s rows (r, r + W, ...) are yielded, so the global
-        batch is unchanged."""
+        split by blocks of consecutive rows, see ``batches.py``). With ``world_size`` > 1 each
+        batch is dealt round-robin across the ranks and only this ``rank``'s rows (r, r + W, ...)
+        are yielded, so the global batch is unchanged."""
         if shuffle and rng is None:
             rng = np.random.default_rng()
         return iter_batches(self.x, self.y, self.splits[split], batch_size, rng if shuffle else None,
