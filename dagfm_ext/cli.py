@@ -1,7 +1,8 @@
-"""Command line: ``dagfm-ext run`` (the distillation pipeline), ``export``, ``predict``, ``bench``.
+"""Command line: ``dagfm-ext run`` (the distillation pipeline), ``preprocess``, ``export``, ``predict``, ``bench``.
 
     python -m dagfm_ext run                       # whole pipeline on MovieLens-100K, CPU
     python -m dagfm_ext run --dataset criteo:train.txt --teacher cin --interaction outer
+    python -m dagfm_ext preprocess --dataset criteo:train.txt   # encode once into the cache
     python -m dagfm_ext run --output runs/x --resume   # continue a killed run
     torchrun --nproc_per_node=2 -m dagfm_ext run --output runs/x   # DistributedDataParallel
     python -m dagfm_ext export --checkpoint runs/x --output student.pt2
@@ -39,9 +40,11 @@ def _report_error(command: str, e: BaseException) -> int:
 
 
 def _dataset(value: str) -> str:
-    if value in ("ml-100k", "synthetic") or (value.startswith("criteo:") and len(value) > len("criteo:")):
-        return value
-    raise argparse.ArgumentTypeError(f"expected 'ml-100k', 'criteo:PATH' or 'synthetic', got {value!r}")
+    from .data.names import check_dataset
+    try:
+        return check_dataset(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(value: str):
@@ -61,10 +64,12 @@ def _default_device() -> str:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .config import RunConfig, STUDENTS
+    from .data.command import add_cache_argument
     from .reference import INTERACTIONS
     from .teachers import teacher_names
     d = RunConfig()
-    p.add_argument("--dataset", type=_dataset, default=d.dataset, metavar="{ml-100k,criteo:PATH,synthetic}",
+    p.add_argument("--dataset", type=_dataset, default=d.dataset,
+                   metavar="{ml-100k,synthetic,criteo:PATH,avazu:PATH,spec:SPEC.json}",
                    help="data to train on (default: %(default)s, downloaded and cached on first use)")
     p.add_argument("--teacher", choices=teacher_names(), default=d.teacher, help="teacher network (default: %(default)s)")
     p.add_argument("--student", choices=STUDENTS, default=d.student,
@@ -86,6 +91,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=d.min_count,
                    help="Criteo: categories seen fewer times become out-of-vocabulary (default: %(default)s)")
     p.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="rows of --dataset synthetic")
+    add_cache_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for init, split and shuffling (default: %(default)s)")
     p.add_argument("--output", default=d.output, metavar="DIR",
@@ -96,10 +102,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dagfm-ext", description="KD-DAGFM: distil a CTR teacher into a fast DAGFM student.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,export,predict,bench,convert-checkpoint}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,preprocess,export,predict,bench,convert-checkpoint}")
     run = sub.add_parser("run", help="train teacher, distil, finetune; print the teacher-vs-student table "
                                      "(under torchrun: one DDP process per rank)")
     _add_run_arguments(run)
+    sub.add_parser("preprocess", help="encode a raw dataset into the cache ahead of 'run'", add_help=False)
     # export and predict have their own parsers (see _serving): predict must not import the training code.
     sub.add_parser("export", help="write a finished run's student as a torch.export program (.pt2) or ONNX graph", add_help=False)
     sub.add_parser("predict", help="score raw TSV/CSV rows with an exported student", add_help=False)
@@ -148,7 +155,7 @@ def _run(args: argparse.Namespace, given: set) -> int:
                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, alpha=args.alpha,
                         beta=args.beta, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
                         device=device, min_count=args.min_count, synthetic_size=args.synthetic_size,
-                        output=args.output, progress=not args.quiet)
+                        cache_dir=args.cache_dir or "", output=args.output, progress=not args.quiet)
         given = {"progress" if g == "quiet" else g for g in given}
         report = Pipeline(cfg, resume=args.resume, given=given).run()
     except USER_ERRORS as e:
@@ -212,6 +219,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "preprocess":
+        from .data.command import main as preprocess
+        return preprocess(argv[1:])
     if argv and argv[0] in ("export", "predict"):
         return _serving(argv[0], argv[1:])
     parser = build_parser()

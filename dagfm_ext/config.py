@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
+from .data.names import FILE_KINDS
 from .reference import INTERACTIONS
 from .teachers import teacher_names
 
@@ -20,7 +21,7 @@ __all__ = ["RunConfig", "PHASES", "STUDENTS"]
 
 PHASES = ("teacher", "distill", "finetune")
 # What a resumed run may change: where it executes and how it reports, not what it trains.
-RESUMABLE = ("device", "progress", "output", "stop_after", "eval_batch_size")
+RESUMABLE = ("device", "progress", "output", "cache_dir", "stop_after", "eval_batch_size")
 STUDENTS = ("dagfm", "dagfm+", "fm")
 
 
@@ -47,6 +48,7 @@ class RunConfig:
     device: str = "cpu"
     min_count: int = 10
     synthetic_size: int = 20000
+    cache_dir: str = ""  # preprocessed data; "" = the per-user default
     output: str = "runs/dagfm"
     progress: bool = True
     stop_after: str = "finetune"  # last phase to run; the report needs all three
@@ -79,8 +81,9 @@ class RunConfig:
             raise ValueError(f"device: {self.device!r} requested but CUDA is not available")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {self.device!r} requested but only {torch.cuda.device_count()} GPUs are visible")
-        if self.dataset.startswith("criteo:"):  # absolute, so a resumed run finds it from anywhere
-            self.dataset = "criteo:" + os.path.abspath(self.dataset[len("criteo:"):])
+        kind, _, path = self.dataset.partition(":")
+        if kind in FILE_KINDS and path:  # absolute, so a resumed run finds it from anywhere
+            self.dataset = f"{kind}:{os.path.abspath(path)}"
         if self.stop_after not in PHASES:
             raise ValueError(f"stop_after: expected one of {PHASES}, got {self.stop_after!r}")
         self.cin_layers, self.mlp = tuple(self.cin_layers), tuple(self.mlp)

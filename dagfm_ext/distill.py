@@ -38,7 +38,7 @@ from . import distributed, metrics
 from .checkpoint import (CHECKPOINT, Progress, checkpoint_state, read_checkpoint, restore_rng, seed_all,
                          write_checkpoint)
 from .config import PHASES, RunConfig
-from .data import FeatureSchema, TabularData, load_dataset
+from .data import FeatureSchema, Prefetcher, TabularData, load_dataset
 from .fileio import atomic_write_text, make_dirs
 from .kd_model import build_model
 from .report import build_report, epoch_line, write_logs
@@ -111,7 +111,7 @@ class Pipeline:
         val = self._validate()
         best = self.progress.record(val["auc"], self._phase_state)
         row = {"phase": self.phase, "epoch": self.progress.epoch, "train_loss": train_loss,
-               "val_auc": val["auc"], "val_logloss": val["logloss"], "val_logit_mse": val["logit_mse"],
+               "val_auc": val["auc"], "val_gauc": val.get("gauc"), "val_logloss": val["logloss"], "val_logit_mse": val["logit_mse"],
                "best": best, "seconds": round(time.perf_counter() - t0, 3)}
         self.progress.history.append(row)
         self._say(epoch_line(row))
@@ -123,10 +123,10 @@ class Pipeline:
         if p.best_state is not None:
             self.model.load_state_dict(p.best_state, strict=False)
         logits, y = self._logits("test", self._phase_module())
-        test = metrics.evaluate_logits(y, logits)
+        test = metrics.evaluate_logits(y, logits, self.data.users("test"))
         summary = {"phase": self.phase, "epochs": p.epoch, "best_epoch": p.best_epoch,
                    "best_val_auc": p.best_auc if math.isfinite(p.best_auc) else None,
-                   "test_auc": test["auc"], "test_logloss": test["logloss"]}
+                   "test_auc": test["auc"], "test_logloss": test["logloss"], "test_gauc": test.get("gauc")}
         if self.phase == "teacher":
             p.teacher_test_logits = logits
         elif p.teacher_test_logits is not None:
@@ -191,11 +191,13 @@ class Pipeline:
         total, n, size = 0.0, 0, self.data.size("train")
         batches = self.data.batches("train", cfg.batch_size, shuffle=True, rng=rng, rank=ctx.rank,
                                     world_size=ctx.world_size)
+        if self.device.type == "cuda":  # assemble the next batches in pinned memory during the step
+            batches = Prefetcher(batches, pin=True)
         bar = tqdm(batches, total=math.ceil(size / cfg.batch_size), leave=False,
                    desc=f"{self.phase} {self.progress.epoch + 1}/{cfg.max_epochs}",
                    disable=not (cfg.progress and ctx.is_main), file=sys.stderr, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             rows = min(cfg.batch_size, size - step * cfg.batch_size)
             loss = self._loss(net, x, y, rows)
             self.optimizer.zero_grad(set_to_none=True)
@@ -229,7 +231,7 @@ class Pipeline:
         """Validation AUC and LogLoss of the phase's network; in distillation also its logit MSE
         to the teacher."""
         logits, y = self._logits("val", self._phase_module())
-        val = dict(metrics.evaluate_logits(y, logits), logit_mse=None)
+        val = dict(metrics.evaluate_logits(y, logits, self.data.users("val")), logit_mse=None)
         if self.phase == "distill":
             t_logits, _ = self._logits("val", self.model.teacher)
             val["logit_mse"] = float(np.mean((t_logits - logits) ** 2))
@@ -267,14 +269,12 @@ class Pipeline:
         return read_checkpoint(path)
 
     def _load_data(self) -> TabularData:
-        # Rank 0 first: it fills the download cache the others then read. Each rank has its own
-        # work dir, since a memmap being written must not be one another rank has mapped.
+        # Rank 0 first: it fills the download and preprocessing caches the others then read.
         cfg, ctx = self.cfg, self.ctx
-        work_dir = self.out / "data" / (f"rank{ctx.rank}" if ctx.distributed else "")
         if not ctx.is_main:
             ctx.barrier()
-        data = load_dataset(cfg.dataset, seed=cfg.seed, min_count=cfg.min_count, work_dir=work_dir,
-                            synthetic_size=cfg.synthetic_size)
+        data = load_dataset(cfg.dataset, seed=cfg.seed, min_count=cfg.min_count, cache_dir=cfg.cache_dir or None,
+                            synthetic_size=cfg.synthetic_size, progress=cfg.progress and ctx.is_main)
         if ctx.is_main:
             ctx.barrier()
         return data

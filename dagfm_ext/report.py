@@ -15,7 +15,8 @@ from .fileio import atomic_write_text
 __all__ = ["count_params", "flops_per_sample", "measure_infer_ms", "build_report", "format_table",
            "write_logs", "epoch_line", "LOG_COLUMNS"]
 
-LOG_COLUMNS = ("phase", "epoch", "train_loss", "val_auc", "val_logloss", "val_logit_mse", "best", "seconds")
+LOG_COLUMNS = ("phase", "epoch", "train_loss", "val_auc", "val_gauc", "val_logloss", "val_logit_mse", "best",
+               "seconds")
 
 
 def count_params(module: nn.Module) -> int:

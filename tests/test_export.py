@@ -100,7 +100,7 @@ def test_predict_criteo_file_end_to_end(tmp_path):
     # the logits must be those of the rows as the training pipeline encoded them.
     python("-m", "dagfm_ext", "predict", "--model", str(model), "--input", str(data),
            "--output", str(tmp_path / "preds.csv"))
-    want = in_memory(p, np.asarray(p.data.x))
+    want = in_memory(p, p.data.rows_in_source_order())  # file order; training stores rows by split
     np.testing.assert_allclose(read_preds(tmp_path / "preds.csv"), want, rtol=0, atol=1e-6)
     # Unlabelled rows (Criteo's test-file layout) to stdout.
     unlabelled = tmp_path / "test.tsv"

@@ -15,8 +15,13 @@ MAX_LINES = 400
 # part the pipeline's progress bars use.
 TRAINING_MODULES = ("dagfm_ext.distill", "dagfm_ext.config", "dagfm_ext.checkpoint", "dagfm_ext.export",
                     "dagfm_ext.kd_model", "dagfm_ext.report", "dagfm_ext.teachers", "dagfm_ext.modules",
-                    "dagfm_ext.metrics", "dagfm_ext.distributed", "dagfm_ext.bench")
-TRAINING_LIBRARIES = ("tqdm.auto", "sklearn")
+                    "dagfm_ext.metrics", "dagfm_ext.distributed", "dagfm_ext.bench",
+                    # the data side: loaders, preprocessing, cache and batches (serving needs the schema only)
+                    "dagfm_ext.data.batches", "dagfm_ext.data.cache", "dagfm_ext.data.command",
+                    "dagfm_ext.data.container", "dagfm_ext.data.datasets", "dagfm_ext.data.formats",
+                    "dagfm_ext.data.movielens", "dagfm_ext.data.prefetch", "dagfm_ext.data.preprocess",
+                    "dagfm_ext.data.spec", "dagfm_ext.data.synthetic")
+TRAINING_LIBRARIES = ("tqdm.auto", "sklearn", "pyarrow")
 # Compiled modules (built by setup.py, so absent from a fresh clone): leaves of the import graph.
 EXTENSION_MODULES = ("dagfm_ext._C",)
 
