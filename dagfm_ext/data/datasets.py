@@ -53,7 +53,9 @@ def preprocessed_entry(name: str, fmt: TableFormat, sources: Sequence[Source], s
         if progress:
             from tqdm.auto import tqdm
             total = sum(s.path.stat().st_size for s in sources)
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"preprocessing {name}", file=sys.stderr)
+            # Drawn on a terminal only and cleared when done: logs and error output stay clean.
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"preprocessing {name}", file=sys.stderr,
+                       leave=False, disable=None)
         try:
             meta = preprocess_files(sources, fmt, tmp, seed,
                                     progress=(lambda nbytes, rows: bar.update(nbytes)) if bar else None)
