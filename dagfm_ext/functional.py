@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
+from .autocast import cast_inputs
 
 __all__ = ["dagfm_propagate", "DagfmPropagate"]
 
@@ -32,7 +33,7 @@ def _propagate_fwd_train_fake(h0, p, q, interaction):
 
 
 @torch.library.register_fake("dagfm_ext::propagate_bwd")
-def _propagate_bwd_fake(grad_states, h0, p, q, interaction, saved=None):
+def _propagate_bwd_fake(grad_states, h0, p, q, interaction, saved=None, grad_sum=None):
     grad_q = torch.empty_like(q) if q is not None else p.new_empty((0,))
     return torch.empty_like(h0), torch.empty_like(p), grad_q
 
@@ -79,6 +80,7 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     """
     if not isinstance(interaction, str):
         raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
+    h0, p, q = cast_inputs(h0, p, q)
     tensors = (h0, p) if q is None else (h0, p, q)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)):
         return DagfmPropagate.apply(h0, p, q, interaction)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dagfm_propagate", "INTERACTIONS"]
+__all__ = ["dagfm_propagate", "dagfm_propagate_with_sum", "INTERACTIONS"]
 
 INTERACTIONS = ("inner", "outer", "kernel")
 
@@ -24,6 +24,12 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     h0: (B, F, D); p: (L, F, F, D) for inner/outer, (L, F, F, D, D) for kernel;
     q: (L, F, F, D) for outer, else None.
     """
+    return dagfm_propagate_with_sum(h0, p, q, interaction)[0]
+
+
+def dagfm_propagate_with_sum(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,
+                             interaction: str = "inner") -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, z): the states as ``dagfm_propagate`` and z = h^0 + h^1 + ... + h^L, (B, F, D)."""
     if interaction not in INTERACTIONS:
         raise ValueError(f"interaction: expected one of {INTERACTIONS}, got {interaction!r}")
     num_fields = h0.shape[1]
@@ -31,6 +37,7 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     mask = _edge_mask(num_fields, p)
     h = h0
     states = [h0.sum(dim=-1)]
+    total = h0
     for t in range(depth):
         if interaction == "inner":
             w = p[t] * mask[:, :, None]
@@ -46,4 +53,5 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
             a = torch.einsum("bid,ijde->bje", h, w)
         h = h0 * a
         states.append(h.sum(dim=-1))
-    return torch.stack(states, dim=1)
+        total = total + h
+    return torch.stack(states, dim=1), total
