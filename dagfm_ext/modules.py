@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import functional as _functional
+from . import propagate_sum as _propagate_sum
 
 __all__ = ["DAGFM", "DAGFMPlus", "INTERACTIONS"]
 
@@ -178,8 +179,7 @@ class DAGFM(_DagBase):
 class DAGFMPlus(_DagBase):
     """KD-DAGFM+: the same propagation, read out by an MLP over flatten(h0 + sum_t h^t).
 
-    The fused op returns only the per-field sums s^t_j, not the D-vectors h^t_j this readout
-    needs, so the propagation here is the plain recurrence (one einsum per layer) under autograd.
+    The sum z = h0 + sum_t h^t is the fused op's second output (``dagfm_propagate_with_sum``).
     """
 
     def __init__(self, num_fields: int, embed_dim: int, depth: int = 3, interaction: str = "inner",
@@ -197,21 +197,7 @@ class DAGFMPlus(_DagBase):
 
     def hidden_sum(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 + sum_{t=1..L} h^t, (B, F, D)."""
-        h0 = self.mixed(emb)
-        F = self.num_fields
-        mask = torch.ones(F, F, dtype=h0.dtype, device=h0.device).triu()
-        h, total = h0, h0
-        for t in range(self.depth):
-            if self.interaction == "inner":
-                a = torch.einsum("bid,ijd->bjd", h, self.p[t] * mask[:, :, None])
-            elif self.interaction == "outer":
-                c = torch.einsum("bid,ijd->bij", h, self.p[t] * mask[:, :, None])
-                a = torch.einsum("bij,ijd->bjd", c, self.q[t])
-            else:
-                a = torch.einsum("bid,ijde->bje", h, self.p[t] * mask[:, :, None, None])
-            h = h0 * a
-            total = total + h
-        return total
+        return _propagate_sum.dagfm_propagate_with_sum(self.mixed(emb), self.p, self.q, self.interaction)[1]
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         z = self.hidden_sum(emb)
