@@ -40,6 +40,7 @@ def _default_device() -> str:
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .distill import RunConfig, STUDENTS
     from .modules import INTERACTIONS
+    from .precision import add_precision_argument
     from .teachers import teacher_names
     d = RunConfig()
     p.add_argument("--dataset", type=_dataset, default=d.dataset, metavar="{ml-100k,criteo:PATH,synthetic}",
@@ -70,6 +71,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="run directory: checkpoint, logs, report.json (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output after its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_precision_argument(p, d.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, alpha=args.alpha,
                         beta=args.beta, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
                         device=device, min_count=args.min_count, synthetic_size=args.synthetic_size,
-                        output=args.output, progress=not args.quiet)
+                        output=args.output, progress=not args.quiet, precision=args.precision)
         report = Pipeline(cfg, resume=args.resume).run()
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"dagfm-ext run: error: {e}", file=sys.stderr)

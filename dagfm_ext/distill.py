@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from . import distributed, metrics
 from .data import FeatureSchema, FieldEmbedding, TabularData, load_dataset
 from .modules import DAGFM, DAGFMPlus, INTERACTIONS
+from .precision import Precision, check_precision
 from .serving import Scorer
 from .teachers import FM, build_teacher, teacher_names
 
@@ -78,6 +79,7 @@ class RunConfig:
     output: str = "runs/dagfm"
     progress: bool = True
     stop_after: str = "finetune"  # last phase to run; the report needs all three
+    precision: str = "fp32"  # dagfm_ext.precision.PRECISIONS
 
 
     def validate(self) -> "RunConfig":
@@ -105,6 +107,7 @@ class RunConfig:
             raise ValueError(f"device: {self.device!r} requested but CUDA is not available")
         if self.stop_after not in PHASES:
             raise ValueError(f"stop_after: expected one of {PHASES}, got {self.stop_after!r}")
+        check_precision(self.precision, self.device)
         self.cin_layers, self.mlp = tuple(self.cin_layers), tuple(self.mlp)
         return self
 
@@ -211,6 +214,7 @@ class Pipeline:
             cfg = saved
         self.cfg = cfg.validate()
         self.device = torch.device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
         if state is None:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed % 2**32)
@@ -324,7 +328,8 @@ class Pipeline:
         out = []
         with torch.no_grad():
             for k, (x, _) in enumerate(self.data.batches(split, bs, rank=ctx.rank, world_size=ctx.world_size)):
-                local = network(self.model.embedding(x.to(self.device))).float()
+                with self.precision.forward():
+                    local = network(self.model.embedding(x.to(self.device))).float()
                 out.append(ctx.gather_batch(local, min(bs, n - k * bs)).cpu().numpy())
         return np.concatenate(out), np.asarray(self.data.y[self.data.splits[split]], dtype=np.float32)
 
@@ -361,17 +366,17 @@ class Pipeline:
             # step exactly as one process does on the whole batch, even when shares differ by a row.
             rows = min(cfg.batch_size, size - step * cfg.batch_size)
             mean = lambda t: t.sum() / rows  # noqa: E731
-            if self.phase == "distill":
-                with torch.no_grad():
-                    emb = m.embedding(x)
-                    t_logit = m.teacher(emb)
-                s_logit = net(emb)
-                loss = cfg.alpha * mean(bce(s_logit, y, reduction="none")) + cfg.beta * mean((t_logit - s_logit) ** 2)
-            else:
-                loss = mean(bce(net(x), y, reduction="none"))
+            with self.precision.forward():
+                if self.phase == "distill":
+                    with torch.no_grad():
+                        emb = m.embedding(x)
+                        t_logit = m.teacher(emb)
+                    s_logit, t_logit = net(emb).float(), t_logit.float()  # the logit MSE in float32
+                    loss = cfg.alpha * mean(bce(s_logit, y, reduction="none")) + cfg.beta * mean((t_logit - s_logit) ** 2)
+                else:
+                    loss = mean(bce(net(x), y, reduction="none"))
             self.optimizer.zero_grad(set_to_none=True)
-            (loss * ctx.world_size).backward()
-            self.optimizer.step()
+            self.precision.backward_step(loss * ctx.world_size, self.optimizer)
             total += loss.item() * rows  # this rank's share of the batch's summed loss
             n += len(y)
             bar.set_postfix(loss=f"{total / max(n, 1):.4f}", refresh=False)
