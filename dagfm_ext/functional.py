@@ -71,6 +71,17 @@ class DagfmPropagate(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+def prepare_inputs(h0, p, q, interaction: str):
+    """What every public entry does first: checks ``interaction``, applies the autocast rule
+    (dagfm_ext.autocast) and says whether a backward will be needed. Returns (h0, p, q, training)."""
+    if not isinstance(interaction, str):
+        raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
+    h0, p, q = cast_inputs(h0, p, q)
+    tensors = (h0, p) if q is None else (h0, p, q)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))
+    return h0, p, q, training
+
+
 def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,
                     interaction: str = "inner") -> torch.Tensor:
     """Fused DAG propagation. Returns the states s (B, L+1, F), s[:, t, j] = sum_d h^t_j.
@@ -78,11 +89,8 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     h0: (B, F, D) (after field mixing); p: (L, F, F, D) for inner/outer, (L, F, F, D, D) for
     kernel; q: (L, F, F, D) for outer, else None. Same contract as dagfm_ext.reference.
     """
-    if not isinstance(interaction, str):
-        raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
-    h0, p, q = cast_inputs(h0, p, q)
-    tensors = (h0, p) if q is None else (h0, p, q)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)):
+    h0, p, q, training = prepare_inputs(h0, p, q, interaction)
+    if training:
         return DagfmPropagate.apply(h0, p, q, interaction)
     # Inference keeps nothing for a backward.
     return _fwd_op(h0, p, q, interaction)

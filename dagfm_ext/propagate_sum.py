@@ -9,8 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from .autocast import cast_inputs
-from .functional import _propagate_fwd_train_fake
+from .functional import _propagate_fwd_train_fake, prepare_inputs
 
 __all__ = ["dagfm_propagate_with_sum", "DagfmPropagateSum"]
 
@@ -56,11 +55,8 @@ def dagfm_propagate_with_sum(h0: torch.Tensor, p: torch.Tensor, q: Optional[torc
 
     Same arguments and contract as ``dagfm_ext.reference.dagfm_propagate_with_sum``.
     """
-    if not isinstance(interaction, str):
-        raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
-    h0, p, q = cast_inputs(h0, p, q)
-    tensors = (h0, p) if q is None else (h0, p, q)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)):
+    h0, p, q, training = prepare_inputs(h0, p, q, interaction)
+    if training:
         return DagfmPropagateSum.apply(h0, p, q, interaction)
     states, z, _ = _sum_fwd_op(h0, p, q, interaction)
     return states, z
