@@ -1,8 +1,9 @@
 """DAGFM and DAGFM+ (KD-DAGFM's student networks) as drop-in ``nn.Module``s over the fused op.
 
 Both map field embeddings (B, F, D) to logits (B,). The DAG propagation runs in one call of
-``dagfm_ext.dagfm_propagate``; only the upper triangle of ``p``/``q`` is used (the op masks it
-implicitly, so the lower triangle gets exactly zero gradient and no mask buffer is needed).
+the fused op (``dagfm_propagate``; ``dagfm_propagate_with_sum`` for DAGFM+); only the upper
+triangle of ``p``/``q`` is used (the op masks it implicitly, so the lower triangle gets exactly
+zero gradient and no mask buffer is needed).
 """
 from __future__ import annotations
 
