@@ -2,7 +2,7 @@
 // z = h^0 + h^1 + ... + h^L (B, F, D) that DAGFM+'s readout reads.
 //
 // Every h^t (t >= 1) is h0 * a^t and the training forward keeps the messages a^1..a^L, so
-// z = h0 * (1 + sum_t a^t) is one elementwise pass over what the backend returns anyway: the same
+// z = h0 + h0 * sum_t a^t is one elementwise pass over what the backend returns anyway: the same
 // backend kernels serve both ops, on every device they are registered for. The backward is
 // propagate_bwd with grad_sum = dLoss/dz.
 #include <ATen/ATen.h>
@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_sum_fwd_train(
   const at::ScalarType acc = at::toOpMathType(args.h0.scalar_type());
   const at::Tensor a_sum =
       messages.view({args.batch, args.depth, args.num_fields, args.embed_dim}).to(acc).sum(1);
-  const at::Tensor z = args.h0.to(acc).mul(a_sum.add_(1)).to(args.h0.scalar_type());
+  const at::Tensor x0 = args.h0.to(acc);
+  const at::Tensor z = at::addcmul(x0, x0, a_sum).to(args.h0.scalar_type());  // h0 + h0 * sum_t a^t
   return {states, z, messages};
 }
 
