@@ -75,7 +75,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--kinds", default="inner,outer,kernel")
     parser.add_argument("--bf16", action="store_true", help="also time the bfloat16 eager recurrence")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(f"DAGFMPlus B={args.batch} F={args.fields} D={args.dim} L={args.depth}, float32, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (before)")
