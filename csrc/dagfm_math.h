@@ -1,6 +1,9 @@
-// Per-sample (and per-tile) DAG-propagation arithmetic (DESIGN.md §2), shared by the CPU kernels and the CUDA
-// fallback path. No torch includes. `T` is the storage type of the weights, `Acc` the type the
-// states and sums are kept in (float for float/half/bfloat16, double for double).
+// What the CPU and CUDA backends share, without torch: the function attributes that let one
+// function build for host and device (DAGFM_HD, DAGFM_RESTRICT), the dot / sum helpers, and the
+// per-sample (and per-tile) DAG-propagation arithmetic that the CPU kernels run and that the CUDA
+// host tests (tests/cuda_host) compare the CUDA algorithms against. `T` is the storage type of the
+// weights, `Acc` the type the states and sums are kept in (float for float/half/bfloat16, double
+// for double).
 //
 // Layouts for one sample: h0, h, a, delta are (F, D) row-major; one layer's weights are
 // p[i][j][d] (inner/outer, and q likewise) or p[i][j][d][e] (kernel). Only edges i <= j exist.
@@ -286,7 +289,7 @@ DAGFM_HD void layer_forward(Interaction kind, const T* DAGFM_RESTRICT p, const T
   }
 }
 
-// One layer backward (DESIGN.md §2, t = the layer, h_prev = h^{t-1}, a = a^t).
+// One layer backward (t = the layer, h_prev = h^{t-1}, a = a^t).
 //   delta      in : dLoss/dh^t
 //   delta_prev in : G[t-1] broadcast over d;  out: dLoss/dh^{t-1}
 //   alpha      scratch
@@ -460,22 +463,6 @@ DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const 
     delta_prev = tmp;
   }
   for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
-}
-
-// One sample (S = 1): what a CUDA thread of the fallback path runs.
-DAGFM_HD int64_t sample_workspace_numel(int F, int D, int L) { return tile_workspace_numel(F, D, L, 1); }
-
-template <typename T, typename Acc>
-DAGFM_HD void sample_forward(Interaction kind, const T* h0_in, const T* p, const T* q, T* states,
-                             Acc* ws, int F, int D, int L) {
-  tile_forward<T, Acc>(kind, h0_in, p, q, states, ws, F, D, L, 1);
-}
-
-template <typename T, typename Acc>
-DAGFM_HD void sample_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
-                              const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
-                              int F, int D, int L) {
-  tile_backward<T, Acc>(kind, h0_in, p, q, grad_states, grad_h0, grad_p, grad_q, ws, F, D, L, 1);
 }
 
 }  // namespace dagfm

@@ -92,6 +92,8 @@ PropagateArgs check_propagate_args(const at::Tensor& h0, const at::Tensor& p,
               kernel ? "(L, F, F, D, D)" : "(L, F, F, D)", " for interaction='",
               interaction_name(args.interaction), "', got shape ", shape_str(p.sizes()));
   const int64_t L = p.size(0);
+  // The kernels index layers with int; an expanded p can claim any number of layers.
+  TORCH_CHECK(L <= (1 << 16), "p: up to 65536 layers (L = p.size(0)) supported, got shape ", shape_str(p.sizes()));
   if (kernel)
     check_shape(p, "p", {L, F, F, D, D}, "(L, F, F, D, D)");
   else

@@ -7,11 +7,13 @@
 #include <string>
 #include <tuple>
 
-#include "gemm_backward.h"
+#include "cuda/gemm_backward.h"
 #include "ops.h"
 
 #ifdef DAGFM_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
+
+#include "cuda/switches.h"
 #endif
 
 namespace {
@@ -44,7 +46,7 @@ pybind11::dict build_info() {
   return info;
 }
 
-// For the tests: the GEMM backward (gemm_backward.h) of the kernel or outer interaction, any device.
+// For the tests: the GEMM backward (cuda/gemm_backward.h) of the kernel or outer interaction, any device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward_py(const at::Tensor& grad_states,
                                                                 const at::Tensor& h0, const at::Tensor& p,
                                                                 const std::optional<at::Tensor>& q,
@@ -64,6 +66,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward_py(const at::Tensor
   return {grad_h0, grad_p, at::empty({0}, args.p.options())};
 }
 
+// For the tests: reads the CUDA backend's environment switches again (they are read once per
+// process otherwise). Nothing to read in a build without CUDA.
+void reread_cuda_switches_py() {
+#ifdef DAGFM_WITH_CUDA
+  dagfm::cuda::reread_cuda_switches();
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -74,4 +84,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dh0, dp, dq)",
         pybind11::arg("grad_states"), pybind11::arg("h0"), pybind11::arg("p"), pybind11::arg("q"),
         pybind11::arg("interaction"), pybind11::arg("saved"), pybind11::arg("grad_sum") = pybind11::none());
+  m.def("_reread_cuda_switches", &reread_cuda_switches_py,
+        "Test hook: read the DAGFM_CUDA_* environment switches again (otherwise read once per process)");
 }

@@ -14,9 +14,11 @@ __version__ = "0.1.0"
 
 # Everything above the op is imported on first use, so a serving process (``dagfm-ext predict``,
 # ``dagfm_ext.serving``) loads only torch and the ops, not the training stack (sklearn, tqdm).
-_SUBMODULES = ("data", "distill", "metrics", "modules", "serving", "teachers")
+_SUBMODULES = ("checkpoint", "config", "data", "distill", "export", "fileio", "kd_model", "metrics",
+               "modules", "report", "scorer", "serving", "teachers")
 _ATTRS = {"DAGFM": "modules", "DAGFMPlus": "modules", "CrossNet": "teachers", "CIN": "teachers",
-          "FM": "teachers", "build_teacher": "teachers", "register_teacher": "teachers"}
+          "FM": "teachers", "build_teacher": "teachers", "register_teacher": "teachers",
+          "RunConfig": "config", "run_pipeline": "distill"}
 
 
 def __getattr__(name: str):
@@ -35,5 +37,5 @@ def build_info() -> dict:
 __all__ = [
     "dagfm_propagate", "dagfm_propagate_with_sum", "reference", "build_info", "__version__",
     "DAGFM", "DAGFMPlus", "CrossNet", "CIN", "FM", "build_teacher", "register_teacher",
-    "data", "distill", "metrics", "serving", "teachers",
+    "RunConfig", "run_pipeline", *_SUBMODULES,
 ]

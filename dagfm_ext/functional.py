@@ -45,10 +45,25 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h0, p, q, None)
 
 
+_NO_DOUBLE_BACKWARD = (b"dagfm_propagate: double backward (differentiating its gradients, computed with "
+                       b"create_graph=True) is not implemented")
+
+
+def backward_grads(grad_states, h0, p, q, interaction: str, saved, grad_sum=None):
+    """(grad_h0, grad_p, grad_q) from the backward op. Under create_graph=True the gradients get
+    a backward of their own that raises: double backward is an error, never a silent None."""
+    with torch.no_grad():
+        grads = _bwd_op(grad_states.contiguous(), h0, p, q, interaction, saved, grad_sum)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h0, p, q)):
+        grads = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 3)(
+            *[g.detach().requires_grad_() for g in grads])
+    return grads
+
+
 def _backward(ctx, grad_states):
     # What the forward did not keep, the backward op recomputes from the inputs.
     h0, p, q, saved = ctx.saved_tensors
-    grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction, saved)
+    grad_h0, grad_p, grad_q = backward_grads(grad_states, h0, p, q, ctx.interaction, saved)
     return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
 
 

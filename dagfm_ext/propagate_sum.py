@@ -9,12 +9,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from .functional import _propagate_fwd_train_fake, prepare_inputs
+from .functional import _propagate_fwd_train_fake, backward_grads, prepare_inputs
 
 __all__ = ["dagfm_propagate_with_sum", "DagfmPropagateSum"]
 
 _sum_fwd_op = torch.ops.dagfm_ext.propagate_sum_fwd_train
-_bwd_op = torch.ops.dagfm_ext.propagate_bwd
 
 
 @torch.library.register_fake("dagfm_ext::propagate_sum_fwd_train")
@@ -43,8 +42,7 @@ class DagfmPropagateSum(torch.autograd.Function):
         if grad_states is None:
             grad_states = h0.new_zeros((h0.shape[0], p.shape[0] + 1, h0.shape[1]))
         grad_sum = None if grad_z is None else grad_z.contiguous()
-        grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction, saved,
-                                          grad_sum)
+        grad_h0, grad_p, grad_q = backward_grads(grad_states, h0, p, q, ctx.interaction, saved, grad_sum)
         return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
 
 

@@ -1,20 +1,47 @@
 """Plain-PyTorch DAG propagation: the test oracle and the baseline of every speed comparison.
 
 Written the way the public KD-DAGFM implementations write it (an einsum over the upper-triangle
-masked weights per layer), deliberately not tuned. Works for any dtype and device.
+masked weights per layer), deliberately not tuned. Works for any dtype and device. The
+recurrence itself is derived in docs/maths.md.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["dagfm_propagate", "dagfm_propagate_with_sum", "INTERACTIONS"]
+__all__ = ["dagfm_propagate", "dagfm_propagate_with_sum", "propagate_layer", "edge_mask", "INTERACTIONS"]
 
 INTERACTIONS = ("inner", "outer", "kernel")
 
 
-def _edge_mask(num_fields: int, like: torch.Tensor) -> torch.Tensor:
-    # Edge i -> j exists for i <= j (self-loops included).
+def edge_mask(num_fields: int, like: torch.Tensor) -> torch.Tensor:
+    """The DAG's edges as an (F, F) 0/1 matrix in ``like``'s dtype and device: edge i -> j exists
+    for i <= j (self-loops included)."""
     return torch.triu(torch.ones(num_fields, num_fields, dtype=like.dtype, device=like.device))
+
+
+def propagate_layer(h: torch.Tensor, h0: torch.Tensor, p_t: torch.Tensor, q_t: torch.Tensor | None,
+                    interaction: str, mask: torch.Tensor) -> torch.Tensor:
+    """One layer of the recurrence: h^{t+1} = h0 * a^{t+1}, (B, F, D), where a^{t+1}_j aggregates
+    the messages of every h^t_i along the edges i -> j.
+
+    p_t: (F, F, D) for inner/outer, (F, F, D, D) for kernel; q_t: (F, F, D) for outer, else None;
+    mask: ``edge_mask(F, p_t)``.
+    """
+    if interaction == "inner":
+        w = p_t * mask[:, :, None]
+        a = torch.einsum("bid,ijd->bjd", h, w)
+    elif interaction == "outer":
+        if q_t is None:
+            raise ValueError("q: required for interaction='outer'")
+        w = p_t * mask[:, :, None]
+        c = torch.einsum("bid,ijd->bij", h, w)
+        a = torch.einsum("bij,ijd->bjd", c, q_t)
+    elif interaction == "kernel":
+        w = p_t * mask[:, :, None, None]
+        a = torch.einsum("bid,ijde->bje", h, w)
+    else:
+        raise ValueError(f"interaction: expected one of {INTERACTIONS}, got {interaction!r}")
+    return h0 * a
 
 
 def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,
@@ -32,26 +59,14 @@ def dagfm_propagate_with_sum(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor 
     """(states, z): the states as ``dagfm_propagate`` and z = h^0 + h^1 + ... + h^L, (B, F, D)."""
     if interaction not in INTERACTIONS:
         raise ValueError(f"interaction: expected one of {INTERACTIONS}, got {interaction!r}")
-    num_fields = h0.shape[1]
-    depth = p.shape[0]
-    mask = _edge_mask(num_fields, p)
+    if interaction == "outer" and q is None:
+        raise ValueError("q: required for interaction='outer'")
+    mask = edge_mask(h0.shape[1], p)
     h = h0
     states = [h0.sum(dim=-1)]
     total = h0
-    for t in range(depth):
-        if interaction == "inner":
-            w = p[t] * mask[:, :, None]
-            a = torch.einsum("bid,ijd->bjd", h, w)
-        elif interaction == "outer":
-            if q is None:
-                raise ValueError("q: required for interaction='outer'")
-            w = p[t] * mask[:, :, None]
-            c = torch.einsum("bid,ijd->bij", h, w)
-            a = torch.einsum("bij,ijd->bjd", c, q[t])
-        else:
-            w = p[t] * mask[:, :, None, None]
-            a = torch.einsum("bid,ijde->bje", h, w)
-        h = h0 * a
+    for t in range(p.shape[0]):
+        h = propagate_layer(h, h0, p[t], q[t] if q is not None else None, interaction, mask)
         states.append(h.sum(dim=-1))
         total = total + h
     return torch.stack(states, dim=1), total

@@ -136,7 +136,7 @@ def test_bfloat16_dagfm_plus_run_exports_and_predicts(tmp_path):
                  "--mlp", "16,8", "--precision", "bf16", "--embed-dim", "4", "--depth", "2",
                  "--teacher-depth", "2", "--batch-size", "128", "--max-epochs", "1", "--patience", "1",
                  "--device", "cpu", "--quiet", "--output", str(out)]) == 0
-    p = Pipeline(RunConfig(output=str(out)), resume=True)  # the finished run, reloaded
+    p = Pipeline(RunConfig(output=str(out)), resume=True, given=set())  # the finished run, reloaded
     assert p.cfg.student == "dagfm+" and p.cfg.precision == "bf16"
     model = tmp_path / "student.pt2"
     assert main(["export", "--checkpoint", str(out), "--output", str(model)]) == 0

@@ -18,7 +18,7 @@ void expect(bool ok, const std::string& what) {
   if (!ok) ++failures;
 }
 
-// States with plain ATen ops (DESIGN.md §2), differentiable by autograd.
+// States with plain ATen ops, differentiable by autograd.
 at::Tensor reference_states(const at::Tensor& h0, const at::Tensor& p, const std::optional<at::Tensor>& q,
                             const std::string& kind) {
   const int64_t F = h0.size(1), L = p.size(0);

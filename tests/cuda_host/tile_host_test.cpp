@@ -1,4 +1,4 @@
-// Host test of the CUDA kernels' tile arithmetic (csrc/cuda/dagfm_kernels.cuh), no GPU needed.
+// Host test of the CUDA kernels' tile arithmetic (csrc/cuda/one_output_per_thread.cuh), no GPU needed.
 // The per-block drivers run here with a team of one thread, block after block, and are compared
 // with the per-sample functions of dagfm_math.h (which the CPU tests check against autograd).
 // Covers: every interaction, staged (any chunk size) and fallback layouts, the forward's kept
@@ -16,10 +16,12 @@
 #include <vector>
 
 #include "host_check.h"
-#include "cuda/dagfm_kernels.cuh"
+#include "per_sample_reference.h"
+#include "cuda/one_output_per_thread.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;
+using namespace dagfm::cuda::one_output;
 using namespace host_check;
 
 namespace {

@@ -1,15 +1,15 @@
 // The kernel and outer interactions' backward as matrix products over the whole batch, from the
 // messages a^1..a^L that a training forward kept (ATen ops: cuBLAS on CUDA, so TF32 follows
 // PyTorch's float32 matmul precision there). The CUDA backend uses them in place of its CUDA-core
-// backward; they are device-agnostic so that the CPU tests check their algebra
-// (dagfm_ext._C._gemm_backward).
+// backward (docs/cuda.md). Plain ATen, device-agnostic: every build compiles them, so that the CPU
+// tests check their algebra through dagfm_ext._C._gemm_backward.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
 
-#include "ops.h"
+#include "../ops.h"
 
 namespace dagfm {
 
