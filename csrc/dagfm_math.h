@@ -408,25 +408,29 @@ DAGFM_HD void tile_forward(Interaction kind, const T* h0_in, const T* p, const T
   }
 }
 
-// out[s, j, :] = grad_states[s, t, j] (G[t] broadcast over d).
+// out[s, j, :] = grad_states[s, t, j] (G[t] broadcast over d), plus grad_sum[s, j, :] when given
+// (z = h^0 + ... + h^L reads every h^t).
 template <typename T, typename Acc>
 DAGFM_HD void broadcast_grad_states(const T* grad_states, int t, Acc* out, int F, int D, int L,
-                                    int S) {
+                                    int S, const T* grad_sum = nullptr) {
   const int64_t FD = int64_t(F) * D, states_row = int64_t(L + 1) * F;
   for (int s = 0; s < S; ++s)
     for (int j = 0; j < F; ++j) {
       const Acc g = Acc(grad_states[s * states_row + int64_t(t) * F + j]);
-      for (int d = 0; d < D; ++d) out[s * FD + int64_t(j) * D + d] = g;
+      const int64_t o = s * FD + int64_t(j) * D;
+      for (int d = 0; d < D; ++d) out[o + d] = grad_sum == nullptr ? g : g + Acc(grad_sum[o + d]);
     }
 }
 
 // Backward for a tile of S consecutive samples. grad_states: S rows of (L+1)*F. grad_h0 receives
 // the full dLoss/dh0 (S rows of F*D); grad_p / grad_q accumulate into the caller's partial sums.
 // saved_a: the forward's messages (S rows of (L, F, D)), or nullptr to recompute them.
+// grad_sum: dLoss/dz (S rows of F*D), or nullptr.
 template <typename T, typename Acc, int kD = 0>
 DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
                             const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
-                            int F, int D, int L, int S = 1, const T* saved_a = nullptr) {
+                            int F, int D, int L, int S = 1, const T* saved_a = nullptr,
+                            const T* grad_sum = nullptr) {
   const int64_t FD = int64_t(F) * D, SFD = S * FD;
   const int64_t layer_numel = FD * F * (kind == Interaction::Kernel ? D : 1);
   const int64_t q_layer_numel = FD * F;
@@ -447,9 +451,9 @@ DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const 
   Acc* delta_prev = delta + SFD;
   Acc* alpha = delta_prev + SFD;
   for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = Acc(0);
-  broadcast_grad_states(grad_states, L, delta, F, D, L, S);
+  broadcast_grad_states(grad_states, L, delta, F, D, L, S, grad_sum);
   for (int t = L; t >= 1; --t) {
-    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S);
+    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
     layer_backward<T, Acc, kD>(kind, p + (t - 1) * layer_numel, q == nullptr ? q : q + (t - 1) * q_layer_numel,
                    h0, ws + (t - 1) * SFD, ws + (L + t) * SFD, delta, delta_prev, alpha, grad_h0,
                    grad_p + (t - 1) * layer_numel,

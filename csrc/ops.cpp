@@ -138,6 +138,14 @@ at::Tensor check_saved_messages(const std::optional<at::Tensor>& saved, const Pr
   return saved->contiguous();
 }
 
+at::Tensor check_grad_sum(const std::optional<at::Tensor>& grad_sum, const PropagateArgs& args) {
+  if (!grad_sum.has_value() || !grad_sum->defined()) return at::Tensor();
+  check_like(*grad_sum, "grad_sum", args.h0);
+  check_shape(*grad_sum, "grad_sum", {args.batch, int64_t(args.num_fields), int64_t(args.embed_dim)},
+              "(B, F, D)");
+  return grad_sum->contiguous();
+}
+
 at::Tensor empty_states(const PropagateArgs& args) {
   return at::empty({args.batch, int64_t(args.depth) + 1, int64_t(args.num_fields)},
                    args.h0.options());
@@ -190,7 +198,8 @@ TORCH_LIBRARY(dagfm_ext, m) {
   // CUDA kernels keep the messages a^1..a^L, flat (B * L * F * D); an empty tensor would make the
   // backward recompute them).
   m.def("propagate_fwd_train(Tensor h0, Tensor p, Tensor? q, str interaction) -> (Tensor, Tensor)");
+  // grad_sum: the gradient of z = h^0 + ... + h^L (B, F, D), from propagate_sum_fwd_train.
   m.def(
       "propagate_bwd(Tensor grad_states, Tensor h0, Tensor p, Tensor? q, str interaction,"
-      " Tensor? saved=None) -> (Tensor, Tensor, Tensor)");
+      " Tensor? saved=None, Tensor? grad_sum=None) -> (Tensor, Tensor, Tensor)");
 }

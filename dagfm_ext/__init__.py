@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from . import _C  # noqa: F401  (registers the dagfm_ext::* custom ops)
 from . import reference
 from .functional import dagfm_propagate
+from .propagate_sum import dagfm_propagate_with_sum
 
 __version__ = "0.1.0"
 
@@ -34,7 +35,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "dagfm_propagate", "reference", "build_info", "__version__",
+    "dagfm_propagate", "dagfm_propagate_with_sum", "reference", "build_info", "__version__",
     "DAGFM", "DAGFMPlus", "CrossNet", "CIN", "FM", "build_teacher", "register_teacher",
     "RunConfig", "run_pipeline", *_SUBMODULES,
 ]

@@ -66,6 +66,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .config import RunConfig, STUDENTS
     from .data.command import add_cache_argument
     from .reference import INTERACTIONS
+    from .precision import add_precision_argument
     from .teachers import teacher_names
     d = RunConfig()
     p.add_argument("--dataset", type=_dataset, default=d.dataset,
@@ -98,6 +99,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="run directory: checkpoint, logs, report.json (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output after its last finished epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_precision_argument(p, d.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +157,8 @@ def _run(args: argparse.Namespace, given: set) -> int:
                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, alpha=args.alpha,
                         beta=args.beta, max_epochs=args.max_epochs, patience=args.patience, seed=args.seed,
                         device=device, min_count=args.min_count, synthetic_size=args.synthetic_size,
-                        cache_dir=args.cache_dir or "", output=args.output, progress=not args.quiet)
+                        cache_dir=args.cache_dir or "", output=args.output, progress=not args.quiet,
+                        precision=args.precision)
         given = {"progress" if g == "quiet" else g for g in given}
         report = Pipeline(cfg, resume=args.resume, given=given).run()
     except USER_ERRORS as e:

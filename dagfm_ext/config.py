@@ -14,6 +14,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 from .data.names import FILE_KINDS
+from .precision import check_precision
 from .reference import INTERACTIONS
 from .teachers import teacher_names
 
@@ -51,6 +52,7 @@ class RunConfig:
     cache_dir: str = ""  # preprocessed data; "" = the per-user default
     output: str = "runs/dagfm"
     progress: bool = True
+    precision: str = "fp32"  # dagfm_ext.precision.PRECISIONS
     stop_after: str = "finetune"  # last phase to run; the report needs all three
 
     def validate(self) -> "RunConfig":
@@ -86,6 +88,7 @@ class RunConfig:
             self.dataset = f"{kind}:{os.path.abspath(path)}"
         if self.stop_after not in PHASES:
             raise ValueError(f"stop_after: expected one of {PHASES}, got {self.stop_after!r}")
+        check_precision(self.precision, self.device)
         self.cin_layers, self.mlp = tuple(self.cin_layers), tuple(self.mlp)
         return self
 

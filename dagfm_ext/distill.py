@@ -41,6 +41,7 @@ from .config import PHASES, RunConfig
 from .data import FeatureSchema, Prefetcher, TabularData, load_dataset
 from .fileio import atomic_write_text, make_dirs
 from .kd_model import build_model
+from .precision import Precision
 from .report import build_report, epoch_line, write_logs
 from .scorer import Scorer
 
@@ -70,6 +71,7 @@ class Pipeline:
             cfg = RunConfig.from_dict(saved["config"]).continued_by(cfg, given)
         self.cfg = cfg.validate()
         self.device = torch.device(cfg.device)
+        self.precision = Precision(cfg.precision, self.device)
         if saved is None:
             seed_all(cfg.seed)
         self.data = data if data is not None else self._load_data()
@@ -201,8 +203,7 @@ class Pipeline:
             rows = min(cfg.batch_size, size - step * cfg.batch_size)
             loss = self._loss(net, x, y, rows)
             self.optimizer.zero_grad(set_to_none=True)
-            (loss * ctx.world_size).backward()
-            self.optimizer.step()
+            self.precision.backward_step(loss * ctx.world_size, self.optimizer)
             total += loss.item() * rows  # this rank's share of the batch's summed loss
             n += len(y)
             bar.set_postfix(loss=f"{total / max(n, 1):.4f}", refresh=False)
@@ -219,12 +220,13 @@ class Pipeline:
         by a row."""
         bce = nn.functional.binary_cross_entropy_with_logits
         mean = lambda t: t.sum() / rows  # noqa: E731
-        if self.phase != "distill":
-            return mean(bce(net(x), y, reduction="none"))
-        with torch.no_grad():
-            emb = self.model.embedding(x)
-            t_logit = self.model.teacher(emb)
-        s_logit = net(emb)
+        with self.precision.forward():
+            if self.phase != "distill":
+                return mean(bce(net(x), y, reduction="none"))
+            with torch.no_grad():
+                emb = self.model.embedding(x)
+                t_logit = self.model.teacher(emb).float()
+            s_logit = net(emb).float()  # the logit MSE in float32
         return self.cfg.alpha * mean(bce(s_logit, y, reduction="none")) + self.cfg.beta * mean((t_logit - s_logit) ** 2)
 
     def _validate(self) -> dict:
@@ -244,7 +246,8 @@ class Pipeline:
         out = []
         with torch.no_grad():
             for k, (x, _) in enumerate(self.data.batches(split, bs, rank=ctx.rank, world_size=ctx.world_size)):
-                local = network(self.model.embedding(x.to(self.device))).float()
+                with self.precision.forward():
+                    local = network(self.model.embedding(x.to(self.device))).float()
                 out.append(ctx.gather_batch(local, min(bs, n - k * bs)).cpu().numpy())
         return np.concatenate(out), np.asarray(self.data.y[self.data.splits[split]], dtype=np.float32)
 

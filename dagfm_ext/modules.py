@@ -1,8 +1,9 @@
 """DAGFM and DAGFM+ (KD-DAGFM's student networks) as drop-in ``nn.Module``s over the fused op.
 
 Both map field embeddings (B, F, D) to logits (B,). The DAG propagation runs in one call of
-``dagfm_ext.dagfm_propagate``; only the upper triangle of ``p``/``q`` is used (the op masks it
-implicitly, so the lower triangle gets exactly zero gradient and no mask buffer is needed).
+the fused op (``dagfm_propagate``; ``dagfm_propagate_with_sum`` for DAGFM+); only the upper
+triangle of ``p``/``q`` is used (the op masks it implicitly, so the lower triangle gets exactly
+zero gradient and no mask buffer is needed).
 The maths of both networks is in docs/maths.md.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 
 from . import cost as _cost
 from . import functional as _functional
-from .reference import INTERACTIONS, edge_mask, propagate_layer
+from . import propagate_sum as _propagate_sum
+from .reference import INTERACTIONS
 
 __all__ = ["DAGFM", "DAGFMPlus"]
 
@@ -182,8 +184,7 @@ class DAGFM(_DagBase):
 class DAGFMPlus(_DagBase):
     """KD-DAGFM+: the same propagation, read out by an MLP over flatten(h0 + sum_t h^t).
 
-    The fused op returns only the per-field sums s^t_j, not the D-vectors h^t_j this readout
-    needs, so the propagation here is the reference's per-layer step under autograd.
+    The sum z = h0 + sum_t h^t is the fused op's second output (``dagfm_propagate_with_sum``).
     """
 
     def __init__(self, num_fields: int, embed_dim: int, depth: int = 3, interaction: str = "inner",
@@ -201,14 +202,7 @@ class DAGFMPlus(_DagBase):
 
     def hidden_sum(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 + sum_{t=1..L} h^t, (B, F, D)."""
-        h0 = self.mixed(emb)
-        mask = edge_mask(self.num_fields, h0)
-        h, total = h0, h0
-        for t in range(self.depth):
-            q_t = self.q[t] if self.q is not None else None
-            h = propagate_layer(h, h0, self.p[t], q_t, self.interaction, mask)
-            total = total + h
-        return total
+        return _propagate_sum.dagfm_propagate_with_sum(self.mixed(emb), self.p, self.q, self.interaction)[1]
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         z = self.hidden_sum(emb)

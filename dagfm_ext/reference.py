@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dagfm_propagate", "propagate_layer", "edge_mask", "INTERACTIONS"]
+__all__ = ["dagfm_propagate", "dagfm_propagate_with_sum", "propagate_layer", "edge_mask", "INTERACTIONS"]
 
 INTERACTIONS = ("inner", "outer", "kernel")
 
@@ -51,6 +51,12 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     h0: (B, F, D); p: (L, F, F, D) for inner/outer, (L, F, F, D, D) for kernel;
     q: (L, F, F, D) for outer, else None.
     """
+    return dagfm_propagate_with_sum(h0, p, q, interaction)[0]
+
+
+def dagfm_propagate_with_sum(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,
+                             interaction: str = "inner") -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, z): the states as ``dagfm_propagate`` and z = h^0 + h^1 + ... + h^L, (B, F, D)."""
     if interaction not in INTERACTIONS:
         raise ValueError(f"interaction: expected one of {INTERACTIONS}, got {interaction!r}")
     if interaction == "outer" and q is None:
@@ -58,7 +64,9 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     mask = edge_mask(h0.shape[1], p)
     h = h0
     states = [h0.sum(dim=-1)]
+    total = h0
     for t in range(p.shape[0]):
         h = propagate_layer(h, h0, p[t], q[t] if q is not None else None, interaction, mask)
         states.append(h.sum(dim=-1))
-    return torch.stack(states, dim=1)
+        total = total + h
+    return torch.stack(states, dim=1), total

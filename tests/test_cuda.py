@@ -627,3 +627,97 @@ def test_tf32_misaligned_weights_take_the_exact_path(restore_matmul_precision):
     s = dagfm_ext.dagfm_propagate(h0, p_off, None, "kernel")
     s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
     assert rel(s, s64) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The second output z = h^0 + ... + h^L (dagfm_propagate_with_sum) on every backward path, and the
+# ops under torch.autocast (float16 / bfloat16 run natively on CUDA)
+
+def sum_case(kind, h0, p, q, gs, gz, fn):
+    """z, states and the gradients of <states, gs> + <z, gz> through fn (fused or reference)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (h0, p, q) if t is not None]
+    s, z = fn(leaves[0], leaves[1], leaves[2] if q is not None else None, kind)
+    return s, z, torch.autograd.grad([s, z], leaves, [gs, gz])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (33, 13, 8, 3), (129, 39, 16, 3), (5, 70, 3, 2), (41, 39, 4, 2)])
+@pytest.mark.parametrize("path", ["default", "fallback", "first_kernels"])
+def test_sum_output_matches_reference_on_every_path(kind, shape, path, monkeypatch):
+    # default: register-blocked inner backward / cuBLAS backward of kernel and outer (the messages
+    # kept); first_kernels: the CUDA-core backward reading the messages; fallback: global memory.
+    if path == "fallback":
+        monkeypatch.setenv(FALLBACK_ENV, "1")
+    elif path == "first_kernels":
+        monkeypatch.setenv(RB_ENV, "0")
+    B, F, D, L = shape
+    h0, p, q = make_inputs(kind, B, F, D, L, seed=21)
+    gs = torch.randn(B, L + 1, F, dtype=torch.float64, device="cuda")
+    gz = torch.randn(B, F, D, dtype=torch.float64, device="cuda")
+    s, z, grads = sum_case(kind, h0, p, q, gs, gz, dagfm_ext.dagfm_propagate_with_sum)
+    s_ref, z_ref, grads_ref = sum_case(kind, h0, p, q, gs, gz, reference.dagfm_propagate_with_sum)
+    assert rel(s, s_ref) < 1e-10 and rel(z, z_ref) < 1e-10
+    for name, g, g_ref in zip(("h0", "p", "q"), grads, grads_ref):
+        assert rel(g, g_ref) < 1e-10, name
+    # Without the kept messages the backward recomputes them (the CUDA-core kernel).
+    recomputed = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind, None, gz)
+    for name, g, g_ref in zip(("h0", "p", "q"), recomputed, grads_ref):
+        if g_ref.numel():
+            assert rel(g, g_ref) < 1e-10, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sum_output_large_batch_float32(kind, restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    B, F, D, L = 65536 + 3, 39, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=22)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    gz = torch.randn(B, F, D, device="cuda")
+    s, z, grads = sum_case(kind, h0, p, q, gs, gz, dagfm_ext.dagfm_propagate_with_sum)
+    _, z_ref, grads_ref = sum_case(kind, h0.double(), p.double(), None if q is None else q.double(),
+                                   gs.double(), gz.double(), reference.dagfm_propagate_with_sum)
+    assert rel(z, z_ref) < 1e-5
+    for name, g, g_ref in zip(("h0", "p", "q"), grads, grads_ref):
+        assert rel(g, g_ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_runs_the_ops_natively_in_16_bits(kind, dtype):
+    from dagfm_ext.modules import DAGFM, DAGFMPlus
+
+    h0, p, q = make_inputs(kind, 64, 9, 16, 2, dtype=torch.float32, seed=23)
+    with torch.autocast("cuda", dtype=dtype):
+        assert dagfm_ext.dagfm_propagate(h0, p, q, kind).dtype == dtype
+        assert torch.ops.dagfm_ext.propagate_fwd(h0, p, q, kind).dtype == dtype
+        assert all(t.dtype == dtype for t in dagfm_ext.dagfm_propagate_with_sum(h0, p, q, kind))
+    # A model forward and backward under autocast against float32, within the 16-bit type's error.
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    for cls in (DAGFM, DAGFMPlus):
+        torch.manual_seed(24)
+        model = cls(39, 16, 3, kind).cuda()
+        emb = torch.randn(512, 39, 16, device="cuda")
+
+        def forward_backward():
+            x = emb.clone().requires_grad_()
+            out = model(x)
+            grads = torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])
+            return out.float(), grads
+
+        out32, grads32 = forward_backward()
+        with torch.autocast("cuda", dtype=dtype):
+            out16, grads16 = forward_backward()
+        assert rel(out16, out32) < tol, cls.__name__
+        for (name, _), a, b in zip([("emb", None), *model.named_parameters()], grads16, grads32):
+            assert a.dtype == torch.float32 and rel(a, b) < tol, (cls.__name__, name)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_pipeline_precisions_on_cuda(precision, tmp_path, restore_matmul_precision):
+    from dagfm_ext.distill import Pipeline, RunConfig
+
+    cfg = RunConfig(dataset="synthetic", synthetic_size=3000, student="dagfm+", embed_dim=8, depth=2,
+                    teacher_depth=2, batch_size=256, max_epochs=2, patience=1, device="cuda",
+                    progress=False, precision=precision, output=str(tmp_path / precision))
+    report = Pipeline(cfg).run()
+    assert report["student"]["test_auc"] > 0.5 and report["teacher"]["test_auc"] > 0.5

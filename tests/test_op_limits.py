@@ -16,11 +16,15 @@ def _inputs(interaction="inner"):
     return h, p, q
 
 
-@pytest.mark.parametrize("call", ["dagfm_propagate", "raw op"])
+CALLS = {"dagfm_propagate": dagfm_ext.dagfm_propagate,
+         "raw op": lambda h, p: torch.ops.dagfm_ext.propagate_fwd(h, p, None, "inner"),
+         "with sum": lambda h, p: dagfm_ext.dagfm_propagate_with_sum(h, p)[1]}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
 def test_double_backward_raises_instead_of_returning_none(call):
     h, p, q = _inputs()
-    fn = dagfm_ext.dagfm_propagate if call == "dagfm_propagate" else \
-        (lambda h, p: torch.ops.dagfm_ext.propagate_fwd(h, p, None, "inner"))
+    fn = CALLS[call]
     grad_h, = torch.autograd.grad(fn(h, p).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="dagfm_propagate: double backward .* is not implemented"):
         (grad_h ** 2).sum().backward()

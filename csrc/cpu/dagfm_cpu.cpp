@@ -202,7 +202,8 @@ DAGFM_ISA_CLONES void backward_tile(const PropagateBackwardParams<T>& pr, int64_
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
   tile_backward<T, T, kD>(pr.interaction, pr.h0 + b * F * D, pr.p, pr.q,
                           pr.grad_states + b * (L + 1) * F, pr.grad_h0 + b * F * D, grad_p, grad_q,
-                          ws, F, D, L, rows, saved == nullptr ? saved : saved + b * L * F * D);
+                          ws, F, D, L, rows, saved == nullptr ? saved : saved + b * L * F * D,
+                          pr.grad_sum == nullptr ? pr.grad_sum : pr.grad_sum + b * F * D);
 }
 
 template <typename T>
@@ -380,10 +381,13 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved =
           }
           hadamard(h0, A(t), n, H(t));
         }
+        const T* gsum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + r0 * FD;
         auto broadcast_grad = [&](int t, T* out) {
           for (int r = 0; r < rows; ++r)
             for (int j = 0; j < F; ++j)
               std::fill_n(out + (int64_t(r) * F + j) * D, D, gs[int64_t(r) * (L + 1) * F + int64_t(t) * F + j]);
+          if (gsum != nullptr)
+            for (int64_t k = 0; k < n; ++k) out[k] += gsum[k];
         };
         T* gh0 = pr.grad_h0 + r0 * FD;
         std::fill(gh0, gh0 + n, T(0));
@@ -491,16 +495,18 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
     const std::optional<at::Tensor>& q, c10::string_view interaction,
-    const std::optional<at::Tensor>& saved_in) {
+    const std::optional<at::Tensor>& saved_in, const std::optional<at::Tensor>& grad_sum_in) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   const at::Tensor gs = check_grad_states(grad_states, args);
   const at::Tensor saved = check_saved_messages(saved_in, args);
+  const at::Tensor grad_sum = check_grad_sum(grad_sum_in, args);
   at::Tensor grad_h0 = at::empty_like(args.h0);
   at::Tensor grad_p = at::zeros_like(args.p);
   at::Tensor grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
   if (args.batch == 0) return {grad_h0, grad_p, grad_q};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cpu", [&] {
-    const auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
+    auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
+    if (grad_sum.defined()) params.grad_sum = grad_sum.data_ptr<scalar_t>();
     const scalar_t* kept = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
     if (params.interaction == Interaction::Kernel && (kept != nullptr || use_kernel_blas(params)))
       backward_kernel_blas(params, kept);

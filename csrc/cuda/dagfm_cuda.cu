@@ -108,6 +108,7 @@ PropagateBackwardParams<K> as_kernel_params(const PropagateBackwardParams<S>& s)
   static_cast<PropagateParams<K>&>(k) = as_kernel_params<K>(static_cast<const PropagateParams<S>&>(s));
   k.grad_states = reinterpret_cast<const K*>(s.grad_states);
   k.saved_messages = reinterpret_cast<const K*>(s.saved_messages);
+  k.grad_sum = reinterpret_cast<const K*>(s.grad_sum);
   k.grad_h0 = reinterpret_cast<K*>(s.grad_h0);
   k.grad_p = reinterpret_cast<K*>(s.grad_p);
   k.grad_q = reinterpret_cast<K*>(s.grad_q);
@@ -386,11 +387,12 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cuda(const at::Tensor& h0
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
     const std::optional<at::Tensor>& q, c10::string_view interaction,
-    const std::optional<at::Tensor>& saved) {
+    const std::optional<at::Tensor>& saved, const std::optional<at::Tensor>& grad_sum) {
   const PropagateArgs args =
       check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   const c10::cuda::CUDAGuard guard(args.h0.device());
   const at::Tensor gs = check_grad_states(grad_states, args);
+  const at::Tensor gsum = check_grad_sum(grad_sum, args);  // undefined: z has no gradient
   // The training forward's messages, or undefined: then the backward recomputes them on chip.
   const at::Tensor msgs = check_saved_messages(saved, args);
   if (args.batch == 0) {
@@ -404,8 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
   const cuda::BackwardChoice choice = cuda::choose_backward(call, lim, cuda::cuda_switches());
   // Matrix products per layer on cuBLAS (gemm_backward.h): no dtype dispatch of ours.
   if (choice.path == cuda::BackwardPath::Gemm) {
-    if (args.interaction == Interaction::Outer) return outer_backward_gemm(gs, args, msgs);
-    auto [grad_h0, grad_p] = kernel_backward_gemm(gs, args, msgs);
+    if (args.interaction == Interaction::Outer) return outer_backward_gemm(gs, args, msgs, gsum);
+    auto [grad_h0, grad_p] = kernel_backward_gemm(gs, args, msgs, gsum);
     return {grad_h0, grad_p, at::empty({0}, args.p.options())};
   }
   // Every element (lower triangle included) is written by the reduction kernel.
@@ -418,6 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
     auto params =
         as_kernel_params<T>(make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q));
     if (msgs.defined()) params.saved_messages = reinterpret_cast<const T*>(msgs.data_ptr<scalar_t>());
+    if (gsum.defined()) params.grad_sum = reinterpret_cast<const T*>(gsum.data_ptr<scalar_t>());
     dispatch_interaction(args.interaction, [&](auto k) {
       launch_backward<decltype(k)::value, T, Acc>(params, choice, lim, args.h0);
     });

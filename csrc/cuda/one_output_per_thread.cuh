@@ -231,11 +231,13 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const TileConfig& cfg,
 
 // Backward of one layer for the tile: writes delta^{t-1} (dprev) and adds this tile's weight
 // gradients for the layer into part_p / part_q (assigns when `first`). alpha = delta^t * h0.
-// gs_prev points at grad_states[b0, t-1, 0] (sample stride gs_stride). Ends with team_sync().
+// gs_prev points at grad_states[b0, t-1, 0] (sample stride gs_stride); gsum (or nullptr) at
+// grad_sum[b0] (sample stride F*D), added to every delta. Ends with team_sync().
 template <Interaction K, typename T, typename Acc>
 DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTRICT hprev,
                                   const Acc* DAGFM_RESTRICT alpha, const T* DAGFM_RESTRICT gs_prev,
-                                  int64_t gs_stride, Acc* DAGFM_RESTRICT dprev,
+                                  int64_t gs_stride, const T* DAGFM_RESTRICT gsum,
+                                  Acc* DAGFM_RESTRICT dprev,
                                   Acc* DAGFM_RESTRICT scratch, T* wbuf, Acc* DAGFM_RESTRICT part_p,
                                   Acc* DAGFM_RESTRICT part_q, bool first, int nb, int F, int D,
                                   const TileConfig& cfg, Team team) {
@@ -286,7 +288,9 @@ DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTR
             for (int e = 0; e < D; ++e) s += cvt<Acc>(w[e]) * aj[e];
           }
         }
-        dprev[b * FD + int64_t(i) * D + d] = cvt<Acc>(gs_prev[b * gs_stride + i]) + s;
+        const int64_t o = b * FD + int64_t(i) * D + d;
+        if (gsum != nullptr) s += cvt<Acc>(gsum[o]);
+        dprev[o] = cvt<Acc>(gs_prev[b * gs_stride + i]) + s;
       }
     }
     // This tile's weight gradients for the chunk's edges, samples summed in order. One row at a
@@ -347,6 +351,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
   const int64_t sample_states = int64_t(L + 1) * F;
   const T* DAGFM_RESTRICT gs = prm.grad_states + b0 * sample_states;
   const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
+  const T* DAGFM_RESTRICT gsum = prm.grad_sum == nullptr ? nullptr : prm.grad_sum + b0 * FD;
   const int64_t n = int64_t(nb) * FD;
 
   const T* DAGFM_RESTRICT saved =
@@ -373,11 +378,12 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
       hprev = h;
     }
   }
-  // delta^L = G[L] broadcast over d
+  // delta^L = G[L] broadcast over d (+ dLoss/dz)
   for (int64_t k = team.rank; k < n; k += team.size) {
     const int64_t b = k / FD;
     const int j = int((k % FD) / D);
-    delta[k] = cvt<Acc>(gs[b * sample_states + int64_t(L) * F + j]);
+    delta[k] = cvt<Acc>(gs[b * sample_states + int64_t(L) * F + j]) +
+               (gsum == nullptr ? Acc(0) : cvt<Acc>(gsum[k]));
   }
   team_sync();
   for (int t = L; t >= 1; --t) {
@@ -393,7 +399,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
     team_sync();
     layer_backward_tile<K, T, Acc>(
         prm.p + (t - 1) * layer_numel, prm.q == nullptr ? nullptr : prm.q + (t - 1) * q_layer_numel,
-        t >= 2 ? hbuf : h0s, delta, gs + int64_t(t - 1) * F, sample_states, dprev, scratch, wbuf,
+        t >= 2 ? hbuf : h0s, delta, gs + int64_t(t - 1) * F, sample_states, gsum, dprev, scratch, wbuf,
         part_p + (t - 1) * part_layer, part_q == nullptr ? nullptr : part_q + (t - 1) * part_q_layer,
         first, nb, F, D, cfg, team);
     Acc* tmp = delta;

@@ -113,6 +113,7 @@ DAGFM_HD void inner_backward_tile(const PropagateBackwardParams<T>& prm, const I
   const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
   const T* DAGFM_RESTRICT gs = prm.grad_states + b0 * srow;
   const T* DAGFM_RESTRICT msg = prm.saved_messages + b0 * int64_t(L) * FD;
+  const T* DAGFM_RESTRICT gsum = prm.grad_sum == nullptr ? nullptr : prm.grad_sum + b0 * FD;
   const Acc* DAGFM_RESTRICT din = static_cast<const Acc*>(a.delta_in) + (a.delta_in ? b0 * FD : 0);
   Acc* DAGFM_RESTRICT gh = static_cast<Acc*>(a.gh) + b0 * FD;
 
@@ -123,7 +124,11 @@ DAGFM_HD void inner_backward_tile(const PropagateBackwardParams<T>& prm, const I
         Acc av = Acc(0), hv = Acc(0);
         if (b < nb) {
           const int64_t o = int64_t(b) * FD + r;
-          const Acc d = a.delta_in == nullptr ? cvt<Acc>(gs[b * srow + int64_t(L) * F + r / D]) : din[o];
+          // delta^L = G[L] (+ dLoss/dz); later layers' delta_in already holds both.
+          const Acc d = a.delta_in == nullptr
+                            ? cvt<Acc>(gs[b * srow + int64_t(L) * F + r / D]) +
+                                  (gsum == nullptr ? Acc(0) : cvt<Acc>(gsum[o]))
+                            : din[o];
           const Acc x0 = cvt<Acc>(h0g[o]);
           const Acc at = cvt<Acc>(msg[(int64_t(b) * L + (t - 1)) * FD + r]);
           av = d * x0;
@@ -156,7 +161,8 @@ DAGFM_HD void inner_backward_tile(const PropagateBackwardParams<T>& prm, const I
             const int bb = bg * kB + b;
             if (bb >= nb) break;
             const int64_t o = int64_t(bb) * FD + int64_t(i) * D + e;
-            const Acc v = cvt<Acc>(gs[bb * srow + int64_t(t - 1) * F + i]) + acc[b][ii];
+            Acc v = cvt<Acc>(gs[bb * srow + int64_t(t - 1) * F + i]) + acc[b][ii];
+            if (gsum != nullptr) v += cvt<Acc>(gsum[o]);
             if (t >= 2)
               static_cast<Acc*>(a.delta_out)[b0 * FD + o] = v;
             else

@@ -255,15 +255,20 @@ void check_inner_backward(std::mt19937_64& rng) {
     const int64_t FD = int64_t(F) * D;
     std::vector<double> gs(s.B * (L + 1) * F);
     for (auto& v : gs) v = u(rng);
+    // Every other shape also has a gradient on the sum z = h^0 + ... + h^L.
+    std::vector<double> gsum((&s - shapes) % 2 == 1 ? s.B * FD : 0);
+    for (auto& v : gsum) v = u(rng);
+    const double* gsum_ptr = gsum.empty() ? nullptr : gsum.data();
     // Reference gradients and the forward's messages.
     std::vector<double> msgs(s.B * L * FD), ws(sample_workspace_numel(F, D, L)), ref_h0(s.B * FD);
     std::vector<double> ref_p(pr.p.size(), 0.0), states((L + 1) * F);
     for (int64_t b = 0; b < s.B; ++b) {
       tile_forward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
                                    states.data(), ws.data(), F, D, L, 1, msgs.data() + b * L * FD);
-      sample_backward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
-                                      gs.data() + b * (L + 1) * F, ref_h0.data() + b * FD,
-                                      ref_p.data(), nullptr, ws.data(), F, D, L);
+      tile_backward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
+                                    gs.data() + b * (L + 1) * F, ref_h0.data() + b * FD, ref_p.data(),
+                                    nullptr, ws.data(), F, D, L, 1, nullptr,
+                                    gsum_ptr == nullptr ? nullptr : gsum_ptr + b * FD);
     }
     const rb::RbPlan plan = rb::plan_backward_inner(s.B, F, D, L, 8, big);
     char ctx[200];
@@ -274,8 +279,8 @@ void check_inner_backward(std::mt19937_64& rng) {
     for (int threads : {plan.threads, plan.threads + 37})
       for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
         if (grid > tiles) continue;
-        std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d tb=%d threads=%d grid=%lld",
-                      (long long)s.B, F, D, L, plan.cfg.tile_samples, threads, (long long)grid);
+        std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d tb=%d threads=%d grid=%lld sum=%d",
+                      (long long)s.B, F, D, L, plan.cfg.tile_samples, threads, (long long)grid, int(gsum_ptr != nullptr));
         std::vector<double> grad_h0(s.B * FD, nan), grad_p(pr.p.size(), nan);
         std::vector<double> work(rb::backward_inner_workspace_numel(s.B, F, D, L, grid), nan);
         std::vector<double> smem(plan.smem_bytes / sizeof(double), nan);
@@ -289,6 +294,7 @@ void check_inner_backward(std::mt19937_64& rng) {
         bp.interaction = Interaction::Inner;
         bp.grad_states = gs.data();
         bp.saved_messages = msgs.data();
+        bp.grad_sum = gsum_ptr;
         bp.grad_h0 = grad_h0.data();
         const SerialExec exec{threads};
         for (int t = L; t >= 1; --t) {
