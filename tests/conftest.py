@@ -155,3 +155,13 @@ def finished_run(tmp_path_factory):
                        output=str(run_dir))).run()
     export_checkpoint(run_dir, root / "model.pt2")
     return run_dir, root / "model.pt2"
+
+
+def run_log(run_dir) -> list:
+    """The epoch log of a run that may be writing it right now ([] until a whole one is there)."""
+    import json
+    from pathlib import Path
+    try:
+        return json.loads((Path(run_dir) / "log.json").read_text())
+    except (OSError, ValueError):
+        return []

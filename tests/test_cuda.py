@@ -230,7 +230,7 @@ def test_every_output_element_written(kind, fallback, monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_graph_capture_and_replay(kind, restore_matmul_precision):
-    # CUDA-graph friendliness (issue 4): forward and forward+backward capture (no host
+    # CUDA-graph friendliness: forward and forward+backward capture (no host
     # synchronisation, workspaces from the caching allocator's graph pool) and replays give the
     # eager results for new inputs copied into the captured buffers.
     torch.set_float32_matmul_precision("highest")
@@ -465,7 +465,7 @@ def test_register_blocked_and_first_kernels_agree(kind, dtype, monkeypatch, rest
 # float16 / bfloat16 (float accumulation) and the tensor-core forward of the kernel interaction
 # (float16 / bfloat16 always, float32 when the matmul precision allows TF32). The precision rule:
 # within twice the reference's own error in the same low precision on the same device, both
-# measured against float64 (DESIGN.md §3, issue 4).
+# measured against float64 (docs/maths.md; the precision rule in tests/conftest.py).
 
 LOW = (torch.float16, torch.bfloat16)
 TC_ENV = "DAGFM_CUDA_TENSOR_CORES"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_log
 
 from dagfm_ext.checkpoint import CHECKPOINT
 from dagfm_ext.config import RunConfig
@@ -100,10 +101,7 @@ def test_kill_one_rank_and_resume(two_ranks, tmp_path):
     proc = torchrun("-m", "dagfm_ext", "run", *ARGS, "--output", str(out))
     deadline, killed = time.time() + 120, False
     while time.time() < deadline and proc.poll() is None:
-        try:
-            log = json.loads((out / "log.json").read_text())
-        except (OSError, ValueError):
-            log = []
+        log = run_log(out)
         if any(r["phase"] == "distill" for r in log):
             pid = _rank_pid(proc.pid, 1)
             if pid is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_log
 
 import dagfm_ext
 
@@ -93,10 +94,7 @@ def test_kill_mid_phase_and_resume(tmp_path):
     deadline = time.time() + 120
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
-        try:
-            log = json.loads((out / "log.json").read_text())
-        except (OSError, ValueError):
-            log = []
+        log = run_log(out)
         if any(r["phase"] == "distill" for r in log):
             proc.send_signal(signal.SIGKILL)
             killed_at = len(log)
