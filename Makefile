@@ -1,7 +1,9 @@
 # Two commands set up and run everything on a fresh machine (each installs what it needs):
 #   make run    the distillation pipeline on MovieLens-100K (python -m dagfm_ext run)
 #   make test   build, then the Python tests (the benchmark smoke run `bench --quick --device cpu`
-#               among them), the C++ tests (ctest) and the CUDA compile check
+#               and a short fuzz of the op against the reference among them), the C++ tests (ctest)
+#               and the CUDA compile check
+# After a change to the kernels, `make fuzz-long` runs the long fuzz profile (many more cases).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -33,6 +35,10 @@ test-cpp: install
 	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build build-cmake -j2
 	ctest --test-dir build-cmake --output-on-failure
+
+.PHONY: fuzz-long
+fuzz-long: install
+	$(PY) -m pytest tests/test_fuzz.py -q --hypothesis-profile=long --hypothesis-show-statistics
 
 check-cuda:
 	bash scripts/check_cuda_compile.sh

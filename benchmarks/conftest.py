@@ -1,7 +1,7 @@
 """pytest-benchmark microbenchmarks of the fused op: options and parametrisation.
 
     pytest benchmarks/                      # small default set (CPU: about a minute on 2 cores)
-    pytest benchmarks/ --full               # the DESIGN.md section 5 shapes on every available device
+    pytest benchmarks/ --full               # the shapes of `dagfm-ext bench` on every available device
     pytest benchmarks/ --bench-device cuda --bench-dtype float64 --benchmark-max-time 2
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 def pytest_addoption(parser):
     group = parser.getgroup("dagfm_ext benchmarks")
     group.addoption("--full", action="store_true", default=False,
-                    help="run the full shape set (DESIGN.md section 5) instead of the small default set")
+                    help="run the shapes of `dagfm-ext bench` instead of the small default set")
     group.addoption("--bench-device", default="auto",
                     help="cpu, cuda, or auto (cpu plus cuda when available; default)")
     group.addoption("--bench-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
@@ -37,7 +37,7 @@ def _devices(spec: str):
 def pytest_generate_tests(metafunc):
     if "bench_case" not in metafunc.fixturenames:
         return
-    from dagfm_ext import bench  # noqa: WPS433  (imported lazily: collection must not need the extension early)
+    from dagfm_ext import bench  # imported here: collecting the options must not load the extension
 
     cfg = metafunc.config
     full = cfg.getoption("--full")

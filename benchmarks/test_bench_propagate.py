@@ -7,7 +7,7 @@ Benchmarks of one case share a pytest-benchmark group, so the table compares the
     pytest benchmarks/ --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 
 CUDA steps end with a synchronize, so wall-clock rounds measure the finished work. The speedup table with
-GFLOP/s and roofline fractions is ``dagfm-ext bench`` (dagfm_ext/bench.py); this suite is for tracking
+GFLOP/s and roofline fractions is ``dagfm-ext bench`` (the dagfm_ext.bench package); this suite is for tracking
 regressions with pytest-benchmark's storage and compare tools (``--benchmark-autosave``, ``--benchmark-compare``).
 """
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 
 from dagfm_ext import bench
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
 
 # The inputs and float64 reference of the current case, kept while its implementations run (one entry only,
 # so memory stays bounded for the large shapes).
@@ -31,30 +29,29 @@ def _case_data(device, dtype, shape, interaction, pass_):
         _cache.clear()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        inputs = bench.make_inputs(shape, interaction, device, dtype, seed=0, requires_grad=pass_ != "fwd")
-        h0, p, q, gs = inputs
-        refs = bench._reference_outputs(h0, p, q, gs, interaction, pass_, dtype)
+        inputs = bench.case_inputs(shape, interaction, device, dtype, seed=0, requires_grad=pass_ != "fwd")
+        refs = bench.reference_outputs(*inputs, interaction, pass_, dtype)
         _cache[key] = (inputs, refs)
     return _cache[key]
 
 
 def test_propagate(benchmark, bench_case):
     device, dtype_name, shape, interaction, pass_, impl = bench_case
-    dtype = _DTYPES[dtype_name]
+    dtype = bench.DTYPES[dtype_name]
     inputs, refs = _case_data(device, dtype, shape, interaction, pass_)
     h0, p, q, gs = inputs
 
     if impl == "fused":
-        check = bench.check_fused(bench._fused, shape, interaction, pass_, device, dtype, refs=refs, inputs=inputs)
+        check = bench.check_fused(bench.fused_op, shape, interaction, pass_, device, dtype, refs=refs, inputs=inputs)
         if not check["ok"]:
             pytest.fail(f"fused op is wrong, not timed: {check['detail']}")
-        step = bench._make_step(bench._fused, h0, p, q, gs, interaction, pass_)
+        step = bench.make_step(bench.fused_op, h0, p, q, gs, interaction, pass_)
     elif impl == "eager":
-        step = bench._make_step(bench._reference, h0, p, q, gs, interaction, pass_)
+        step = bench.make_step(bench.reference_op, h0, p, q, gs, interaction, pass_)
     else:
         torch._dynamo.reset()
         mode = "reduce-overhead" if impl == "graphs" else None
-        step, info = bench._compile_peer(mode, h0, p, q, gs, interaction, pass_, refs, dtype, device)
+        step, info = bench.compile_peer(mode, h0, p, q, gs, interaction, pass_, refs, dtype, device)
         if step is None:  # compile failed on this machine (or gave a wrong result): n/a, with the reason
             pytest.skip(f"torch.compile ({info['mode']}) n/a: {info['error']}")
 

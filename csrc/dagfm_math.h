@@ -1,6 +1,9 @@
-// Per-sample (and per-tile) DAG-propagation arithmetic (DESIGN.md §2), shared by the CPU kernels and the CUDA
-// fallback path. No torch includes. `T` is the storage type of the weights, `Acc` the type the
-// states and sums are kept in (float for float/half/bfloat16, double for double).
+// What the CPU and CUDA backends share, without torch: the function attributes that let one
+// function build for host and device (DAGFM_HD, DAGFM_RESTRICT), the dot / sum helpers, and the
+// per-sample (and per-tile) DAG-propagation arithmetic that the CPU kernels run and that the CUDA
+// host tests (tests/cuda_host) compare the CUDA algorithms against. `T` is the storage type of the
+// weights, `Acc` the type the states and sums are kept in (float for float/half/bfloat16, double
+// for double).
 //
 // Layouts for one sample: h0, h, a, delta are (F, D) row-major; one layer's weights are
 // p[i][j][d] (inner/outer, and q likewise) or p[i][j][d][e] (kernel). Only edges i <= j exist.
@@ -106,7 +109,7 @@ DAGFM_HD void layer_forward(Interaction kind, const T* DAGFM_RESTRICT p, const T
   }
 }
 
-// One layer backward (DESIGN.md §2, t = the layer, h_prev = h^{t-1}, a = a^t).
+// One layer backward (t = the layer, h_prev = h^{t-1}, a = a^t).
 //   delta      in : dLoss/dh^t
 //   delta_prev in : G[t-1] broadcast over d;  out: dLoss/dh^{t-1}
 //   alpha      scratch
@@ -207,25 +210,29 @@ DAGFM_HD void tile_forward(Interaction kind, const T* h0_in, const T* p, const T
   }
 }
 
-// out[s, j, :] = grad_states[s, t, j] (G[t] broadcast over d).
+// out[s, j, :] = grad_states[s, t, j] (G[t] broadcast over d), plus grad_sum[s, j, :] when given
+// (z = h^0 + ... + h^L reads every h^t).
 template <typename T, typename Acc>
 DAGFM_HD void broadcast_grad_states(const T* grad_states, int t, Acc* out, int F, int D, int L,
-                                    int S) {
+                                    int S, const T* grad_sum = nullptr) {
   const int64_t FD = int64_t(F) * D, states_row = int64_t(L + 1) * F;
   for (int s = 0; s < S; ++s)
     for (int j = 0; j < F; ++j) {
       const Acc g = Acc(grad_states[s * states_row + int64_t(t) * F + j]);
-      for (int d = 0; d < D; ++d) out[s * FD + int64_t(j) * D + d] = g;
+      const int64_t o = s * FD + int64_t(j) * D;
+      for (int d = 0; d < D; ++d) out[o + d] = grad_sum == nullptr ? g : g + Acc(grad_sum[o + d]);
     }
 }
 
 // Backward for a tile of S consecutive samples. grad_states: S rows of (L+1)*F. grad_h0 receives
 // the full dLoss/dh0 (S rows of F*D); grad_p / grad_q accumulate into the caller's partial sums.
 // saved_a: the forward's messages (S rows of (L, F, D)), or nullptr to recompute them.
+// grad_sum: dLoss/dz (S rows of F*D), or nullptr.
 template <typename T, typename Acc, int kD = 0>
 DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
                             const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
-                            int F, int D, int L, int S = 1, const T* saved_a = nullptr) {
+                            int F, int D, int L, int S = 1, const T* saved_a = nullptr,
+                            const T* grad_sum = nullptr) {
   const int64_t FD = int64_t(F) * D, SFD = S * FD;
   const int64_t layer_numel = FD * F * (kind == Interaction::Kernel ? D : 1);
   const int64_t q_layer_numel = FD * F;
@@ -246,9 +253,9 @@ DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const 
   Acc* delta_prev = delta + SFD;
   Acc* alpha = delta_prev + SFD;
   for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = Acc(0);
-  broadcast_grad_states(grad_states, L, delta, F, D, L, S);
+  broadcast_grad_states(grad_states, L, delta, F, D, L, S, grad_sum);
   for (int t = L; t >= 1; --t) {
-    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S);
+    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
     layer_backward<T, Acc, kD>(kind, p + (t - 1) * layer_numel, q == nullptr ? q : q + (t - 1) * q_layer_numel,
                    h0, ws + (t - 1) * SFD, ws + (L + t) * SFD, delta, delta_prev, alpha, grad_h0,
                    grad_p + (t - 1) * layer_numel,
@@ -258,22 +265,6 @@ DAGFM_HD void tile_backward(Interaction kind, const T* h0_in, const T* p, const 
     delta_prev = tmp;
   }
   for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
-}
-
-// One sample (S = 1): what a CUDA thread of the fallback path runs.
-DAGFM_HD int64_t sample_workspace_numel(int F, int D, int L) { return tile_workspace_numel(F, D, L, 1); }
-
-template <typename T, typename Acc>
-DAGFM_HD void sample_forward(Interaction kind, const T* h0_in, const T* p, const T* q, T* states,
-                             Acc* ws, int F, int D, int L) {
-  tile_forward<T, Acc>(kind, h0_in, p, q, states, ws, F, D, L, 1);
-}
-
-template <typename T, typename Acc>
-DAGFM_HD void sample_backward(Interaction kind, const T* h0_in, const T* p, const T* q,
-                              const T* grad_states, Acc* grad_h0, Acc* grad_p, Acc* grad_q, Acc* ws,
-                              int F, int D, int L) {
-  tile_backward<T, Acc>(kind, h0_in, p, q, grad_states, grad_h0, grad_p, grad_q, ws, F, D, L, 1);
 }
 
 }  // namespace dagfm

@@ -16,6 +16,8 @@ enum class Interaction : int { Inner = 0, Outer = 1, Kernel = 2 };
 //   messages    (B, L, F, D)       optional forward output (CUDA training forward): a^1..a^L,
 //                                  h^t = h0 * a^t; the backward reads them instead of recomputing
 //   grad_states (B, L+1, F)        backward input
+//   grad_sum    (B, F, D)          optional backward input: dLoss/dz for z = h^0 + ... + h^L,
+//                                  added to every delta^t next to the broadcast grad_states
 //   grad_h0, grad_p, grad_q        backward outputs, same shapes as h0, p, q
 template <typename T>
 struct PropagateParams {
@@ -43,6 +45,7 @@ template <typename T>
 struct PropagateBackwardParams : PropagateParams<T> {
   const T* grad_states = nullptr;
   const T* saved_messages = nullptr;  // a forward's `messages`, or nullptr: recompute
+  const T* grad_sum = nullptr;        // nullptr: the sum z has no gradient
   T* grad_h0 = nullptr;
   T* grad_p = nullptr;
   T* grad_q = nullptr;  // outer only

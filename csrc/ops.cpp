@@ -92,6 +92,8 @@ PropagateArgs check_propagate_args(const at::Tensor& h0, const at::Tensor& p,
               kernel ? "(L, F, F, D, D)" : "(L, F, F, D)", " for interaction='",
               interaction_name(args.interaction), "', got shape ", shape_str(p.sizes()));
   const int64_t L = p.size(0);
+  // The kernels index layers with int; an expanded p can claim any number of layers.
+  TORCH_CHECK(L <= (1 << 16), "p: up to 65536 layers (L = p.size(0)) supported, got shape ", shape_str(p.sizes()));
   if (kernel)
     check_shape(p, "p", {L, F, F, D, D}, "(L, F, F, D, D)");
   else
@@ -134,6 +136,14 @@ at::Tensor check_saved_messages(const std::optional<at::Tensor>& saved, const Pr
               "saved: expected a 1-D tensor of B*L*F*D = ", want, " elements, got shape ",
               shape_str(saved->sizes()));
   return saved->contiguous();
+}
+
+at::Tensor check_grad_sum(const std::optional<at::Tensor>& grad_sum, const PropagateArgs& args) {
+  if (!grad_sum.has_value() || !grad_sum->defined()) return at::Tensor();
+  check_like(*grad_sum, "grad_sum", args.h0);
+  check_shape(*grad_sum, "grad_sum", {args.batch, int64_t(args.num_fields), int64_t(args.embed_dim)},
+              "(B, F, D)");
+  return grad_sum->contiguous();
 }
 
 at::Tensor empty_states(const PropagateArgs& args) {
@@ -188,7 +198,8 @@ TORCH_LIBRARY(dagfm_ext, m) {
   // CUDA kernels keep the messages a^1..a^L, flat (B * L * F * D); an empty tensor would make the
   // backward recompute them).
   m.def("propagate_fwd_train(Tensor h0, Tensor p, Tensor? q, str interaction) -> (Tensor, Tensor)");
+  // grad_sum: the gradient of z = h^0 + ... + h^L (B, F, D), from propagate_sum_fwd_train.
   m.def(
       "propagate_bwd(Tensor grad_states, Tensor h0, Tensor p, Tensor? q, str interaction,"
-      " Tensor? saved=None) -> (Tensor, Tensor, Tensor)");
+      " Tensor? saved=None, Tensor? grad_sum=None) -> (Tensor, Tensor, Tensor)");
 }

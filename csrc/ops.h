@@ -37,6 +37,10 @@ at::Tensor check_grad_states(const at::Tensor& grad_states, const PropagateArgs&
 // undefined tensor for None or an empty tensor, else the validated contiguous tensor.
 at::Tensor check_saved_messages(const std::optional<at::Tensor>& saved, const PropagateArgs& args);
 
+// The optional `grad_sum` input of propagate_bwd, dLoss/dz (B, F, D): undefined for None, else the
+// validated contiguous tensor.
+at::Tensor check_grad_sum(const std::optional<at::Tensor>& grad_sum, const PropagateArgs& args);
+
 // Outputs allocated with the inputs' options.
 at::Tensor empty_states(const PropagateArgs& args);
 

@@ -7,11 +7,13 @@
 #include <string>
 #include <tuple>
 
-#include "gemm_backward.h"
+#include "cuda/gemm_backward.h"
 #include "ops.h"
 
 #ifdef DAGFM_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
+
+#include "cuda/switches.h"
 #endif
 
 namespace {
@@ -44,12 +46,13 @@ pybind11::dict build_info() {
   return info;
 }
 
-// For the tests: the GEMM backward (gemm_backward.h) of the kernel or outer interaction, any device.
+// For the tests: the GEMM backward (cuda/gemm_backward.h) of the kernel or outer interaction, any device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward_py(const at::Tensor& grad_states,
                                                                 const at::Tensor& h0, const at::Tensor& p,
                                                                 const std::optional<at::Tensor>& q,
                                                                 const std::string& interaction,
-                                                                const at::Tensor& saved) {
+                                                                const at::Tensor& saved,
+                                                                const std::optional<at::Tensor>& grad_sum) {
   const dagfm::PropagateArgs args = dagfm::check_propagate_args(h0, p, q, interaction);
   TORCH_CHECK(args.interaction != dagfm::Interaction::Inner,
               "interaction: expected 'outer' or 'kernel' (inner has no GEMM backward), got 'inner'");
@@ -57,9 +60,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward_py(const at::Tensor
   const at::Tensor msgs = dagfm::check_saved_messages(saved, args);
   TORCH_CHECK(msgs.defined() || args.batch * args.depth == 0, "saved: the messages are required");
   const at::Tensor m = msgs.defined() ? msgs : at::empty({0}, args.h0.options());
-  if (args.interaction == dagfm::Interaction::Outer) return dagfm::outer_backward_gemm(gs, args, m);
-  auto [grad_h0, grad_p] = dagfm::kernel_backward_gemm(gs, args, m);
+  const at::Tensor gsum = dagfm::check_grad_sum(grad_sum, args);
+  if (args.interaction == dagfm::Interaction::Outer) return dagfm::outer_backward_gemm(gs, args, m, gsum);
+  auto [grad_h0, grad_p] = dagfm::kernel_backward_gemm(gs, args, m, gsum);
   return {grad_h0, grad_p, at::empty({0}, args.p.options())};
+}
+
+// For the tests: reads the CUDA backend's environment switches again (they are read once per
+// process otherwise). Nothing to read in a build without CUDA.
+void reread_cuda_switches_py() {
+#ifdef DAGFM_WITH_CUDA
+  dagfm::cuda::reread_cuda_switches();
+#endif
 }
 
 }  // namespace
@@ -68,5 +80,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dagfm_ext compiled kernels (registers the dagfm_ext::* custom ops on import)";
   m.def("build_info", &build_info, "What this build contains: CUDA, architectures, torch, compiler");
   m.def("_gemm_backward", &gemm_backward_py,
-        "Test hook: the GEMM backward (grad_states, h0, p, q, interaction, saved) -> (dh0, dp, dq)");
+        "Test hook: the GEMM backward (grad_states, h0, p, q, interaction, saved, grad_sum=None) -> "
+        "(dh0, dp, dq)",
+        pybind11::arg("grad_states"), pybind11::arg("h0"), pybind11::arg("p"), pybind11::arg("q"),
+        pybind11::arg("interaction"), pybind11::arg("saved"), pybind11::arg("grad_sum") = pybind11::none());
+  m.def("_reread_cuda_switches", &reread_cuda_switches_py,
+        "Test hook: read the DAGFM_CUDA_* environment switches again (otherwise read once per process)");
 }

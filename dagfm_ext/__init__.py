@@ -8,14 +8,17 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from . import _C  # noqa: F401  (registers the dagfm_ext::* custom ops)
 from . import reference
 from .functional import dagfm_propagate
+from .propagate_sum import dagfm_propagate_with_sum
 
 __version__ = "0.1.0"
 
 # Everything above the op is imported on first use, so a serving process (``dagfm-ext predict``,
 # ``dagfm_ext.serving``) loads only torch and the ops, not the training stack (sklearn, tqdm).
-_SUBMODULES = ("data", "distill", "metrics", "modules", "serving", "teachers")
+_SUBMODULES = ("checkpoint", "config", "data", "distill", "export", "fileio", "kd_model", "metrics",
+               "modules", "report", "scorer", "serving", "teachers")
 _ATTRS = {"DAGFM": "modules", "DAGFMPlus": "modules", "CrossNet": "teachers", "CIN": "teachers",
-          "FM": "teachers", "build_teacher": "teachers", "register_teacher": "teachers"}
+          "FM": "teachers", "build_teacher": "teachers", "register_teacher": "teachers",
+          "RunConfig": "config", "run_pipeline": "distill"}
 
 
 def __getattr__(name: str):
@@ -32,7 +35,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "dagfm_propagate", "reference", "build_info", "__version__",
+    "dagfm_propagate", "dagfm_propagate_with_sum", "reference", "build_info", "__version__",
     "DAGFM", "DAGFMPlus", "CrossNet", "CIN", "FM", "build_teacher", "register_teacher",
-    "data", "distill", "metrics", "serving", "teachers",
+    "RunConfig", "run_pipeline", *_SUBMODULES,
 ]

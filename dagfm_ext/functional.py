@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
+from .autocast import cast_inputs
 
 __all__ = ["dagfm_propagate", "DagfmPropagate"]
 
@@ -32,7 +33,7 @@ def _propagate_fwd_train_fake(h0, p, q, interaction):
 
 
 @torch.library.register_fake("dagfm_ext::propagate_bwd")
-def _propagate_bwd_fake(grad_states, h0, p, q, interaction, saved=None):
+def _propagate_bwd_fake(grad_states, h0, p, q, interaction, saved=None, grad_sum=None):
     grad_q = torch.empty_like(q) if q is not None else p.new_empty((0,))
     return torch.empty_like(h0), torch.empty_like(p), grad_q
 
@@ -44,10 +45,25 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h0, p, q, None)
 
 
+_NO_DOUBLE_BACKWARD = (b"dagfm_propagate: double backward (differentiating its gradients, computed with "
+                       b"create_graph=True) is not implemented")
+
+
+def backward_grads(grad_states, h0, p, q, interaction: str, saved, grad_sum=None):
+    """(grad_h0, grad_p, grad_q) from the backward op. Under create_graph=True the gradients get
+    a backward of their own that raises: double backward is an error, never a silent None."""
+    with torch.no_grad():
+        grads = _bwd_op(grad_states.contiguous(), h0, p, q, interaction, saved, grad_sum)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h0, p, q)):
+        grads = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 3)(
+            *[g.detach().requires_grad_() for g in grads])
+    return grads
+
+
 def _backward(ctx, grad_states):
     # What the forward did not keep, the backward op recomputes from the inputs.
     h0, p, q, saved = ctx.saved_tensors
-    grad_h0, grad_p, grad_q = _bwd_op(grad_states.contiguous(), h0, p, q, ctx.interaction, saved)
+    grad_h0, grad_p, grad_q = backward_grads(grad_states, h0, p, q, ctx.interaction, saved)
     return grad_h0, grad_p, (grad_q if ctx.has_q else None), None
 
 
@@ -70,6 +86,17 @@ class DagfmPropagate(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+def prepare_inputs(h0, p, q, interaction: str):
+    """What every public entry does first: checks ``interaction``, applies the autocast rule
+    (dagfm_ext.autocast) and says whether a backward will be needed. Returns (h0, p, q, training)."""
+    if not isinstance(interaction, str):
+        raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
+    h0, p, q = cast_inputs(h0, p, q)
+    tensors = (h0, p) if q is None else (h0, p, q)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))
+    return h0, p, q, training
+
+
 def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None,
                     interaction: str = "inner") -> torch.Tensor:
     """Fused DAG propagation. Returns the states s (B, L+1, F), s[:, t, j] = sum_d h^t_j.
@@ -77,10 +104,8 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     h0: (B, F, D) (after field mixing); p: (L, F, F, D) for inner/outer, (L, F, F, D, D) for
     kernel; q: (L, F, F, D) for outer, else None. Same contract as dagfm_ext.reference.
     """
-    if not isinstance(interaction, str):
-        raise TypeError(f"interaction: expected a str, got {type(interaction).__name__}")
-    tensors = (h0, p) if q is None else (h0, p, q)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)):
+    h0, p, q, training = prepare_inputs(h0, p, q, interaction)
+    if training:
         return DagfmPropagate.apply(h0, p, q, interaction)
     # Inference keeps nothing for a backward.
     return _fwd_op(h0, p, q, interaction)

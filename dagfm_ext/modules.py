@@ -1,29 +1,37 @@
 """DAGFM and DAGFM+ (KD-DAGFM's student networks) as drop-in ``nn.Module``s over the fused op.
 
 Both map field embeddings (B, F, D) to logits (B,). The DAG propagation runs in one call of
-``dagfm_ext.dagfm_propagate``; only the upper triangle of ``p``/``q`` is used (the op masks it
-implicitly, so the lower triangle gets exactly zero gradient and no mask buffer is needed).
+the fused op (``dagfm_propagate``; ``dagfm_propagate_with_sum`` for DAGFM+); only the upper
+triangle of ``p``/``q`` is used (the op masks it implicitly, so the lower triangle gets exactly
+zero gradient and no mask buffer is needed).
+The maths of both networks is in docs/maths.md.
 """
 from __future__ import annotations
 
 import math
+import operator
 import re
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from . import cost as _cost
 from . import functional as _functional
+from . import propagate_sum as _propagate_sum
+from .reference import INTERACTIONS
 
-__all__ = ["DAGFM", "DAGFMPlus", "INTERACTIONS"]
-
-INTERACTIONS = ("inner", "outer", "kernel")
+__all__ = ["DAGFM", "DAGFMPlus"]
 
 
 def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    try:  # any integral type (numpy ints too), not bool or float
+        v = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return v
 
 
 class _DagBase(nn.Module):
@@ -66,6 +74,9 @@ class _DagBase(nn.Module):
         if emb.dim() != 3 or emb.shape[1] != self.num_fields or emb.shape[2] != self.embed_dim:
             raise ValueError(f"emb: expected shape (B, {self.num_fields}, {self.embed_dim}), "
                              f"got {tuple(emb.shape)}")
+        want = self.connect_layer.dtype  # under autocast the matmuls pick the dtype
+        if not emb.is_floating_point() or (emb.dtype != want and not torch.is_autocast_enabled(emb.device.type)):
+            raise ValueError(f"emb: expected dtype {want} (the module's), got {emb.dtype}")
 
     def mixed(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 = C @ x, (B, F, D)."""
@@ -75,13 +86,6 @@ class _DagBase(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_fields={self.num_fields}, embed_dim={self.embed_dim}, depth={self.depth}, "
                 f"interaction={self.interaction!r}")
-
-    def _propagation_flops(self) -> int:
-        F, D, L = self.num_fields, self.embed_dim, self.depth
-        edges = F * (F + 1) // 2
-        per_edge = {"inner": 2 * D, "outer": 4 * D, "kernel": 2 * D * D}[self.interaction]
-        # per layer: edge aggregation, h0 * a, and the state sum
-        return 2 * F * F * D + L * (edges * per_edge + F * D + F * D) + F * D
 
     # -- public-reference weight import -------------------------------------------------------
     def _load_dag_weights(self, sd: Mapping[str, torch.Tensor], prefix: str) -> set:
@@ -116,6 +120,8 @@ class _DagBase(nn.Module):
 
 
 def _find_prefix(sd: Mapping[str, torch.Tensor], prefix: str | None) -> str:
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"sd: expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
     if prefix is not None:
         return prefix
     # Accept the bare layout or any single wrapper prefix (e.g. 'student_network.').
@@ -146,7 +152,7 @@ class DAGFM(_DagBase):
         return self.linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 
     def flops_per_sample(self) -> int:
-        return self._propagation_flops() + 2 * (self.depth + 1) * self.num_fields
+        return _cost.dagfm_flops_per_sample(self.num_fields, self.embed_dim, self.depth, self.interaction)
 
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor], prefix: str | None = None,
                                  strict: bool = True) -> None:
@@ -178,8 +184,7 @@ class DAGFM(_DagBase):
 class DAGFMPlus(_DagBase):
     """KD-DAGFM+: the same propagation, read out by an MLP over flatten(h0 + sum_t h^t).
 
-    The fused op returns only the per-field sums s^t_j, not the D-vectors h^t_j this readout
-    needs, so the propagation here is the plain recurrence (one einsum per layer) under autograd.
+    The sum z = h0 + sum_t h^t is the fused op's second output (``dagfm_propagate_with_sum``).
     """
 
     def __init__(self, num_fields: int, embed_dim: int, depth: int = 3, interaction: str = "inner",
@@ -197,30 +202,15 @@ class DAGFMPlus(_DagBase):
 
     def hidden_sum(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 + sum_{t=1..L} h^t, (B, F, D)."""
-        h0 = self.mixed(emb)
-        F = self.num_fields
-        mask = torch.ones(F, F, dtype=h0.dtype, device=h0.device).triu()
-        h, total = h0, h0
-        for t in range(self.depth):
-            if self.interaction == "inner":
-                a = torch.einsum("bid,ijd->bjd", h, self.p[t] * mask[:, :, None])
-            elif self.interaction == "outer":
-                c = torch.einsum("bid,ijd->bij", h, self.p[t] * mask[:, :, None])
-                a = torch.einsum("bij,ijd->bjd", c, self.q[t])
-            else:
-                a = torch.einsum("bid,ijde->bje", h, self.p[t] * mask[:, :, None, None])
-            h = h0 * a
-            total = total + h
-        return total
+        return _propagate_sum.dagfm_propagate_with_sum(self.mixed(emb), self.p, self.q, self.interaction)[1]
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         z = self.hidden_sum(emb)
         return self.mlp(z.reshape(z.shape[0], -1)).squeeze(-1)
 
     def flops_per_sample(self) -> int:
-        dims = [self.num_fields * self.embed_dim, *self.mlp_dims, 1]
-        mlp = sum(2 * a * b + b for a, b in zip(dims[:-1], dims[1:]))
-        return self._propagation_flops() + self.depth * self.num_fields * self.embed_dim + mlp
+        return _cost.dagfm_plus_flops_per_sample(self.num_fields, self.embed_dim, self.depth,
+                                                 self.interaction, self.mlp_dims)
 
     def load_official_state_dict(self, sd: Mapping[str, torch.Tensor], prefix: str | None = None,
                                  strict: bool = True) -> None:

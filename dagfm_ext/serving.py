@@ -10,8 +10,10 @@ Multi-valued fields (MovieLens genres) have a fixed width in the graph: ``max_le
 the ids of the first ``max_len`` tokens followed by ``-1`` padding (a row without tokens is one
 OOV id 0). The graph masks ``-1`` slots and averages the rest, so padding never reaches a lookup.
 
-Loading (``load_student``, ``dagfm-ext predict``) needs only torch and this package's ops: the
-model classes and the training stack are not imported.
+Loading (``load_student``, ``dagfm-ext predict``) first checks the archive (``safe_load.read_pt2``:
+nothing torch.export.load would unpickle or execute), then needs only torch and this package's ops: the
+model classes and the training stack are not imported, and this module imports none of them
+(exporting a training run's checkpoint is ``dagfm_ext.export``).
 """
 from __future__ import annotations
 
@@ -25,24 +27,24 @@ import torch
 from torch import nn
 
 from .data import DataFormatError, FeatureSchema
+from .fileio import atomic_write, make_dirs
+from .safe_load import check_program_ops, read_pt2
+from .scorer import Scorer
 
-__all__ = ["Scorer", "export_student", "export_checkpoint", "load_student", "read_raw_rows",
-           "predict_file", "SCHEMA_FILE", "META_FILE"]
+__all__ = ["Scorer", "export_student", "load_student", "read_raw_rows", "predict_file", "export_onnx",
+           "SCHEMA_FILE", "META_FILE"]
 
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
 FORMAT = 1
 
 
-class Scorer(nn.Module):
-    """Encoded rows (B, num_slots) int64 -> logits (B,): the shared embedding, then one network."""
-
-    def __init__(self, embedding: nn.Module, network: nn.Module):
-        super().__init__()
-        self.embedding, self.network = embedding, network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(self.embedding(x))
+def __getattr__(name: str):
+    # The ONNX export needs the optional onnx package: imported on first use only.
+    if name == "export_onnx":
+        from . import onnx_export
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSchema, output,
@@ -59,11 +61,11 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
     info = {"format": FORMAT, "num_slots": schema.num_slots, "num_fields": schema.num_fields,
             "slot_fields": schema.slot_fields(), **(meta or {})}
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, output, extra_files={SCHEMA_FILE: json.dumps(schema.to_dict()),
-                                                    META_FILE: json.dumps(info)})
+    make_dirs(output.parent, needed_for=output)
+    extra = {SCHEMA_FILE: json.dumps(schema.to_dict()), META_FILE: json.dumps(info)}
+    atomic_write(output, lambda f: torch.export.save(program, f, extra_files=extra))
     if aoti_output is not None:
-        Path(aoti_output).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(aoti_output).parent, needed_for=aoti_output)
         # The custom op has no C shim: the package calls it through the dispatcher by name, so the
         # loading process must have the ops registered (dagfm_ext._C, or libdagfm_ops in C++).
         torch._inductor.aoti_compile_and_package(
@@ -72,46 +74,32 @@ def export_student(embedding: nn.Module, student: nn.Module, schema: FeatureSche
     return program
 
 
-def export_checkpoint(checkpoint, output, aoti_output=None) -> torch.export.ExportedProgram:
-    """Export the finetuned student of a finished run (a run directory or its checkpoint.pt)."""
-    from .distill import CHECKPOINT, PHASES, RunConfig, build_model  # the training side only
-
-    path = Path(checkpoint)
-    file = path / CHECKPOINT if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint: expected a run directory holding {CHECKPOINT} or the "
-                                f"file itself, got {str(path)!r}")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "schema" not in state:
-        raise ValueError(f"checkpoint: {file} is not a dagfm_ext run checkpoint")
-    if state["phase_idx"] < len(PHASES):
-        raise ValueError(f"checkpoint: the run in {file.parent} has not finished (in phase "
-                         f"{PHASES[state['phase_idx']]!r}, epoch {state['epoch']}); finish it with "
-                         "'dagfm-ext run --output DIR --resume' first")
-    cfg = RunConfig.from_dict(state["config"])
-    cfg.device = "cpu"
-    schema = FeatureSchema.from_dict(state["schema"])
-    model = build_model(cfg, schema)
-    model.load_state_dict(state["model"])
-    meta = {"student": cfg.student, "interaction": cfg.interaction, "depth": cfg.depth,
-            "embed_dim": cfg.embed_dim, "dataset": cfg.dataset}
-    return export_student(model.embedding, model.student, schema, output, aoti_output, meta=meta)
-
-
 def load_student(path) -> Tuple[nn.Module, FeatureSchema, dict]:
-    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student."""
+    """(callable: encoded rows -> logits, schema, metadata) from a file written by export_student, or
+    from an .onnx file written by ``export_onnx`` (run by onnxruntime)."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":  # scored by onnxruntime; the schema is in the model's metadata
+        from .onnx_scorer import OnnxStudent
+        onnx_student = OnnxStudent(path)
+        return (lambda x: torch.from_numpy(onnx_student(x.numpy())), FeatureSchema.from_dict(onnx_student.schema),
+                onnx_student.meta)
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file: {path}")
+    checked = read_pt2(path)  # refuses what torch.export.load would unpickle or execute
     extra = {SCHEMA_FILE: "", META_FILE: ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
+        program = torch.export.load(checked, extra_files=extra)
     except Exception as e:  # noqa: BLE001  (any unreadable file is reported the same way)
         raise ValueError(f"model: {path} is not a torch.export program written by "
                          f"'dagfm-ext export' ({type(e).__name__}: {e})") from None
+    check_program_ops(program, path)
     if not extra[SCHEMA_FILE]:
         raise ValueError(f"model: {path} has no {SCHEMA_FILE}; write it with 'dagfm-ext export'")
-    return program.module(), FeatureSchema.from_dict(json.loads(extra[SCHEMA_FILE])), json.loads(extra[META_FILE] or "{}")
+    try:
+        schema, meta = FeatureSchema.from_dict(json.loads(extra[SCHEMA_FILE])), json.loads(extra[META_FILE] or "{}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"model: {path} has an unreadable {SCHEMA_FILE} or {META_FILE} ({e})") from None
+    return program.module(), schema, meta
 
 
 def _delimiter(path: Path, first_line: str) -> str:
@@ -131,7 +119,7 @@ def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
     hold space-separated tokens; empty cells are missing values (OOV)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input: no such file: {path}")
+        raise FileNotFoundError(f"input: {'not a file' if path.exists() else 'no such file'}: {path}")
     names = schema.names
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         first = f.readline()

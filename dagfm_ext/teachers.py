@@ -21,6 +21,8 @@ from typing import Callable, Dict, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
+from .cost import linear_flops
+
 __all__ = ["TeacherModule", "CrossNet", "CIN", "FM", "TEACHERS", "register_teacher",
            "build_teacher", "teacher_names"]
 
@@ -66,7 +68,8 @@ class CrossNet(nn.Module):
 
     def flops_per_sample(self) -> int:
         n = self.num_fields * self.embed_dim
-        return self.depth * (2 * n * n + 3 * n) + 2 * n
+        # per layer: W_l x_l + b_l, the product with x0 and the residual add; then the readout
+        return self.depth * (linear_flops(n, n) + 2 * n) + linear_flops(n, 1)
 
 
 class CIN(nn.Module):
@@ -98,8 +101,10 @@ class CIN(nn.Module):
     def flops_per_sample(self) -> int:
         F, D = self.num_fields, self.embed_dim
         dims = (F,) + self.layers
-        total = sum(a * F * D + 2 * a * F * b * D + b * D for a, b in zip(dims[:-1], dims[1:]))
-        return total + 2 * sum(self.layers)
+        # per layer: the outer products, the 1x1 convolution (a linear map at each of the D
+        # positions) and the sum over D; then the readout
+        total = sum(a * F * D + D * linear_flops(a * F, b) + b * D for a, b in zip(dims[:-1], dims[1:]))
+        return total + linear_flops(sum(self.layers), 1)
 
 
 class FM(nn.Module):
@@ -119,7 +124,9 @@ class FM(nn.Module):
 
     def flops_per_sample(self) -> int:
         F, D = self.num_fields, self.embed_dim
-        return 2 * F * D + 3 * F * D + 2 * D + 2 * F * D
+        # the linear term; the field sum (FD), its square (D), the squares and their field sum
+        # (2FD), the difference and the sum over D (2D), the half and the final add (2)
+        return linear_flops(F * D, 1) + 3 * F * D + 3 * D + 2
 
 
 TeacherFactory = Callable[..., nn.Module]

@@ -1,379 +1,266 @@
-"""Low-precision and tensor-core benchmark of the fused op on a GPU (issue 4; scripts/gpu_check.sh runs
-it). One run, side by side, on the same inputs:
+"""Low-precision and tensor-core presets of the benchmark, on a GPU (scripts/gpu_check.sh runs it).
+
+Everything it measures goes through the ``dagfm_ext.bench`` package (inputs, the float64 check,
+interleaved timing, ceilings, cost model); this script only says which cases to run. One run, side
+by side, on the same inputs:
 
 * ceilings measured now: device-to-device copy bandwidth; matrix-product rates in FP32 (exact), TF32,
-  bf16 and fp16 (8192^3 through torch.matmul, random data);
+  bf16 and fp16;
 * the kernel interaction's forward at F=39, D=16, L=3 (B = 65,536 and 1,024): fused exact float32,
-  fused TF32 (tensor cores), fused float16 / bfloat16 (tensor cores) and the same on CUDA cores
-  (DAGFM_CUDA_TENSOR_CORES=0), against reference eager and torch.compile(reference) in exact float32,
-  and torch.compile(reference) with TF32 allowed;
-* forward+backward of the kernel interaction in float32 / TF32 / float16 / bfloat16 against eager (the
-  backward: cuBLAS products on the kept messages) and v0; of inner and outer in float32 against
-  eager, default path and v0;
-* inner and outer forward in float32 / float16 / bfloat16 (B = 65,536 and 1,024), on the default
-  (register-blocked) path and on the first CUDA-core kernels (v0), against eager;
-* with --sweep instead: the F x D grid of issue 4 (F in {8, 23, 39}, D in {8, 16, 32}) for every
-  inner / outer kernel variant and the kernel interaction's precisions.
+  fused TF32 (tensor cores), fused float16 / bfloat16 (tensor cores) and the same on CUDA cores,
+  against reference eager and torch.compile(reference) in exact float32, and torch.compile(reference)
+  with TF32 allowed;
+* forward+backward of the kernel interaction in float32 / TF32 / float16 / bfloat16 against eager
+  and the first CUDA kernels (v0); of inner and outer in float32 against eager, default path and v0;
+* inner and outer forward in float32 / float16 / bfloat16 on the default (register-blocked) path and
+  on v0, against eager;
+* with --sweep instead: the tuning grid F in {8, 23, 39} x D in {8, 16, 32} for every inner / outer
+  kernel variant and the kernel interaction's precisions.
 
 Each fused row is checked against float64 on its own inputs before it is timed (relative error
-printed). Times are medians of interleaved blocks timed with CUDA events. A short table is printed
-last; --json writes every number.
+printed). The roofline floor is max(FLOPs / rate, min bytes / copy bandwidth) with the rate of the
+row's precision. A short table is printed last; --json writes every number.
 
     python scripts/bench_tc.py [--json PATH] [--no-compile] [--quick] [--sweep]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 import dagfm_ext
-from dagfm_ext import reference
+from dagfm_ext import bench, cost
+from dagfm_ext.bench.roofline import measure_copy_bandwidth, measure_matmul_rate
+from dagfm_ext.bench.timing import median_seconds
+from dagfm_ext.testing import make_grad_states, make_inputs, rel_err
 
 F, D, L = 39, 16, 3
 DT = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Relative error against float64 a fused row must stay under to be timed.
+LIMIT = {"float32": 1e-5, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
+# The environment switches that select a kernel variant in the CUDA backend.
+# The extension reads them once per process, so every change is followed by a reread.
+VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_GEMM_BACKWARD",
+               "DAGFM_CUDA_RB_TILE", "DAGFM_CUDA_TC_ROWS")
+SWEEP_F, SWEEP_D = (8, 23, 39), (8, 16, 32)
 
 
-def set_tf32(on: bool) -> None:
-    torch.set_float32_matmul_precision("high" if on else "highest")
+@contextlib.contextmanager
+def precision(dtype_name: str):
+    """TF32 matmuls for the 'tf32' rows only."""
+    torch.set_float32_matmul_precision("high" if dtype_name == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
-def time_fn(fn, rounds=7, min_block_s=0.05) -> float:
-    """Median seconds per call (CUDA events around blocks of calls; 2 warm-up calls)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    one = max(start.elapsed_time(end) / 1e3, 1e-6)
-    n = max(1, min(2000, int(min_block_s / one)))
-    samples = []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / n)
-    return statistics.median(samples)
+@contextlib.contextmanager
+def variant(name=None, tensor_cores=True):
+    """None = the default path, "v0" = the first CUDA-core kernels (forward and backward, no cuBLAS
+    backward), "rb8" ... "rb64" = the
+    register-blocked forward with that many samples per tile, "tc32" = the tensor-core forward
+    with 32 samples per warp."""
+    saved = {k: os.environ.get(k) for k in VARIANT_ENV}
+    os.environ["DAGFM_CUDA_TENSOR_CORES"] = "1" if tensor_cores else "0"
+    if name == "v0":
+        os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        os.environ["DAGFM_CUDA_GEMM_BACKWARD"] = "0"
+    elif name == "tc32":
+        os.environ["DAGFM_CUDA_TC_ROWS"] = "32"
+    elif name:
+        os.environ["DAGFM_CUDA_RB_TILE"] = name[2:]
+    dagfm_ext._C._reread_cuda_switches()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        dagfm_ext._C._reread_cuda_switches()
+
+
+@functools.lru_cache(maxsize=4)
+def case(kind, B, dtype, seed, shape=(F, D), training=False):
+    """(h0, p, q, grad_states) on the GPU; the variants of one case reuse them."""
+    h0, p, q = make_inputs(kind, B, shape[0], shape[1], L, dtype, "cuda", seed, requires_grad=training)
+    return h0, p, q, make_grad_states(B, shape[0], L, dtype, "cuda", seed=seed + 1)
+
+
+def check_err(h0, p, q, gs, kind, pass_) -> float:
+    """Largest relative error of the fused outputs (and gradients) against float64."""
+    outs = bench.run_pass(bench.fused_op, h0, p, q, gs, kind, pass_)
+    as64 = [t.detach().double().requires_grad_(pass_ != "fwd") if t is not None else None for t in (h0, p, q)]
+    want = bench.run_pass(bench.reference_op, *as64, gs.double(), kind, pass_)
+    return max(rel_err(a, b) for a, b in zip(outs, want))
 
 
 def ceilings(quick: bool) -> dict:
     out = {}
-    n = 1 << 30  # 1 GiB each way
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), rounds=5)
-    out["copy_TBps"] = 2 * n / t / 1e12
-    del src, dst
+    bandwidth, _ = measure_copy_bandwidth("cuda", 1 << 28, quick=True)  # 1 GiB each way
+    out["copy_TBps"] = bandwidth / 1e12
     m = 4096 if quick else 8192
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
                               ("bf16", torch.bfloat16, False), ("fp16", torch.float16, False)):
-        set_tf32(tf32)
-        a = torch.randn(m, m, device="cuda", dtype=dtype)
-        b = torch.randn(m, m, device="cuda", dtype=dtype)
-        t = time_fn(lambda: a @ b, rounds=5)
-        out[f"{name}_TFLOPs"] = 2 * m ** 3 / t / 1e12
-        del a, b
-    set_tf32(False)
+        out[f"{name}_TFLOPs"] = measure_matmul_rate("cuda", dtype, m, quick=True, tf32=tf32) / 1e12
     torch.cuda.empty_cache()
     return out
 
 
-def flops(kind, B, pass_="fwd", F=F, D=D):
-    E = F * (F + 1) // 2
-    edge = {"inner": 2 * E * D, "outer": 4 * E * D, "kernel": 2 * E * D * D}[kind]
-    fwd = B * L * (edge + 2 * F * D)
-    if pass_ == "fwd":
-        return fwd
-    edge_b = {"inner": 4 * E * D, "outer": 10 * E * D, "kernel": 4 * E * D * D}[kind]
-    return 2 * fwd + B * L * edge_b  # the backward recomputes the forward
+class Run:
+    """The rows of one run, their ceilings, and whether every fused row passed its check."""
 
+    def __init__(self, roof: dict, no_compile: bool):
+        self.roof, self.no_compile, self.rows, self.ok = roof, no_compile, [], True
 
-def min_bytes(kind, B, itemsize, pass_="fwd", F=F, D=D):
-    E = F * (F + 1) // 2
-    w = L * E * (D * D if kind == "kernel" else (2 * D if kind == "outer" else D))
-    fwd = B * F * D + B * (L + 1) * F + w
-    if pass_ == "fwd":
-        return itemsize * fwd
-    return itemsize * (fwd + B * (L + 1) * F + 2 * B * F * D + 2 * w)
-
-
-def inputs(kind, B, dtype, seed=0, F=F, D=D):
-    # Drawn on the GPU: a CPU generator takes seconds per sweep shape at B = 65,536.
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h0 = torch.randn(B, F, D, generator=g, device="cuda")
-    pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
-    p = torch.randn(pshape, generator=g, device="cuda") / (F * (D if kind == "kernel" else 1)) ** 0.5
-    q = torch.randn(L, F, F, D, generator=g, device="cuda") / D ** 0.5 if kind == "outer" else None
-    return [t.to(dtype) if t is not None else None for t in (h0, p, q)]
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm()).item()
-
-
-def run(args) -> int:
-    rows, ok = [], True
-    env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "F": F, "D": D, "L": L}
-    print("env:", env, flush=True)
-    roof = ceilings(args.quick)
-    print("ceilings:", {k: round(v, 1) for k, v in roof.items()}, flush=True)
-
-    def add(name, kind, B, pass_, dtype_name, t, err=None, tc=None, shape=(F, D)):
+    def add(self, name, kind, B, pass_, dtype_name, t, err=None, tc=None, shape=(F, D)):
         itemsize = torch.tensor([], dtype=DT[dtype_name]).element_size()
-        fl, by = flops(kind, B, pass_, *shape), min_bytes(kind, B, itemsize, pass_, *shape)
-        rate = {"float32": roof["fp32_TFLOPs"], "tf32": roof["tf32_TFLOPs"], "float16": roof["fp16_TFLOPs"],
-                "bfloat16": roof["bf16_TFLOPs"]}[dtype_name]
+        size = (B, shape[0], shape[1], L)
+        fl, by = cost.useful_flops(size, kind, pass_), cost.min_bytes(size, kind, pass_, itemsize)
+        rate = {"float32": "fp32", "tf32": "tf32", "float16": "fp16", "bfloat16": "bf16"}[dtype_name]
         if tc is False:  # CUDA cores: the FP32 rate bounds the arithmetic whatever the storage
-            rate = roof["fp32_TFLOPs"]
-        floor = max(fl / (rate * 1e12), by / (roof["copy_TBps"] * 1e12))
+            rate = "fp32"
+        floor, _ = bench.roofline_time(fl, by, self.roof[f"{rate}_TFLOPs"] * 1e12, self.roof["copy_TBps"] * 1e12)
         row = {"name": name, "kind": kind, "B": B, "F": shape[0], "D": shape[1], "pass": pass_,
-               "dtype": dtype_name, "ms": t * 1e3,
-               "floor_ms": floor * 1e3, "roofline_fraction": floor / t, "rel_err_vs_fp64": err,
-               "TFLOPs": fl / t / 1e12, "GBps_min_bytes": by / t / 1e9}
-        rows.append(row)
-        print(f"  {name:34s} {kind:6s} F={shape[0]:<2d} D={shape[1]:<2d} B={B:<6d} {pass_:7s} {t * 1e3:9.4f} ms  floor {floor * 1e3:8.4f} ms"
-              f"  ({100 * floor / t:5.1f}%)" + (f"  err {err:.1e}" if err is not None else ""), flush=True)
+               "dtype": dtype_name, "ms": t * 1e3, "floor_ms": floor * 1e3, "roofline_fraction": floor / t,
+               "rel_err_vs_fp64": err, "TFLOPs": fl / t / 1e12, "GBps_min_bytes": by / t / 1e9}
+        self.rows.append(row)
+        print(f"  {name:34s} {kind:6s} F={shape[0]:<2d} D={shape[1]:<2d} B={B:<6d} {pass_:7s} {t * 1e3:9.4f} ms"
+              f"  floor {floor * 1e3:8.4f} ms  ({100 * floor / t:5.1f}%)"
+              + (f"  err {err:.1e}" if err is not None else ""), flush=True)
         return row
 
-    def fused_fwd(kind, B, dtype_name, tc=True, seed=0, variant=None, shape=(F, D)):
-        """variant: None = the default path, "v0" = the first CUDA-core kernels, "rb8" ... "rb64" =
-        the register-blocked forward with that many samples per tile, "tc32" = the tensor-core
-        forward with 32 samples per warp."""
-        saved = {k: os.environ.get(k) for k in VARIANT_ENV}
-        os.environ["DAGFM_CUDA_TENSOR_CORES"] = "1" if tc else "0"
-        if variant == "v0":
-            os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
-        elif variant == "tc32":
-            os.environ["DAGFM_CUDA_TC_ROWS"] = "32"
-        elif variant:
-            os.environ["DAGFM_CUDA_RB_TILE"] = variant[2:]
-        set_tf32(dtype_name == "tf32")
-        try:
-            return _fused_fwd(kind, B, dtype_name, tc, seed, variant, shape)
-        finally:
-            set_tf32(False)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    def _fused_fwd(kind, B, dtype_name, tc, seed, variant, shape):
-        nonlocal ok
-        h0, p, q = inputs(kind, B, DT[dtype_name], seed, *shape)
-        s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
-        s64 = reference.dagfm_propagate(h0.double(), p.double(), q.double() if q is not None else None, kind)
-        err = rel(s, s64)
-        limit = {"float32": 1e-5, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}[dtype_name]
-        if not err < limit:
-            ok = False
-            print(f"  WRONG: fused {kind} {dtype_name} B={B}: rel err {err:.2e} >= {limit}", flush=True)
-            return None
-        del s64
-        t = time_fn(lambda: dagfm_ext.dagfm_propagate(h0, p, q, kind))
-        label = f"fused {dtype_name}" + ("" if dtype_name in ("float32",) or kind != "kernel" else
-                                         (" tensor cores" if tc else " CUDA cores"))
-        if variant:
-            label += f" [{variant}]"
-        return add(label, kind, B, "fwd", dtype_name, t, err,
-                   tc=(tc and kind == "kernel" and dtype_name != "float32"), shape=shape)
-
-    def fused_train(kind, B, dtype_name, variant=None):
-        """variant "v0": DAGFM_CUDA_REGISTER_BLOCKING=0 (the first forward and backward kernels)."""
-        saved_env = os.environ.get("DAGFM_CUDA_REGISTER_BLOCKING")
-        if variant == "v0":
-            os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
-        try:
-            return _fused_train(kind, B, dtype_name, variant)
-        finally:
-            if saved_env is None:
-                os.environ.pop("DAGFM_CUDA_REGISTER_BLOCKING", None)
-            else:
-                os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = saved_env
-
-    def _fused_train(kind, B, dtype_name, variant):
-        nonlocal ok
-        set_tf32(dtype_name == "tf32")
-        h0, p, q = inputs(kind, B, DT[dtype_name], 1)
-        leaves = [t.requires_grad_() for t in (h0, p, q) if t is not None]
-        gs = torch.randn(B, L + 1, F, device="cuda", dtype=DT[dtype_name])
-
-        def step():
-            s = dagfm_ext.dagfm_propagate(h0, p, q, kind)
-            return torch.autograd.grad(s, leaves, gs)
-
-        g = step()
-        h64 = [t.detach().double().requires_grad_() for t in leaves]
-        s64 = reference.dagfm_propagate(h64[0], h64[1], h64[2] if q is not None else None, kind)
-        g64 = torch.autograd.grad(s64, h64, gs.double())
-        err = max(rel(a, b) for a, b in zip(g, g64))
-        del s64, g64, h64
-        limit = {"float32": 1e-5, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}[dtype_name]
-        if not err < limit:
-            ok = False
-            print(f"  WRONG: fused fwd+bwd {kind} {dtype_name}: rel err {err:.2e}", flush=True)
-            set_tf32(False)
-            return None
-        t = time_fn(step, rounds=5)
-        set_tf32(False)
-        label = f"fused {dtype_name} fwd+bwd" + (f" [{variant}]" if variant else "")
-        return add(label, kind, B, "fwd+bwd", dtype_name, t, err, tc=False)
-
-    def eager_train(kind, B):
-        h0, p, q = inputs(kind, B, torch.float32, 1)
-        leaves = [t.requires_grad_() for t in (h0, p, q) if t is not None]
-        gs = torch.randn(B, L + 1, F, device="cuda")
-        t = time_fn(lambda: torch.autograd.grad(reference.dagfm_propagate(h0, p, q, kind), leaves, gs), rounds=5)
-        return add("reference eager float32 fwd+bwd", kind, B, "fwd+bwd", "float32", t, tc=False)
-
-    def peer(kind, B, mode, tf32=False, shape=(F, D)):
-        set_tf32(tf32)
-        h0, p, q = inputs(kind, B, torch.float32, 0, *shape)
-        fn = (lambda: reference.dagfm_propagate(h0, p, q, kind))
-        name = "reference eager float32"
-        if mode == "compile":
-            torch._dynamo.reset()
-            cfn = torch.compile(reference.dagfm_propagate)
-            try:
-                with torch.no_grad():
-                    cfn(h0, p, q, kind)
-            except Exception as e:  # a peer that does not compile here is n/a, not a failure
-                print(f"  torch.compile n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-                set_tf32(False)
+    def fused(self, kind, B, dtype_name, tc=True, name=None, shape=(F, D), pass_="fwd"):
+        """A fused row: checked against float64, then timed; None when wrong."""
+        training = pass_ != "fwd"
+        h0, p, q, gs = case(kind, B, DT[dtype_name], 1 if training else 0, shape, training)
+        with precision(dtype_name), variant(name, tc):
+            err = check_err(h0, p, q, gs, kind, pass_)
+            if not err < LIMIT[dtype_name]:
+                self.ok = False
+                print(f"  WRONG: fused {pass_} {kind} {dtype_name} B={B}: rel err {err:.2e} >= "
+                      f"{LIMIT[dtype_name]}", flush=True)
                 return None
-            fn = (lambda: cfn(h0, p, q, kind))
-            name = "torch.compile(reference) " + ("TF32" if tf32 else "float32")
-        with torch.no_grad():
-            t = time_fn(fn, rounds=5)
-        set_tf32(False)
-        return add(name, kind, B, "fwd", "tf32" if tf32 else "float32", t, tc=True if tf32 else False, shape=shape)
+            step = bench.make_step(bench.fused_op, h0, p, q, gs, kind, pass_)
+            t = median_seconds(step, "cuda", rounds=5 if training else 7)
+        if training:
+            label = f"fused {dtype_name} fwd+bwd"
+        else:
+            label = f"fused {dtype_name}" + ("" if dtype_name == "float32" or kind != "kernel" else
+                                             (" tensor cores" if tc else " CUDA cores"))
+        label += f" [{name}]" if name else ""
+        tensor_cores = False if training else tc and kind == "kernel" and dtype_name != "float32"
+        return self.add(label, kind, B, pass_, dtype_name, t, err, tc=tensor_cores, shape=shape)
 
-    def ratio(label, slow, fast):
-        if slow is not None and fast is not None:
-            print(f"  ratio {label}: {slow['ms'] / fast['ms']:.2f}x", flush=True)
+    def peer(self, kind, B, mode="eager", tf32=False, shape=(F, D), pass_="fwd"):
+        """The reference in float32: eager, or torch.compile'd (mode="compile", checked first)."""
+        training = pass_ != "fwd"
+        h0, p, q, gs = case(kind, B, torch.float32, 1 if training else 0, shape, training)
+        dtype_name = "tf32" if tf32 else "float32"
+        with precision(dtype_name):
+            step, name = bench.make_step(bench.reference_op, h0, p, q, gs, kind, pass_), "reference eager float32"
+            if mode == "compile":
+                torch._dynamo.reset()
+                refs = bench.reference_outputs(h0, p, q, gs, kind, pass_, torch.float32)
+                step, info = bench.compile_peer(None, h0, p, q, gs, kind, pass_, refs, torch.float32, "cuda")
+                if step is None:  # a peer that does not compile (or is wrong) here is n/a, not a failure
+                    print(f"  torch.compile n/a: {info['error']}", flush=True)
+                    return None
+                name = f"torch.compile(reference) {'TF32' if tf32 else 'float32'}"
+            t = median_seconds(step, "cuda", rounds=5)
+        if training:
+            name += " fwd+bwd"
+        return self.add(name, kind, B, pass_, dtype_name, t, tc=bool(tf32), shape=shape)
 
-    big = 16384 if args.quick else 65536
-    if args.sweep:
-        return sweep(args, big, rows, roof, env, fused_fwd, peer, ratio, lambda: ok)
+
+def ratio(label, slow, fast):
+    if slow is not None and fast is not None:
+        print(f"  ratio {label}: {slow['ms'] / fast['ms']:.2f}x", flush=True)
+
+
+def presets(run: Run, big: int) -> None:
     print("== kernel interaction, forward", flush=True)
     for B in (big, 1024):
-        base = {}
-        base["eager"] = peer("kernel", B, "eager")
-        if not args.no_compile and B == big:
-            base["compiled"] = peer("kernel", B, "compile")
-            base["compiled_tf32"] = peer("kernel", B, "compile", tf32=True)
-        exact = fused_fwd("kernel", B, "float32")  # register-blocked (v2)
-        first = fused_fwd("kernel", B, "float32", variant="v0")
-        ratio(f"v0/register-blocked kernel exact B={B}", first, exact)
-        tf32 = fused_fwd("kernel", B, "tf32")
-        ratio(f"16/32 rows per warp, tensor cores, tf32 B={B}", tf32, fused_fwd("kernel", B, "tf32", variant="tc32"))
+        base = {"eager": run.peer("kernel", B)}
+        if not run.no_compile and B == big:
+            base["compiled"] = run.peer("kernel", B, "compile")
+            base["compiled_tf32"] = run.peer("kernel", B, "compile", tf32=True)
+        exact = run.fused("kernel", B, "float32")  # register-blocked
+        ratio(f"v0/register-blocked kernel exact B={B}", run.fused("kernel", B, "float32", name="v0"), exact)
+        tf32 = run.fused("kernel", B, "tf32")
+        ratio(f"16/32 rows per warp, tensor cores, tf32 B={B}", tf32, run.fused("kernel", B, "tf32", name="tc32"))
         for dn in ("float16", "bfloat16"):
-            tc16 = fused_fwd("kernel", B, dn, tc=True)
-            ratio(f"16/32 rows per warp, tensor cores, {dn} B={B}", tc16,
-                  fused_fwd("kernel", B, dn, tc=True, variant="tc32"))
-            fused_fwd("kernel", B, dn, tc=False)
+            ratio(f"16/32 rows per warp, tensor cores, {dn} B={B}", run.fused("kernel", B, dn),
+                  run.fused("kernel", B, dn, name="tc32"))
+            run.fused("kernel", B, dn, tc=False)
         for label, r in (("exact", exact), ("tf32", tf32)):
             for peer_name, pr in base.items():
-                if r is not None and pr is not None:
-                    print(f"  ratio {peer_name}/fused {label}: {pr['ms'] / r['ms']:.2f}x", flush=True)
+                ratio(f"{peer_name}/fused {label}", pr, r)
     print("== kernel interaction, forward+backward (backward: cuBLAS products on the kept messages; v0 = "
           "the first kernels)", flush=True)
-    eager = eager_train("kernel", big)
-    for dn in ("float32", "tf32", "bfloat16", "float16"):
-        r = fused_train("kernel", big, dn)
+    eager = run.peer("kernel", big, pass_="fwd+bwd")
+    fused = {dn: run.fused("kernel", big, dn, pass_="fwd+bwd") for dn in ("float32", "tf32", "bfloat16", "float16")}
+    for dn, r in fused.items():
         ratio(f"eager/fused fwd+bwd kernel {dn}", eager, r)
-    ratio("v0/default fwd+bwd kernel float32", fused_train("kernel", big, "float32", variant="v0"),
-          next((r for r in rows if r["name"] == "fused float32 fwd+bwd" and r["kind"] == "kernel"), None))
+    ratio("v0/default fwd+bwd kernel float32", run.fused("kernel", big, "float32", name="v0", pass_="fwd+bwd"),
+          fused["float32"])
     print("== inner / outer, forward+backward (backward: inner register-blocked, outer cuBLAS products; "
           "v0 = the first kernels)", flush=True)
     for kind in ("inner", "outer"):
-        eager = eager_train(kind, big)
-        fused = fused_train(kind, big, "float32")
-        first = fused_train(kind, big, "float32", variant="v0")
+        eager = run.peer(kind, big, pass_="fwd+bwd")
+        fused = run.fused(kind, big, "float32", pass_="fwd+bwd")
         ratio(f"eager/fused fwd+bwd {kind}", eager, fused)
-        ratio(f"v0/default fwd+bwd {kind}", first, fused)
+        ratio(f"v0/default fwd+bwd {kind}", run.fused(kind, big, "float32", name="v0", pass_="fwd+bwd"), fused)
     print("== inner / outer, forward (default path = register-blocked; v0 = the first kernels)", flush=True)
     for kind in ("inner", "outer"):
         for B in (big, 1024):
-            eager = peer(kind, B, "eager")  # the compiled peer is in `python -m dagfm_ext bench`
+            eager = run.peer(kind, B)  # the compiled peer is in `python -m dagfm_ext bench`
             for dn in ("float32", "float16", "bfloat16"):
-                fused = fused_fwd(kind, B, dn)
-                first = fused_fwd(kind, B, dn, variant="v0")
+                fused = run.fused(kind, B, dn)
+                first = run.fused(kind, B, dn, name="v0")
                 if dn == "float32":
                     ratio(f"eager/fused {kind} B={B}", eager, fused)
                     ratio(f"v0/register-blocked {kind} B={B}", first, fused)
 
-    print("\n================ bench_tc summary (ms; floor = max(FLOPs/rate, min bytes/copy bw))")
-    print(f"ceilings: copy {roof['copy_TBps']:.2f} TB/s, fp32 {roof['fp32_TFLOPs']:.0f}, tf32 {roof['tf32_TFLOPs']:.0f}, "
-          f"bf16 {roof['bf16_TFLOPs']:.0f}, fp16 {roof['fp16_TFLOPs']:.0f} TFLOP/s")
-    for r in rows:
-        print(f"{r['name']:34s} {r['kind']:6s} B={r['B']:<6d} {r['pass']:7s} {r['ms']:9.4f}  floor {r['floor_ms']:8.4f}"
-              f"  {100 * r['roofline_fraction']:5.1f}%")
-    print("bench_tc:", "all fused results checked against float64" if ok else "SOME FUSED RESULTS WRONG")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "ceilings": roof, "rows": rows, "ok": ok}, f, indent=1)
-    return 0 if ok else 1
 
-
-VARIANT_ENV = ("DAGFM_CUDA_TENSOR_CORES", "DAGFM_CUDA_REGISTER_BLOCKING", "DAGFM_CUDA_RB_TILE", "DAGFM_CUDA_TC_ROWS")
-SWEEP_F, SWEEP_D = (8, 23, 39), (8, 16, 32)
-
-
-def sweep(args, B, rows, roof, env, fused_fwd, peer, ratio, ok) -> int:
-    """Issue 4's tuning grid: inner and outer forward at F x D in {8, 23, 39} x {8, 16, 32} for
-    every kernel variant (v0, register-blocked with 8 / 16 / 32 / 64 samples per tile, the
-    planner's choice), float32, against eager; the kernel interaction exact (same variants) / TF32 /
-    bf16. A variant whose tile does not fit falls back to the planner's choice or v0 (the row says
-    so only through its time)."""
+def sweep(run: Run, B: int) -> list:
+    """Inner and outer forward over the F x D grid for every kernel variant (v0, register-blocked
+    with 8 / 16 / 32 / 64 samples per tile, the planner's choice), float32, against eager; the kernel
+    interaction exact (same variants) / TF32 / bf16. A variant whose tile does not fit falls back to
+    the planner's choice or v0 (the row says so only through its time)."""
     print(f"== sweep, forward, B={B}", flush=True)
     best = []
     for f in SWEEP_F:
         for d in SWEEP_D:
-            for kind in ("inner", "outer"):
-                eager = peer(kind, B, "eager", shape=(f, d))
-                got = {v: fused_fwd(kind, B, "float32", variant=v, shape=(f, d))
-                       for v in ("v0", "rb8", "rb16", "rb32", "rb64", None)}
-                ratio(f"eager/fused {kind} F={f} D={d}", eager, got[None])
+            for kind, names in (("inner", ("v0", "rb8", "rb16", "rb32", "rb64", None)),
+                                ("outer", ("v0", "rb8", "rb16", "rb32", "rb64", None)),
+                                ("kernel", ("v0", "rb16", "rb32", "rb64", None))):
+                eager = run.peer(kind, B, shape=(f, d))
+                got = {v: run.fused(kind, B, "float32", name=v, shape=(f, d)) for v in names}
+                if kind != "kernel":
+                    ratio(f"eager/fused {kind} F={f} D={d}", eager, got[None])
                 timed = {v: r["ms"] for v, r in got.items() if r is not None}
                 if timed:
                     fastest = min(timed, key=timed.get)
-                    best.append((kind, f, d, fastest or "default", timed[fastest],
-                                 timed.get(None), eager["ms"] if eager else None))
-            eager = peer("kernel", B, "eager", shape=(f, d))
-            got = {v: fused_fwd("kernel", B, "float32", variant=v, shape=(f, d))
-                   for v in ("v0", "rb16", "rb32", "rb64", None)}
-            timed = {v: r["ms"] for v, r in got.items() if r is not None}
-            if timed:
-                fastest = min(timed, key=timed.get)
-                best.append(("kernel", f, d, fastest or "default", timed[fastest], timed.get(None),
-                             eager["ms"] if eager else None))
+                    best.append((kind, f, d, fastest or "default", timed[fastest], timed.get(None),
+                                 eager["ms"] if eager else None))
             for dn in ("tf32", "bfloat16"):
-                fused_fwd("kernel", B, dn, shape=(f, d))
+                run.fused("kernel", B, dn, shape=(f, d))
     print("\n================ sweep summary (ms, float32 forward; default = the planner's choice)")
     print(f"{'kind':6s} {'F':>3s} {'D':>3s}  {'fastest':8s} {'ms':>9s}  {'default ms':>10s}  {'eager ms':>9s}")
     for kind, f, d, v, t, t_def, t_eager in best:
         print(f"{kind:6s} {f:3d} {d:3d}  {v:8s} {t:9.4f}  {t_def if t_def is not None else float('nan'):10.4f}"
               f"  {t_eager if t_eager is not None else float('nan'):9.4f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"env": env, "ceilings": roof, "rows": rows, "ok": ok(), "sweep_best": best}, fh, indent=1)
-    print("bench_tc sweep:", "all fused results checked against float64" if ok() else "SOME FUSED RESULTS WRONG")
-    return 0 if ok() else 1
+    return best
 
 
 def main(argv=None) -> int:
@@ -387,7 +274,30 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_tc: needs a CUDA device", file=sys.stderr)
         return 2
-    return run(args)
+    env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "F": F, "D": D, "L": L}
+    print("env:", env, flush=True)
+    run = Run(ceilings(args.quick), args.no_compile)
+    print("ceilings:", {k: round(v, 1) for k, v in run.roof.items()}, flush=True)
+    big = 16384 if args.quick else 65536
+    result = {"env": env, "ceilings": run.roof, "rows": run.rows}
+    if args.sweep:
+        result["sweep_best"] = sweep(run, big)
+        print("bench_tc sweep:", "all fused results checked against float64" if run.ok else "SOME FUSED RESULTS WRONG")
+    else:
+        presets(run, big)
+        roof = run.roof
+        print("\n================ bench_tc summary (ms; floor = max(FLOPs/rate, min bytes/copy bw))")
+        print(f"ceilings: copy {roof['copy_TBps']:.2f} TB/s, fp32 {roof['fp32_TFLOPs']:.0f}, tf32 "
+              f"{roof['tf32_TFLOPs']:.0f}, bf16 {roof['bf16_TFLOPs']:.0f}, fp16 {roof['fp16_TFLOPs']:.0f} TFLOP/s")
+        for r in run.rows:
+            print(f"{r['name']:34s} {r['kind']:6s} B={r['B']:<6d} {r['pass']:7s} {r['ms']:9.4f}  floor "
+                  f"{r['floor_ms']:8.4f}  {100 * r['roofline_fraction']:5.1f}%")
+        print("bench_tc:", "all fused results checked against float64" if run.ok else "SOME FUSED RESULTS WRONG")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(result, ok=run.ok), f, indent=1)
+    return 0 if run.ok else 1
 
 
 if __name__ == "__main__":

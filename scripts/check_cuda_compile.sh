@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compile-checks the torch-free CUDA kernel headers with plain nvcc (no torch, no GPU), for sm_80
-# and sm_90, warnings as errors, every dtype (float, double, half, bfloat16); then builds and runs
-# the host tests of their tile arithmetic (tests/cuda_host/*_host_test.cpp) with the host compiler. Exits non-zero on any failure;
-# a no-op with a message when nvcc is absent. Usage: scripts/check_cuda_compile.sh [out_dir]
+# Builds and runs the host tests of the CUDA code (tests/cuda_host/*_host_test.cpp) with the host
+# compiler, then compile-checks every torch-free CUDA header with plain nvcc (no torch, no GPU) for
+# sm_80 and sm_90, warnings as errors, every kernel instantiated as the build instantiates it
+# (csrc/cuda/instantiations.h). Exits non-zero on any failure; skips the nvcc part with a message
+# when nvcc is absent. Usage: scripts/check_cuda_compile.sh [out_dir]
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,8 +20,9 @@ mkdir -p "$WORK"
 status=0
 
 # The host tests need no CUDA at all: run them even without nvcc. tile_host_test checks the
-# CUDA-core kernels' tile arithmetic, tc_host_test the tensor-core forward's tile algorithm,
-# rb_host_test the register-blocked forward.
+# one-output-per-thread kernels' tile arithmetic, tc_host_test the tensor-core forward's tile
+# algorithm, rb_host_test the register-blocked algorithms, path_host_test the path selection and
+# the switches.
 CXX="${CXX:-g++}"
 if command -v "$CXX" >/dev/null 2>&1; then
   for src in "$ROOT"/tests/cuda_host/*_host_test.cpp; do
@@ -44,84 +46,32 @@ fi
 echo "check_cuda_compile: $("$NVCC" --version | tail -n 1)"
 
 shopt -s nullglob
-headers=("$ROOT"/csrc/cuda/*.cuh)
+# Every header without torch: the algorithms (.cuh) and the path selection (host code that nvcc
+# must also accept, since the launch code includes it).
+headers=("$ROOT"/csrc/cuda/*.cuh "$ROOT/csrc/cuda/path_selection.h")
 if [[ ${#headers[@]} -eq 0 ]]; then
   echo "check_cuda_compile: no headers under csrc/cuda" >&2
   exit 1
 fi
 
-# One translation unit per header, with explicit instantiations of every kernel in it where we
-# know them (templates that are never instantiated are barely checked).
+# One translation unit per header. A header that defines kernels has them all instantiated, through
+# its DAGFM_INSTANTIATE_<HEADER> macro of csrc/cuda/instantiations.h (the list the build uses too;
+# templates that are never instantiated are barely checked); a header with kernels and no macro
+# fails the check.
 for header in "${headers[@]}"; do
-  name="$(basename "$header" .cuh)"
+  name="$(basename "$header")"
+  name="${name%.*}"
+  macro="DAGFM_INSTANTIATE_$(echo "$name" | tr '[:lower:]' '[:upper:]')"
   tu="$WORK/check_${name}.cu"
   {
     echo "#include \"cuda/$(basename "$header")\""
-    if [[ "$name" == "dagfm_kernels" ]]; then
-      cat <<'EOF'
-namespace dagfm {
-namespace cuda {
-#define DAGFM_CHECK_KERNELS(K, T, Acc)                                                            \
-  template __global__ void propagate_fwd_kernel<K, T, Acc>(PropagateParams<T>, TileConfig, Acc*, \
-                                                           int64_t);                              \
-  template __global__ void propagate_bwd_kernel<K, T, Acc>(PropagateBackwardParams<T>,           \
-                                                           TileConfig, Acc*, int64_t);
-#define DAGFM_CHECK_TYPES(T, Acc)                                   \
-  DAGFM_CHECK_KERNELS(Interaction::Inner, T, Acc)                   \
-  DAGFM_CHECK_KERNELS(Interaction::Outer, T, Acc)                   \
-  DAGFM_CHECK_KERNELS(Interaction::Kernel, T, Acc)                  \
-  template __global__ void reduce_weight_grad_kernel<T, Acc>(const Acc*, int64_t, int64_t, int64_t, \
-                                                             int, int64_t, int64_t, T*);
-DAGFM_CHECK_TYPES(float, float)
-DAGFM_CHECK_TYPES(double, double)
-DAGFM_CHECK_TYPES(__half, float)
-DAGFM_CHECK_TYPES(__nv_bfloat16, float)
-}  // namespace cuda
-}  // namespace dagfm
-EOF
-    elif [[ "$name" == "dagfm_rb" ]]; then
-      cat <<'EOF'
-namespace dagfm {
-namespace cuda {
-namespace rb {
-#define DAGFM_CHECK_RB(K, T, Acc)                                                        \
-  template __global__ void forward_kernel<K, 4, T, Acc>(PropagateParams<T>, RbConfig); \
-  template __global__ void forward_kernel<K, 8, T, Acc>(PropagateParams<T>, RbConfig);
-#define DAGFM_CHECK_RB_TYPES(T, Acc)               \
-  DAGFM_CHECK_RB(Interaction::Inner, T, Acc)       \
-  DAGFM_CHECK_RB(Interaction::Outer, T, Acc)
-#define DAGFM_CHECK_RB_ALL(T, Acc)                                                      \
-  DAGFM_CHECK_RB_TYPES(T, Acc)                                                          \
-  template __global__ void kernel_forward_kernel<4, T, Acc>(PropagateParams<T>, RbConfig); \
-  template __global__ void kernel_forward_kernel<8, T, Acc>(PropagateParams<T>, RbConfig); \
-  template __global__ void inner_backward_kernel<T, Acc>(PropagateBackwardParams<T>, InnerBwdArgs, RbConfig);
-DAGFM_CHECK_RB_ALL(float, float)
-DAGFM_CHECK_RB_ALL(double, double)
-DAGFM_CHECK_RB_ALL(__half, float)
-DAGFM_CHECK_RB_ALL(__nv_bfloat16, float)
-}  // namespace rb
-}  // namespace cuda
-}  // namespace dagfm
-EOF
-    elif [[ "$name" == "dagfm_tc" ]]; then
-      cat <<'EOF'
-namespace dagfm {
-namespace cuda {
-namespace tc {
-#define DAGFM_CHECK_TC(T)                                                                       \
-  template __global__ void kernel_fwd_tc_kernel<T, 1, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 2, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 3, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 4, 1>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 1, 2>(PropagateParams<T>, int64_t, int64_t, int64_t); \
-  template __global__ void kernel_fwd_tc_kernel<T, 2, 2>(PropagateParams<T>, int64_t, int64_t, int64_t);
-DAGFM_CHECK_TC(float)
-DAGFM_CHECK_TC(__half)
-DAGFM_CHECK_TC(__nv_bfloat16)
-}  // namespace tc
-}  // namespace cuda
-}  // namespace dagfm
-EOF
+    if grep -q '__global__' "$header"; then
+      if ! grep -q "define ${macro}()" "$ROOT/csrc/cuda/instantiations.h"; then
+        echo "check_cuda_compile: $(basename "$header") defines kernels but instantiations.h has no ${macro}()" >&2
+        status=1
+      fi
+      echo '#include "cuda/instantiations.h"'
+      echo "${macro}()"
     fi
   } >"$tu"
   for arch in 80 90; do

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared command for a machine with a GPU (DESIGN.md §7). From the repository root:
+# One prepared command for a machine with a GPU (what it checks: docs/cuda.md). From the
+# repository root:
 #     scripts/gpu_check.sh            # build, tests, sanitizers, benchmarks (about 8-9 minutes)
-#     scripts/gpu_check.sh --sweep    # build, then only issue 4's F x D tuning grid (bench_tc --sweep)
+#     scripts/gpu_check.sh --sweep    # build, then only the F x D tuning grid (bench_tc --sweep)
 # Builds the extension in place for sm_90 (TORCH_CUDA_ARCH_LIST overrides), compile-checks the
 # kernel headers and runs their host tests, runs every test (the CUDA ones first: float32/64,
-# float16/bfloat16, TF32, every forward path; not stopping at the first failure, up to 30 failures
-# listed in the summary), the low-precision / tensor-core
+# float16/bfloat16, TF32, every forward and backward path, the DAGFM_CUDA_* switches; not stopping
+# at the first failure, up to 30 failures listed in the summary), the low-precision / tensor-core
 # benchmark (scripts/bench_tc.py), compute-sanitizer memcheck and racecheck on a small case (every
 # dtype, the tensor-core forward too), and the float32 benchmark table. Logs go under $OUT
 # (./gpu_out when OUT is unset); at the end they are bundled so that at most 8 files remain there

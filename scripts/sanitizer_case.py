@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-import dagfm_ext
+import dagfm_ext  # noqa: F401  (loads the ops)
 from dagfm_ext import reference
+from dagfm_ext.testing import make_grad_states, make_inputs, rel_err
 
 SHAPES = [  # (B, F, D, L)
     (5, 7, 4, 2),      # ragged tile, several chunks of rows for the kernel interaction
@@ -28,14 +29,11 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, "tf32": 5e-3, torch.float16: 5
 
 
 def check(kind, B, F, D, L, dtype, fallback, tf32=False, keep_messages=False):
-    os.environ["DAGFM_CUDA_FORCE_FALLBACK"] = "1" if fallback else "0"
+    os.environ["DAGFM_CUDA_FORCE_GLOBAL_MEMORY"] = "1" if fallback else "0"
+    dagfm_ext._C._reread_cuda_switches()  # the extension reads its switches once per process
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    g = torch.Generator().manual_seed(B * 1000 + F)
-    h0 = torch.randn(B, F, D, generator=g, dtype=torch.float64)
-    p = torch.randn((L, F, F, D, D) if kind == "kernel" else (L, F, F, D), generator=g, dtype=torch.float64) / F
-    q = torch.randn(L, F, F, D, generator=g, dtype=torch.float64) if kind == "outer" else None
-    gs = torch.randn(B, L + 1, F, generator=g, dtype=torch.float64)
-    dev = [t.to("cuda", dtype) if t is not None else None for t in (h0, p, q, gs)]
+    seed = B * 1000 + F
+    dev = [*make_inputs(kind, B, F, D, L, dtype, "cuda", seed), make_grad_states(B, F, L, dtype, "cuda", seed + 1)]
     if keep_messages:  # the training path: the forward keeps a^t, the backward reads them
         s, saved = torch.ops.dagfm_ext.propagate_fwd_train(dev[0], dev[1], dev[2], kind)
         s = s.cpu().double()
@@ -50,9 +48,8 @@ def check(kind, B, F, D, L, dtype, fallback, tf32=False, keep_messages=False):
     s_ref = reference.dagfm_propagate(leaves[0], leaves[1], leaves[2], kind)
     want = torch.autograd.grad(s_ref, [t for t in leaves if t is not None], dev[3].cpu().double())
     tol = TOL["tf32" if tf32 else dtype]
-    errs = [((s - s_ref.detach()).norm() / s_ref.norm()).item()]
-    errs += [((a - b).norm() / b.norm().clamp_min(1e-300)).item() for a, b in zip(grads, want)]
-    ok = all(e < tol for e in errs)
+    errs = [rel_err(a, b) for a, b in zip([s, *grads], [s_ref.detach(), *want])]
+    ok = all(e < tol for e in errs)  # a NaN error fails too
     print(f"{'ok  ' if ok else 'FAIL'} {kind:6s} B={B} F={F} D={D} L={L} {str(dtype) + ('/tf32' if tf32 else ''):19s} "
           f"fallback={int(fallback)} saved={int(keep_messages)} max rel err {max(errs):.1e}", flush=True)
     return ok
@@ -71,7 +68,7 @@ def main():
     # first forward kernels it replaced.
     for kind, shape in (("inner", (33, 80, 16, 1)), ("outer", (33, 80, 16, 1)), ("kernel", (33, 40, 8, 1))):
         ok &= check(kind, *shape, torch.float32, False)
-        os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"
+        os.environ["DAGFM_CUDA_REGISTER_BLOCKING"] = "0"  # check() rereads the switches
         ok &= check(kind, *SHAPES[0], torch.float32, False)
         del os.environ["DAGFM_CUDA_REGISTER_BLOCKING"]
     # The training path (messages kept; the inner backward is then register-blocked), every kind.

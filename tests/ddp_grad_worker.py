@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dagfm_ext import distributed
 from dagfm_ext.data import FeatureSchema, FieldEmbedding, FieldSpec
 from dagfm_ext.modules import DAGFM
-from dagfm_ext.serving import Scorer
+from dagfm_ext.scorer import Scorer
 
 
 def build(kind: str) -> Scorer:

@@ -149,10 +149,10 @@ def test_correct_op_small_shapes_pass(tmp_path):
     assert all(r["compiled_ms"] is None and "no-compile" in r["compiled_error"] for r in report["results"])
 
 
-def test_core_preset_is_issue_2_table():
+def test_core_preset_shape():
     args = _args(["--core"])
     assert args.core
-    assert bench._CORE == [(4096, 39, 16, 3)]
+    assert bench.CORE_SHAPES == [(4096, 39, 16, 3)]
 
 
 @pytest.mark.parametrize("text", ["4096:39:16", "a:b:c:d", "0:39:16:3", ""])
@@ -178,6 +178,45 @@ def test_flop_and_byte_model():
     assert bench.useful_flops((10, 39, 16, 3), "kernel", "fwd") == 10 * bench.useful_flops((1, 39, 16, 3),
                                                                                             "kernel", "fwd")
     assert bench.min_bytes((2, 3, 4, 1), "inner", "fwd", 4) == 4 * (2 * 3 * 4 + 2 * 2 * 3 + 6 * 4)
+
+
+def test_flop_and_byte_model_training_pass():
+    # inner fwd+bwd at B=1, F=1, D=1, L=1: the forward's 5, then dP and delta on the edge (4), alpha (1),
+    # dh0 += delta * a (2) and the final dh0 += delta (1)
+    assert bench.useful_flops((1, 1, 1, 1), "inner", "fwd+bwd") == 13
+    # the training forward writes the kept messages (B*L*F*D) and the backward reads them back
+    B, F, D, L = 2, 3, 4, 1
+    fwd = B * F * D + B * (L + 1) * F + 6 * D
+    bwd = B * (L + 1) * F + 2 * B * F * D + 2 * 6 * D
+    assert bench.min_bytes((B, F, D, L), "inner", "fwd+bwd", 4) == 4 * (fwd + 2 * B * L * F * D + bwd)
+
+
+@pytest.mark.parametrize("interaction", ["inner", "outer", "kernel"])
+def test_student_flops_use_the_op_cost(interaction):
+    from dagfm_ext.modules import DAGFM, DAGFMPlus
+    F, D, L = 5, 4, 2
+    mixing, readout = 2 * F * F * D, 2 * (L + 1) * F + 1
+    assert DAGFM(F, D, L, interaction).flops_per_sample() == (
+        mixing + bench.useful_flops((1, F, D, L), interaction, "fwd") + readout)
+    # DAGFM+ keeps a running sum of the h^t instead of the per-field state sums: (L + 1) * F * D fewer
+    # than the op's forward, L * F * D more for the sum, then the MLP on (F * D)
+    mlp = (2 * F * D * 8 + 8) + (2 * 8 + 1)
+    assert DAGFMPlus(F, D, L, interaction, mlp=(8,)).flops_per_sample() == (
+        mixing + bench.useful_flops((1, F, D, L), interaction, "fwd") - F * D + mlp)
+
+
+def test_plot_without_matplotlib_is_an_error_before_the_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an interpreter without matplotlib sees
+    png = tmp_path / "speedup.png"
+    rc = bench.main(_args(["--device", "cpu", "--shapes", "8:2:2:1", "--interactions", "inner", "--no-compile",
+                           "--no-student", "--rounds", "1", "--min-block-ms", "1", "--plot", str(png)]))
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert not png.exists()
+    assert "| 8x2x2x1 |" not in captured.out  # refused before anything was benchmarked
+    message = captured.err.strip().splitlines()
+    assert len(message) == 1 and "--plot" in message[0] and "pip install" in message[0]
+    assert "matplotlib" in message[0]
 
 
 def test_cli_entry_point_runs_bench(tmp_path):

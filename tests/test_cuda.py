@@ -3,31 +3,34 @@ the global-memory fallback path, determinism, streams, empty and large batches, 
 contract and full output coverage. Skipped without a GPU."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import dagfm_ext
-from dagfm_ext import reference
+from dagfm_ext import reference, testing
+from dagfm_ext.reference import INTERACTIONS as KINDS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-KINDS = ("inner", "outer", "kernel")
-FALLBACK_ENV = "DAGFM_CUDA_FORCE_FALLBACK"
+FALLBACK_ENV = "DAGFM_CUDA_FORCE_GLOBAL_MEMORY"
 
 
-def make_inputs(kind, B, F, D, L, dtype=torch.float64, device="cuda", seed=0, requires_grad=False):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h0 = torch.randn(B, F, D, generator=g, dtype=torch.float64)
-    pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
-    # Scaled so that states stay O(1) through the layers.
-    p = torch.randn(pshape, generator=g, dtype=torch.float64) / (F * (D if kind == "kernel" else 1)) ** 0.5
-    q = torch.randn(L, F, F, D, generator=g, dtype=torch.float64) / D**0.5 if kind == "outer" else None
-    out = [t.to(device=device, dtype=dtype) if t is not None else None for t in (h0, p, q)]
-    if requires_grad:
-        for t in out:
-            if t is not None:
-                t.requires_grad_(True)
-    return out
+def set_switch(monkeypatch, name, value):
+    """Sets a DAGFM_CUDA_* switch for this test (the extension reads them once per process)."""
+    monkeypatch.setenv(name, value)
+    dagfm_ext._C._reread_cuda_switches()
+
+
+@pytest.fixture(autouse=True)
+def reread_switches_after_test():
+    # Torn down after monkeypatch has restored the environment: the next test sees the defaults.
+    yield
+    dagfm_ext._C._reread_cuda_switches()
+
+# The shared cases, drawn on the GPU unless a test names another device.
+make_inputs = functools.partial(testing.make_inputs, device="cuda")
 
 
 def run(kind, h0, p, q, grad_states=None):
@@ -67,7 +70,7 @@ def check_float64(kind, B, F, D, L, seed=0):
 
 @pytest.fixture
 def force_fallback(monkeypatch):
-    monkeypatch.setenv(FALLBACK_ENV, "1")
+    set_switch(monkeypatch, FALLBACK_ENV, "1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ def test_fast_and_fallback_agree(kind, monkeypatch):
     gs = torch.randn(300, 4, 11, device="cuda")
     fast = dagfm_ext.dagfm_propagate(h0, p, q, kind)
     fast_g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
-    monkeypatch.setenv(FALLBACK_ENV, "1")
+    set_switch(monkeypatch, FALLBACK_ENV, "1")
     slow = dagfm_ext.dagfm_propagate(h0, p, q, kind)
     slow_g = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind)
     assert rel(fast, slow) < 1e-5
@@ -154,7 +157,7 @@ def test_large_batch_float32(kind):
 @pytest.mark.parametrize("fallback", [False, True])
 def test_gradients_bit_identical_across_runs(kind, fallback, monkeypatch):
     if fallback:
-        monkeypatch.setenv(FALLBACK_ENV, "1")
+        set_switch(monkeypatch, FALLBACK_ENV, "1")
     B, F, D, L = 4099, 39, 16, 3
     h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=2)
     gs = torch.randn(B, L + 1, F, device="cuda")
@@ -190,7 +193,7 @@ def test_non_default_stream(kind):
 @pytest.mark.parametrize("fallback", [False, True])
 def test_lower_triangle_never_read_and_grad_zero(kind, fallback, monkeypatch):
     if fallback:
-        monkeypatch.setenv(FALLBACK_ENV, "1")
+        set_switch(monkeypatch, FALLBACK_ENV, "1")
     B, F, D, L = 37, 9, 4, 2
     h0, p, q = make_inputs(kind, B, F, D, L, seed=4)
     lower = torch.ones(F, F, dtype=torch.bool, device="cuda").tril(-1)
@@ -211,7 +214,7 @@ def test_lower_triangle_never_read_and_grad_zero(kind, fallback, monkeypatch):
 def test_every_output_element_written(kind, fallback, monkeypatch):
     # Fill the caching allocator's blocks with NaN first: an unwritten output element shows.
     if fallback:
-        monkeypatch.setenv(FALLBACK_ENV, "1")
+        set_switch(monkeypatch, FALLBACK_ENV, "1")
     B, F, D, L = 1000, 13, 8, 3
     h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=5)
     gs = torch.randn(B, L + 1, F, device="cuda")
@@ -227,7 +230,7 @@ def test_every_output_element_written(kind, fallback, monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_graph_capture_and_replay(kind, restore_matmul_precision):
-    # CUDA-graph friendliness (issue 4): forward and forward+backward capture (no host
+    # CUDA-graph friendliness: forward and forward+backward capture (no host
     # synchronisation, workspaces from the caching allocator's graph pool) and replays give the
     # eager results for new inputs copied into the captured buffers.
     torch.set_float32_matmul_precision("highest")
@@ -274,11 +277,13 @@ def test_other_device_index():
 
 
 # ---------------------------------------------------------------------------------------------
-# The register-blocked forward of inner and outer (dagfm_rb.cuh). The default for those two where it
-# fits; DAGFM_CUDA_REGISTER_BLOCKING=0 keeps the first kernels, DAGFM_CUDA_RB_TILE pins the tile.
+# The register-blocked algorithms (csrc/cuda/register_blocked_*.cuh). The default where they fit;
+# DAGFM_CUDA_REGISTER_BLOCKING=0 keeps the one-output-per-thread kernels, DAGFM_CUDA_RB_TILE pins the
+# tile, DAGFM_CUDA_GEMM_BACKWARD=0 turns the kernel and outer GEMM backward off.
 
 RB_ENV = "DAGFM_CUDA_REGISTER_BLOCKING"
 RB_TILE_ENV = "DAGFM_CUDA_RB_TILE"
+GEMM_ENV = "DAGFM_CUDA_GEMM_BACKWARD"
 
 
 def cuda_kernel_names(fn):
@@ -290,7 +295,7 @@ def cuda_kernel_names(fn):
 
 
 def launched(names, kernel):
-    """kernel ("rb::forward_kernel", "propagate_fwd_kernel") among names, demangled or not."""
+    """kernel ("rb::forward_inner_outer", "propagate_fwd_kernel") among names, demangled or not."""
     mangled = "".join(f"{len(part)}{part}" for part in kernel.split("::"))
     return any(kernel in n or mangled in n for n in names)
 
@@ -301,7 +306,8 @@ def big_shared_memory():
     return getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
 
 
-RB_KERNEL = {"inner": "rb::forward_kernel", "outer": "rb::forward_kernel", "kernel": "rb::kernel_forward_kernel"}
+RB_KERNEL = {"inner": "rb::forward_inner_outer", "outer": "rb::forward_inner_outer",
+             "kernel": "rb::forward_kernel_interaction"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -313,7 +319,7 @@ def test_register_blocked_forward_is_the_default_and_can_be_turned_off(kind, ena
         pytest.skip("the F=39, D=16 tile needs about 165 KB of shared memory per block")
     torch.set_float32_matmul_precision("highest")
     if not enabled:
-        monkeypatch.setenv(RB_ENV, "0")
+        set_switch(monkeypatch, RB_ENV, "0")
     h0, p, q = make_inputs(kind, 300, 39, 16, 3, dtype=torch.float32, seed=6)
     names = cuda_kernel_names(lambda: dagfm_ext.dagfm_propagate(h0, p, q, kind))
     assert launched(names, RB_KERNEL[kind]) == enabled, names
@@ -331,12 +337,12 @@ def test_register_blocked_forward_is_the_default_and_can_be_turned_off(kind, ena
 def test_register_blocked_forward_every_tile(kind, tile, shape, dtype, monkeypatch):
     # Against the float64 reference; awkward F and D (not multiples of 4), partial tiles, F > 64,
     # several weight chunks; the issue's shape in float32 (its float64 tile does not fit on chip).
-    monkeypatch.setenv(RB_TILE_ENV, tile)
+    set_switch(monkeypatch, RB_TILE_ENV, tile)
     h0, p, q = make_inputs(kind, *shape, dtype=dtype, seed=7)
     out = []
     names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, q, kind)))
     if big_shared_memory():
-        assert launched(names, "rb::forward_kernel"), names
+        assert launched(names, "rb::forward_inner_outer"), names
     ref = reference.dagfm_propagate(*(t.double() if t is not None else None for t in (h0, p, q)), kind)
     assert rel(out[0], ref) < (1e-10 if dtype == torch.float64 else 1e-5)
 
@@ -351,7 +357,7 @@ def test_register_blocked_forward_every_tile(kind, tile, shape, dtype, monkeypat
 def test_register_blocked_kernel_interaction_every_tile(tile, shape, dtype, monkeypatch, restore_matmul_precision):
     # Column blocks of several fields (D = 4, 8, 12) and of one field, F > 32, partial tiles.
     torch.set_float32_matmul_precision("highest")
-    monkeypatch.setenv(RB_TILE_ENV, tile)
+    set_switch(monkeypatch, RB_TILE_ENV, tile)
     h0, p, q = make_inputs("kernel", *shape, dtype=dtype, seed=10)
     out = []
     names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, q, "kernel")))
@@ -391,7 +397,7 @@ def test_register_blocked_inner_backward(shape, dtype):
     out = []
     names = cuda_kernel_names(lambda: out.append(train_grads("inner", h0, p, None, gs)))
     if big_shared_memory():
-        assert launched(names, "rb::inner_backward_kernel"), names
+        assert launched(names, "rb::backward_inner"), names
     _, ref = run_reference("inner", h0, p, None, gs)
     for name, g, g_ref in zip(("h0", "p"), out[0], ref):
         assert rel(g, g_ref) < (1e-10 if dtype == torch.float64 else 1e-5), name
@@ -412,7 +418,7 @@ def test_training_backward_is_gemm(kind, shape, dtype, monkeypatch, restore_matm
     _, ref = run_reference(kind, h0, p, q, gs)
     for name, g, g_ref in zip(("h0", "p", "q"), out[0], ref):
         assert rel(g, g_ref) < (1e-10 if dtype == torch.float64 else 1e-5), name
-    monkeypatch.setenv(RB_ENV, "0")
+    set_switch(monkeypatch, GEMM_ENV, "0")
     names = cuda_kernel_names(lambda: train_grads(kind, h0, p, q, gs))
     assert launched(names, "propagate_bwd_kernel"), names
 
@@ -424,9 +430,9 @@ def test_register_blocked_inner_backward_bit_identical_and_off_switch(monkeypatc
     first, second = train_grads("inner", h0, p, None, gs), train_grads("inner", h0, p, None, gs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    monkeypatch.setenv(RB_ENV, "0")
+    set_switch(monkeypatch, RB_ENV, "0")
     names = cuda_kernel_names(lambda: train_grads("inner", h0, p, None, gs))
-    assert not launched(names, "rb::inner_backward_kernel") and launched(names, "propagate_bwd_kernel"), names
+    assert not launched(names, "rb::backward_inner") and launched(names, "propagate_bwd_kernel"), names
     for a, b in zip(first, train_grads("inner", h0, p, None, gs)):
         assert rel(a, b) < 1e-5
 
@@ -436,7 +442,7 @@ def test_register_blocked_inner_backward_bit_identical_and_off_switch(monkeypatc
 def test_first_forward_kernels_still_right(kind, shape, monkeypatch):
     # With register blocking off the staged first kernels run the forward (and still serve shapes
     # whose tiles do not fit the register-blocked layout).
-    monkeypatch.setenv(RB_ENV, "0")
+    set_switch(monkeypatch, RB_ENV, "0")
     h0, p, q = make_inputs(kind, *shape, seed=8)
     assert rel(dagfm_ext.dagfm_propagate(h0, p, q, kind), reference.dagfm_propagate(h0, p, q, kind)) < 1e-10
 
@@ -446,11 +452,11 @@ def test_first_forward_kernels_still_right(kind, shape, monkeypatch):
 def test_register_blocked_and_first_kernels_agree(kind, dtype, monkeypatch, restore_matmul_precision):
     # (float16 / bfloat16 kernel interaction: tensor cores off, so both sides are CUDA cores.)
     torch.set_float32_matmul_precision("highest")
-    monkeypatch.setenv(TC_ENV, "0")
+    set_switch(monkeypatch, TC_ENV, "0")
     B, F, D, L = 4099, 39, 16, 3
     h0, p, q = make_inputs(kind, B, F, D, L, dtype=dtype, seed=9)
     fast = dagfm_ext.dagfm_propagate(h0, p, q, kind)
-    monkeypatch.setenv(RB_ENV, "0")
+    set_switch(monkeypatch, RB_ENV, "0")
     first = dagfm_ext.dagfm_propagate(h0, p, q, kind)
     assert rel(fast, first) < (1e-5 if dtype == torch.float32 else 2e-2)
 
@@ -459,7 +465,7 @@ def test_register_blocked_and_first_kernels_agree(kind, dtype, monkeypatch, rest
 # float16 / bfloat16 (float accumulation) and the tensor-core forward of the kernel interaction
 # (float16 / bfloat16 always, float32 when the matmul precision allows TF32). The precision rule:
 # within twice the reference's own error in the same low precision on the same device, both
-# measured against float64 (DESIGN.md §3, issue 4).
+# measured against float64 (docs/maths.md; the precision rule in tests/conftest.py).
 
 LOW = (torch.float16, torch.bfloat16)
 TC_ENV = "DAGFM_CUDA_TENSOR_CORES"
@@ -493,7 +499,7 @@ def assert_within_twice_reference(ours, ref_lo, ref64, what):
 def test_low_precision_within_twice_the_reference_error(kind, shape, dtype, tensor_cores, monkeypatch):
     if tensor_cores == "0" and kind != "kernel":
         pytest.skip("the switch only affects the kernel interaction")
-    monkeypatch.setenv(TC_ENV, tensor_cores)
+    set_switch(monkeypatch, TC_ENV, tensor_cores)
     (s, grads), (s_lo, grads_lo), (s64, grads64) = low_precision_case(kind, *shape, dtype)
     assert s.dtype == dtype and s.shape == s64.shape
     assert_within_twice_reference(s, s_lo, s64, "states")
@@ -562,10 +568,10 @@ def test_tensor_core_forward_with_two_row_tiles_per_warp(precision, shape, monke
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     h0, p, _ = make_inputs("kernel", B, F, D, L, dtype=dtype, seed=17)
     one = dagfm_ext.dagfm_propagate(h0, p, None, "kernel")
-    monkeypatch.setenv("DAGFM_CUDA_TC_ROWS", "32")
+    set_switch(monkeypatch, "DAGFM_CUDA_TC_ROWS", "32")
     out = []
     names = cuda_kernel_names(lambda: out.append(dagfm_ext.dagfm_propagate(h0, p, None, "kernel")))
-    assert any("kernel_fwd_tc_kernel" in n for n in names), names
+    assert launched(names, "tc::forward_kernel_interaction"), names
     s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
     assert rel(out[0], s64) <= 2 * rel(one, s64) + 1e-6
 
@@ -621,3 +627,97 @@ def test_tf32_misaligned_weights_take_the_exact_path(restore_matmul_precision):
     s = dagfm_ext.dagfm_propagate(h0, p_off, None, "kernel")
     s64 = reference.dagfm_propagate(h0.double(), p.double(), None, "kernel")
     assert rel(s, s64) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The second output z = h^0 + ... + h^L (dagfm_propagate_with_sum) on every backward path, and the
+# ops under torch.autocast (float16 / bfloat16 run natively on CUDA)
+
+def sum_case(kind, h0, p, q, gs, gz, fn):
+    """z, states and the gradients of <states, gs> + <z, gz> through fn (fused or reference)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (h0, p, q) if t is not None]
+    s, z = fn(leaves[0], leaves[1], leaves[2] if q is not None else None, kind)
+    return s, z, torch.autograd.grad([s, z], leaves, [gs, gz])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (33, 13, 8, 3), (129, 39, 16, 3), (5, 70, 3, 2), (41, 39, 4, 2)])
+@pytest.mark.parametrize("path", ["default", "fallback", "first_kernels"])
+def test_sum_output_matches_reference_on_every_path(kind, shape, path, monkeypatch):
+    # default: register-blocked inner backward / cuBLAS backward of kernel and outer (the messages
+    # kept); first_kernels: the CUDA-core backward reading the messages; fallback: global memory.
+    if path == "fallback":
+        monkeypatch.setenv(FALLBACK_ENV, "1")
+    elif path == "first_kernels":
+        monkeypatch.setenv(RB_ENV, "0")
+    B, F, D, L = shape
+    h0, p, q = make_inputs(kind, B, F, D, L, seed=21)
+    gs = torch.randn(B, L + 1, F, dtype=torch.float64, device="cuda")
+    gz = torch.randn(B, F, D, dtype=torch.float64, device="cuda")
+    s, z, grads = sum_case(kind, h0, p, q, gs, gz, dagfm_ext.dagfm_propagate_with_sum)
+    s_ref, z_ref, grads_ref = sum_case(kind, h0, p, q, gs, gz, reference.dagfm_propagate_with_sum)
+    assert rel(s, s_ref) < 1e-10 and rel(z, z_ref) < 1e-10
+    for name, g, g_ref in zip(("h0", "p", "q"), grads, grads_ref):
+        assert rel(g, g_ref) < 1e-10, name
+    # Without the kept messages the backward recomputes them (the CUDA-core kernel).
+    recomputed = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind, None, gz)
+    for name, g, g_ref in zip(("h0", "p", "q"), recomputed, grads_ref):
+        if g_ref.numel():
+            assert rel(g, g_ref) < 1e-10, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sum_output_large_batch_float32(kind, restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    B, F, D, L = 65536 + 3, 39, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=torch.float32, seed=22)
+    gs = torch.randn(B, L + 1, F, device="cuda")
+    gz = torch.randn(B, F, D, device="cuda")
+    s, z, grads = sum_case(kind, h0, p, q, gs, gz, dagfm_ext.dagfm_propagate_with_sum)
+    _, z_ref, grads_ref = sum_case(kind, h0.double(), p.double(), None if q is None else q.double(),
+                                   gs.double(), gz.double(), reference.dagfm_propagate_with_sum)
+    assert rel(z, z_ref) < 1e-5
+    for name, g, g_ref in zip(("h0", "p", "q"), grads, grads_ref):
+        assert rel(g, g_ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_runs_the_ops_natively_in_16_bits(kind, dtype):
+    from dagfm_ext.modules import DAGFM, DAGFMPlus
+
+    h0, p, q = make_inputs(kind, 64, 9, 16, 2, dtype=torch.float32, seed=23)
+    with torch.autocast("cuda", dtype=dtype):
+        assert dagfm_ext.dagfm_propagate(h0, p, q, kind).dtype == dtype
+        assert torch.ops.dagfm_ext.propagate_fwd(h0, p, q, kind).dtype == dtype
+        assert all(t.dtype == dtype for t in dagfm_ext.dagfm_propagate_with_sum(h0, p, q, kind))
+    # A model forward and backward under autocast against float32, within the 16-bit type's error.
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    for cls in (DAGFM, DAGFMPlus):
+        torch.manual_seed(24)
+        model = cls(39, 16, 3, kind).cuda()
+        emb = torch.randn(512, 39, 16, device="cuda")
+
+        def forward_backward():
+            x = emb.clone().requires_grad_()
+            out = model(x)
+            grads = torch.autograd.grad(out.float().square().sum(), [x, *model.parameters()])
+            return out.float(), grads
+
+        out32, grads32 = forward_backward()
+        with torch.autocast("cuda", dtype=dtype):
+            out16, grads16 = forward_backward()
+        assert rel(out16, out32) < tol, cls.__name__
+        for (name, _), a, b in zip([("emb", None), *model.named_parameters()], grads16, grads32):
+            assert a.dtype == torch.float32 and rel(a, b) < tol, (cls.__name__, name)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_pipeline_precisions_on_cuda(precision, tmp_path, restore_matmul_precision):
+    from dagfm_ext.distill import Pipeline, RunConfig
+
+    cfg = RunConfig(dataset="synthetic", synthetic_size=3000, student="dagfm+", embed_dim=8, depth=2,
+                    teacher_depth=2, batch_size=256, max_epochs=2, patience=1, device="cuda",
+                    progress=False, precision=precision, output=str(tmp_path / precision))
+    report = Pipeline(cfg).run()
+    assert report["student"]["test_auc"] > 0.5 and report["teacher"]["test_auc"] > 0.5

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dagfm_ext import data as D
+from dagfm_ext.data import movielens
 from dagfm_ext.data import (DataFormatError, FeatureSchema, FieldEmbedding, FieldSpec, criteo_int_bucket,
                             load_criteo, make_synthetic, read_ml100k_dir, split_indices)
 from dagfm_ext import metrics
@@ -70,12 +71,12 @@ def test_ml100k_fetch_verifies_pinned_checksums(tmp_path, monkeypatch):
     write_fake_ml100k(tmp_path / "ml-100k")
 
     def fake_download(dest):
-        wheel = dest / D.RECBOLE_WHEEL
+        wheel = dest / movielens.RECBOLE_WHEEL
         with zipfile.ZipFile(wheel, "w") as z:
             z.writestr("recbole/dataset_example/ml-100k/ml-100k.inter", "x")
         return wheel
 
-    monkeypatch.setattr(D, "_download_wheel", fake_download)
+    monkeypatch.setattr(movielens, "_download_wheel", fake_download)
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         D.fetch_ml100k(tmp_path / "ml-100k")
     monkeypatch.setenv("DAGFM_EXT_CACHE", str(tmp_path / "c"))
@@ -104,21 +105,26 @@ def test_criteo_preprocessing(tmp_path):
     p = tmp_path / "train.txt"
     lines = [_criteo_line("1"), _criteo_line("0"), _criteo_line("1", cats=["rare"] + [f"{k:08x}" for k in range(1, 26)])]
     p.write_text("".join(lines))
-    d = load_criteo(p, min_count=2, seed=0, work_dir=tmp_path / "work")
+    d = load_criteo(p, min_count=2, seed=0, cache_dir=tmp_path / "cache")
     assert isinstance(d.x, np.memmap) and d.x.shape == (3, 39)
-    np.testing.assert_array_equal(d.y, [1, 0, 1])
+    # rows are stored grouped by split: train, val, test, each in file order
+    source_row = np.concatenate(list(split_indices(3, 0).values()))
+    np.testing.assert_array_equal(np.concatenate([d.splits[s] for s in ("train", "val", "test")]), np.arange(3))
+    np.testing.assert_array_equal(d.y, np.array([1, 0, 1])[source_row])
+    x = d.rows_in_source_order()
+    np.testing.assert_array_equal(x[source_row], d.x)
     assert criteo_int_bucket(100) == math.ceil(math.log(100) ** 2 + 1) == 23
     assert criteo_int_bucket(2) == 2 and criteo_int_bucket(-1) == -1
     i4 = d.schema.fields[3]  # I4 = 100 -> bucket 23
     assert i4.kind == "integer" and i4.vocab == {"23": 1}
-    assert d.x[0, 1] == 0  # I2 missing -> id 0
+    assert x[0, 1] == 0  # I2 missing -> id 0
     c1 = d.schema.fields[13]
-    assert "rare" not in c1.vocab and d.x[2, 13] == 0  # seen once < min_count -> OOV
-    assert d.x[0, 13] == c1.vocab["00000000"] > 0
+    assert "rare" not in c1.vocab and x[2, 13] == 0  # seen once < min_count -> OOV
+    assert x[0, 13] == c1.vocab["00000000"] > 0
     # the schema maps raw values at inference exactly as the file was mapped
     raw = {f"I{k + 1}": v for k, v in enumerate(["1", "", "5", "100", "0", "-1", "3", "", "2", "7", "", "1", "20"])}
     raw.update({f"C{k + 1}": f"{k:08x}" for k in range(26)})
-    np.testing.assert_array_equal(FeatureSchema.from_dict(d.schema.to_dict()).encode([raw])[0], d.x[0])
+    np.testing.assert_array_equal(FeatureSchema.from_dict(d.schema.to_dict()).encode([raw])[0], x[0])
 
 
 @pytest.mark.parametrize("line,msg", [
@@ -130,7 +136,8 @@ def test_criteo_malformed_rows_name_file_and_line(tmp_path, line, msg):
     p = tmp_path / "train.txt"
     p.write_text(_criteo_line() + line)
     with pytest.raises(DataFormatError, match=msg):
-        load_criteo(p)
+        load_criteo(p, cache_dir=tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "preprocessed").iterdir())  # nothing half-built is left
 
 
 def test_criteo_missing_file(tmp_path):

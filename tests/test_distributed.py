@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_log
 
-from dagfm_ext.distill import CHECKPOINT, RunConfig, run_pipeline
+from dagfm_ext.checkpoint import CHECKPOINT
+from dagfm_ext.config import RunConfig
+from dagfm_ext.distill import run_pipeline
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -98,10 +101,7 @@ def test_kill_one_rank_and_resume(two_ranks, tmp_path):
     proc = torchrun("-m", "dagfm_ext", "run", *ARGS, "--output", str(out))
     deadline, killed = time.time() + 120, False
     while time.time() < deadline and proc.poll() is None:
-        try:
-            log = json.loads((out / "log.json").read_text())
-        except (OSError, ValueError):
-            log = []
+        log = run_log(out)
         if any(r["phase"] == "distill" for r in log):
             pid = _rank_pid(proc.pid, 1)
             if pid is not None:
@@ -112,7 +112,7 @@ def test_kill_one_rank_and_resume(two_ranks, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert killed, f"run ended before rank 1 could be killed in distillation: {err[-2000:]}"
     assert proc.returncode != 0 and "SIGKILL" in err
-    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)  # tensors and plain data only
     assert ckpt["phase_idx"] == 1 and 1 <= ckpt["epoch"] < CFG["max_epochs"]  # inside phase 2
 
     finish(torchrun("-m", "dagfm_ext", "run", *ARGS, "--output", str(out), "--resume"))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dagfm_ext import latency
+from dagfm_ext.bench import latency
 
 
 def test_latency_tables_on_a_tiny_shape(tmp_path, capsys):
@@ -32,3 +32,12 @@ def test_time_calls_counts_and_orders():
 def test_bad_options_exit_2(argv, capsys):
     assert latency.main(argv + ["--skip", "op,student,throughput"]) == 2
     assert "--" in capsys.readouterr().err
+
+
+def test_bench_latency_option_runs_the_latency_tool(tmp_path):
+    """`dagfm-ext bench --latency` reaches the latency tool (its own options, its own report)."""
+    from dagfm_ext.cli import main
+    out = tmp_path / "latency.json"
+    argv = ["bench", "--latency", "--batches", "1", "--interactions", "inner", "--shape", "3,2,1",
+            "--calls", "3", "--skip", "throughput", "--json", str(out)]
+    assert main(argv) == 0 and out.is_file()

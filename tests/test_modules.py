@@ -79,6 +79,9 @@ def test_load_official_state_dict_errors():
         DAGFM(F, D, L - 1, "outer").load_official_state_dict(sd)
     with pytest.raises(ValueError, match="unexpected keys"):
         DAGFM(F, D, L, "inner").load_official_state_dict(sd)  # q.* has no place in 'inner'
+    for module in (DAGFM(F, D, L, "outer"), DAGFMPlus(F, D, L, "outer")):
+        with pytest.raises(TypeError, match="sd: expected a state dict .* got list"):
+            module.load_official_state_dict(list(sd.values()))
 
 
 @pytest.mark.parametrize("interaction", ["inner", "outer", "kernel"])
@@ -122,6 +125,21 @@ def test_dagfm_bad_arguments():
         DAGFM(F, D, 0)
     with pytest.raises(ValueError, match=r"emb: expected shape \(B, 5, 4\)"):
         DAGFM(F, D, L)(torch.randn(B, F + 1, D))
+    for module in (DAGFM(F, D, L), DAGFMPlus(F, D, L)):
+        for dtype in (torch.float64, torch.int64):
+            with pytest.raises(ValueError, match=f"emb: expected dtype torch.float32 .*got {dtype}"):
+                module(torch.ones(B, F, D, dtype=dtype))
+    with pytest.raises(ValueError, match="num_fields: expected a positive int"):
+        DAGFM(5.0, D, L)
+    with pytest.raises(ValueError, match="depth: expected a positive int"):
+        DAGFM(F, D, True)
+
+
+def test_dagfm_accepts_any_integral_size():
+    np = pytest.importorskip("numpy")
+    model = DAGFM(np.int64(F), np.int32(D), np.int64(L))
+    assert (model.num_fields, model.embed_dim, model.depth) == (F, D, L) and type(model.num_fields) is int
+    assert model(torch.randn(B, F, D)).shape == (B,)
 
 
 @pytest.mark.parametrize("interaction", ["inner", "outer", "kernel"])

@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_log
 
 import dagfm_ext
 
 from dagfm_ext.cli import main
 from dagfm_ext.data import make_synthetic
-from dagfm_ext.distill import PHASES, CHECKPOINT, Pipeline, RunConfig, run_pipeline
+from dagfm_ext.checkpoint import CHECKPOINT
+from dagfm_ext.config import PHASES, RunConfig
+from dagfm_ext.distill import Pipeline, run_pipeline
 
 REPORT_KEYS = {"test_auc", "test_logloss", "params", "flops", "infer_ms"}
 SMALL = ["--dataset", "synthetic", "--synthetic-size", "2000", "--embed-dim", "4", "--batch-size", "128",
@@ -55,7 +58,7 @@ def test_cli_run_writes_report_logs_and_table(tmp_path, capsys):
     assert main(["run", *SMALL, "--output", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     # the checkpoint carries the schema, so raw values can be mapped at inference
-    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)  # tensors and plain data only
     assert ckpt["schema"]["fields"][0]["name"] == "f0" and ckpt["phase_idx"] == 3
 
 
@@ -91,10 +94,7 @@ def test_kill_mid_phase_and_resume(tmp_path):
     deadline = time.time() + 120
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
-        try:
-            log = json.loads((out / "log.json").read_text())
-        except (OSError, ValueError):
-            log = []
+        log = run_log(out)
         if any(r["phase"] == "distill" for r in log):
             proc.send_signal(signal.SIGKILL)
             killed_at = len(log)
@@ -103,13 +103,14 @@ def test_kill_mid_phase_and_resume(tmp_path):
     proc.wait(timeout=30)
     assert killed_at is not None, f"run ended before distillation started: {proc.stderr.read()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
-    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)  # tensors and plain data only
     assert ckpt["phase_idx"] == 1 and 1 <= ckpt["epoch"] < 4  # killed inside phase 2
 
     resumed = _spawn([*args, "--output", str(out), "--resume"], env)
     stdout, stderr = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, stderr[-2000:]
     check_report(out)
+    assert not list(out.glob("*.tmp"))  # a write cut by the kill leaves nothing behind
 
     ref = tmp_path / "ref"
     run_pipeline(small_cfg(ref, synthetic_size=6000, max_epochs=4, patience=4))

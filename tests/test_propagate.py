@@ -1,122 +1,46 @@
 """The fused op against dagfm_ext.reference: values, gradients, compile/export, bad inputs.
 
-Parametrised over the devices present (CPU always, CUDA when available), so every backend passes
-the same checks.
+Parametrised over the devices present (CPU always, CUDA when available) and the dtypes each
+computes in, so every backend passes the same checks at the tolerance of each dtype.
 """
-import itertools
-import random
-
 import pytest
 import torch
 
 import dagfm_ext
 from dagfm_ext import reference
+from dagfm_ext.testing import make_inputs
 
-KINDS = ("inner", "outer", "kernel")
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def make_inputs(kind, B, F, D, L, dtype=torch.float64, device="cpu", seed=0, scale=None):
-    gen = torch.Generator().manual_seed(seed)
-    # Scaled so the states stay O(1) through the layers, like trained weights.
-    scale = scale if scale is not None else 1.0 / max(1.0, (F * (D if kind == "kernel" else 1)) ** 0.5)
-    h0 = torch.randn(B, F, D, generator=gen, dtype=torch.float64)
-    pshape = (L, F, F, D, D) if kind == "kernel" else (L, F, F, D)
-    p = torch.randn(pshape, generator=gen, dtype=torch.float64) * scale
-    q = torch.randn(L, F, F, D, generator=gen, dtype=torch.float64) if kind == "outer" else None
-    if kind == "outer":
-        p = p * D ** -0.5
-    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-    return to(h0), to(p), to(q)
+from conftest import (DEVICES, DEVICE_DTYPES, HALF_DTYPES, INTERACTIONS, assert_close_to_float64,
+                      dtypes_on, fused_and_reference, lower_triangle, parity_shapes, run_with_grads)
 
 
-def run_with_grads(fn, h0, p, q, kind, grad_out=None):
-    leaves = [t.detach().clone().requires_grad_() for t in (h0, p)]
-    if q is not None:
-        leaves.append(q.detach().clone().requires_grad_())
-    states = fn(leaves[0], leaves[1], leaves[2] if q is not None else None, kind)
-    if grad_out is None:
-        grad_out = torch.randn(states.shape, generator=torch.Generator().manual_seed(1),
-                               dtype=torch.float64).to(states)
-    grads = torch.autograd.grad(states, leaves, grad_out) if states.numel() else [torch.zeros_like(t) for t in leaves]
-    return states.detach(), [g.detach() for g in grads], grad_out
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("kind,F,D,L,B,seed", parity_shapes())
+def test_values_and_gradients_match_reference(device, dtype, kind, F, D, L, B, seed):
+    h0, p, q = make_inputs(kind, B, F, D, L, dtype=dtype, device=device, seed=seed)
+    (s, g), (s_lo, g_lo), (s64, g64) = fused_and_reference(h0, p, q, kind)
+    assert s.shape == (B, L + 1, F) and s.dtype == dtype
+    assert_close_to_float64(s, s_lo, s64, "states")
+    assert len(g) == len(g64) == (3 if kind == "outer" else 2)
+    for name, a, a_lo, exact in zip(("h0", "p", "q"), g, g_lo, g64):
+        assert a.dtype == dtype, name
+        assert_close_to_float64(a, a_lo, exact, f"grad {name}")
 
 
-def rel_err(a, b):
-    if a.numel() == 0:
-        return 0.0
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def parity_shapes():
-    """Random combinations that cover every value of each axis (F, D, L, B) for every kind."""
-    Fs, Ds, Ls, Bs = (1, 2, 7, 39, 80), (1, 3, 16, 33), (1, 3, 5), (0, 1, 257)
-    rng = random.Random(1234)
-    cases = []
-    for kind in KINDS:
-        combos = list(itertools.product(Fs, Ds, Ls, Bs))
-        rng.shuffle(combos)
-        chosen, seen = [], set()
-        for F, D, L, B in combos:
-            wnum = L * F * F * D * (D if kind == "kernel" else 1)
-            work = max(B, 1) * wnum
-            if wnum > 3_000_000 or work > 60_000_000:
-                continue
-            new = {("F", F), ("D", D), ("L", L), ("B", B)} - seen
-            if new or len(chosen) < 10:
-                chosen.append((F, D, L, B))
-                seen |= new
-        missing = {("F", F) for F in Fs} | {("D", D) for D in Ds} | {("L", L) for L in Ls} | {("B", B) for B in Bs}
-        assert missing <= seen, (kind, missing - seen)
-        cases += [(kind,) + c for c in chosen]
-    return cases
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind,F,D,L,B", parity_shapes())
-def test_float64_values_and_gradients_match_reference(device, kind, F, D, L, B):
-    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=F * 100 + D * 10 + L)
-    s_ref, g_ref, gout = run_with_grads(reference.dagfm_propagate, h0, p, q, kind)
-    s, g, _ = run_with_grads(dagfm_ext.dagfm_propagate, h0, p, q, kind, gout)
-    assert s.shape == (B, L + 1, F) and s.dtype == torch.float64
-    assert rel_err(s, s_ref) < 1e-10
-    for name, a, b in zip(("h0", "p", "q"), g, g_ref):
-        assert a.shape == b.shape, name
-        assert rel_err(a, b) < 1e-10, name
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("F,D,L,B", [(39, 16, 3, 64), (7, 3, 5, 33), (23, 33, 2, 9)])
-def test_float32_within_twice_the_reference_error(device, kind, F, D, L, B):
-    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=7)
-    s64, g64, gout = run_with_grads(reference.dagfm_propagate, h0, p, q, kind)
-    f32 = lambda t: None if t is None else t.float()
-    s_ref, g_ref, _ = run_with_grads(reference.dagfm_propagate, f32(h0), f32(p), f32(q), kind, gout.float())
-    s, g, _ = run_with_grads(dagfm_ext.dagfm_propagate, f32(h0), f32(p), f32(q), kind, gout.float())
-    assert s.dtype == torch.float32
-    # The reference's own float32 error, floored at a few ulps of the result's scale.
-    def bound(ref32, exact):
-        return 2 * max(rel_err(ref32.double(), exact), 4 * torch.finfo(torch.float32).eps)
-    assert rel_err(s.double(), s64) <= bound(s_ref, s64)
-    for name, a, a_ref, exact in zip(("h0", "p", "q"), g, g_ref, g64):
-        assert rel_err(a.double(), exact) <= bound(a_ref, exact), name
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_lower_triangle_gradients_are_exactly_zero(device, kind):
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("kind", INTERACTIONS)
+def test_lower_triangle_gradients_are_exactly_zero(device, dtype, kind):
     F, D, L = 6, 5, 2
-    h0, p, q = make_inputs(kind, 17, F, D, L, device=device)
+    h0, p, q = make_inputs(kind, 17, F, D, L, dtype=dtype, device=device)
     _, grads, _ = run_with_grads(dagfm_ext.dagfm_propagate, h0, p, q, kind)
-    lower = torch.tril(torch.ones(F, F, dtype=torch.bool), diagonal=-1).to(device)
+    lower = lower_triangle(F, device)
     for g in grads[1:]:
         assert torch.count_nonzero(g[:, lower]) == 0
         assert torch.count_nonzero(g[:, ~lower]) > 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 @pytest.mark.parametrize("F,D,L,B", [(3, 2, 2, 3), (1, 1, 1, 2), (4, 9, 1, 2)])
 def test_gradcheck(device, kind, F, D, L, B):
     h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=3)
@@ -126,7 +50,7 @@ def test_gradcheck(device, kind, F, D, L, B):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_opcheck_forward_and_backward_ops(device, kind):
     h0, p, q = make_inputs(kind, 5, 4, 3, 2, device=device)
     torch.library.opcheck(torch.ops.dagfm_ext.propagate_fwd.default, (h0, p, q, kind))
@@ -139,7 +63,7 @@ def test_opcheck_forward_and_backward_ops(device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_torch_compile_fullgraph_training_step(device, kind):
     h0, p, q = make_inputs(kind, 9, 5, 4, 2, dtype=torch.float32, device=device)
 
@@ -160,7 +84,7 @@ def test_torch_compile_fullgraph_training_step(device, kind):
             torch.testing.assert_close(a.grad, b.grad)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_torch_compile_inductor_cpu(kind):
     h0, p, q = make_inputs(kind, 9, 5, 4, 2, dtype=torch.float32)
     fn = torch.compile(lambda h, w, v: dagfm_ext.dagfm_propagate(h, w, v, kind), fullgraph=True)
@@ -181,7 +105,7 @@ class _Student(torch.nn.Module):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_torch_export_module(device, kind):
     model = _Student(kind, 5, 4, 2).to(device)
     h0 = torch.randn(6, 5, 4, device=device)
@@ -193,7 +117,7 @@ def test_torch_export_module(device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_gradients_bit_identical_across_runs_and_thread_counts(device, kind):
     h0, p, q = make_inputs(kind, 1500, 9, 16, 3, dtype=torch.float32, device=device, seed=5)
     threads = torch.get_num_threads()
@@ -211,7 +135,7 @@ def test_gradients_bit_identical_across_runs_and_thread_counts(device, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_non_contiguous_inputs_are_read_correctly(device, kind):
     h0, p, q = make_inputs(kind, 8, 5, 6, 2, device=device)
     h0_nc = h0.transpose(0, 1).contiguous().transpose(0, 1)
@@ -254,15 +178,18 @@ def test_bad_inputs_name_the_argument(device, mutate, exc, pattern):
         dagfm_ext.dagfm_propagate(*args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [d for d in HALF_DTYPES if d not in dtypes_on("cpu")])
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_half_on_cpu_is_a_clear_error(kind, dtype):
-    # float16 / bfloat16 run on CUDA only (tests/test_cuda.py); on the CPU both ops say so.
-    h0, p, q = (t if t is None else t.to(dtype) for t in make_inputs(kind, 4, 3, 2, 2))
-    pattern = (r"h0: expected dtype float32 or float64 on device cpu, got (Half|BFloat16) "
+    # float16 / bfloat16 run on CUDA only; on the CPU the inference, training and backward ops say so.
+    h0, p, q = make_inputs(kind, 4, 3, 2, 2, dtype=dtype)
+    torch_name = {torch.float16: "Half", torch.bfloat16: "BFloat16"}[dtype]
+    pattern = (rf"h0: expected dtype float32 or float64 on device cpu, got {torch_name} "
                r"\(float16 and bfloat16 are supported on CUDA only")
     with pytest.raises(RuntimeError, match=pattern):
         dagfm_ext.dagfm_propagate(h0, p, q, kind)
+    with pytest.raises(RuntimeError, match=pattern):
+        dagfm_ext.dagfm_propagate(h0.requires_grad_(), p.requires_grad_(), q, kind)
     with pytest.raises(RuntimeError, match=pattern):
         torch.ops.dagfm_ext.propagate_bwd(torch.zeros(4, 3, 3, dtype=dtype), h0, p, q, kind)
 
@@ -306,7 +233,7 @@ def test_states_t0_is_the_field_sum_of_h0():
 # The training forward: what a backend keeps for its backward must not change the gradients.
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", INTERACTIONS)
 def test_training_forward_op_and_saved_messages(device, kind):
     h0, p, q = make_inputs(kind, 70, 6, 9, 3, device=device)
     states, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, q, kind)
@@ -323,7 +250,7 @@ def test_training_forward_op_and_saved_messages(device, kind):
     torch.testing.assert_close((h0[:, None] * saved.view(70, 3, 6, 9)).sum(-1), states[:, 1:])
 
 
-# The GEMM backward of the kernel and outer interactions (csrc/gemm_backward.cpp): the CUDA backend's
+# The GEMM backward of the kernel and outer interactions (csrc/cuda/gemm_backward.cpp): the CUDA backend's
 # backward when the messages are kept; device-agnostic, so its algebra is checked here on every device.
 
 @pytest.mark.parametrize("device", DEVICES)

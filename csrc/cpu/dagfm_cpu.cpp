@@ -489,10 +489,13 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
         for (int t = 1; t < L; ++t)
           for (int r = 0; r < rows; ++r)
             hadamard_row(h0 + r * FD, message(t) + int64_t(r) * L * FD, FD, H(t) + r * FD);
+        const T* gsum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + r0 * FD;
         auto broadcast_grad = [&](int t, T* out) {
           for (int r = 0; r < rows; ++r)
             for (int j = 0; j < F; ++j)
               std::fill_n(out + (int64_t(r) * F + j) * D, D, gs[int64_t(r) * (L + 1) * F + int64_t(t) * F + j]);
+          if (gsum != nullptr)
+            for (int64_t k = 0; k < n; ++k) out[k] += gsum[k];
         };
         T* gh0 = pr.grad_h0 + r0 * FD;
         std::fill(gh0, gh0 + n, T(0));
@@ -613,16 +616,18 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
     const std::optional<at::Tensor>& q, c10::string_view interaction,
-    const std::optional<at::Tensor>& saved_in) {
+    const std::optional<at::Tensor>& saved_in, const std::optional<at::Tensor>& grad_sum_in) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   const at::Tensor gs = check_grad_states(grad_states, args);
   at::Tensor saved = check_saved_messages(saved_in, args);
+  const at::Tensor grad_sum = check_grad_sum(grad_sum_in, args);
   at::Tensor grad_h0 = at::empty_like(args.h0);
   at::Tensor grad_p = at::zeros_like(args.p);
   at::Tensor grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
   if (args.batch == 0) return {grad_h0, grad_p, grad_q};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cpu", [&] {
-    const auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
+    auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
+    if (grad_sum.defined()) params.grad_sum = grad_sum.data_ptr<scalar_t>();
     if (use_kernel_blas(params)) {
       // The BLAS backward reads the messages; without them, one forward recomputes them all.
       if (!saved.defined()) {

@@ -246,10 +246,11 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
   T* alpha = delta_prev + SFD;
   T* grad_h0 = pr.grad_h0 + b * FD;
   const T* grad_states = pr.grad_states + b * int64_t(L + 1) * F;
+  const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;  // dLoss/dz, every layer
   for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = T(0);
-  broadcast_grad_states(grad_states, L, delta, F, D, L, S);
+  broadcast_grad_states(grad_states, L, delta, F, D, L, S, grad_sum);
   for (int t = L; t >= 1; --t) {
-    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S);
+    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
     layer_backward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
                                        pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
                                        H(t - 1), A(t), delta, delta_prev, alpha, grad_h0,

@@ -1,18 +1,12 @@
 // CUDA implementations of dagfm_ext::propagate_fwd / propagate_bwd: argument checks (ops.cpp),
-// launch planning and launches. The kernels themselves are in dagfm_kernels.cuh (CUDA cores, every
-// interaction and dtype) and dagfm_tc.cuh (tensor cores: the kernel interaction's forward).
+// the choice of algorithm for the call (path_selection.h) and the launches. The algorithms are in
+// their own torch-free headers; docs/cuda.md lists them and says which runs when, and why.
 //
 // dtypes: float32 and float64 exactly; float16 and bfloat16 (storage __half / __nv_bfloat16,
-// float accumulation, weight gradients summed in float and rounded once at the end).
-// Tensor cores: the kernel interaction's forward for float16 / bfloat16 always, and for float32
-// when PyTorch's float32 matmul precision allows TF32 (torch.set_float32_matmul_precision("high")
-// or torch.backends.cuda.matmul.fp32_precision = "tf32"), read per call from ATen's global context
-// (no schema change). Exact float32 stays the default. DAGFM_CUDA_TENSOR_CORES=0 turns the
-// tensor-core path off (comparisons, debugging). The backward runs on CUDA cores.
-// Forwards not on tensor cores take the register-blocked kernels of dagfm_rb.cuh (launched from
-// dagfm_rb.cu) where they fit, and so does the inner backward when the training forward's
-// messages are given (the kernel and outer backwards then run as cuBLAS products,
-// gemm_backward.h); DAGFM_CUDA_REGISTER_BLOCKING=0 turns these off.
+// float accumulation, weight gradients summed in float and rounded once at the end). The
+// kernel interaction's forward runs on tensor cores for float16 / bfloat16, and for float32 when
+// PyTorch's float32 matmul precision allows TF32, read per call from ATen's global context (no
+// schema change); exact float32 stays the default.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,24 +21,40 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 
-#include "../gemm_backward.h"
 #include "../ops.h"
-#include "dagfm_kernels.cuh"
-#include "dagfm_rb.cuh"
-#include "dagfm_tc.cuh"
+#include "gemm_backward.h"
+#include "instantiations.h"
+#include "one_output_per_thread.cuh"
+#include "path_selection.h"
+#include "register_blocked_launch.cuh"
+#include "switches.h"
+#include "tensor_core_forward.cuh"
+#include "weight_grad_reduce.cuh"
 
 namespace dagfm {
+namespace cuda {
+namespace {
+Switches& current_switches() {
+  static Switches switches = read_switches(std::getenv);
+  return switches;
+}
+}  // namespace
+
+const Switches& cuda_switches() { return current_switches(); }
+void reread_cuda_switches() { current_switches() = read_switches(std::getenv); }
+
+}  // namespace cuda
+
 namespace {
 
 using cuda::DeviceLimits;
-using cuda::LaunchPlan;
-using cuda::Pass;
+using cuda::one_output::LaunchPlan;
+using cuda::one_output::Pass;
 
 DeviceLimits device_limits(int device) {
   DeviceLimits lim;
@@ -98,22 +108,11 @@ PropagateBackwardParams<K> as_kernel_params(const PropagateBackwardParams<S>& s)
   static_cast<PropagateParams<K>&>(k) = as_kernel_params<K>(static_cast<const PropagateParams<S>&>(s));
   k.grad_states = reinterpret_cast<const K*>(s.grad_states);
   k.saved_messages = reinterpret_cast<const K*>(s.saved_messages);
+  k.grad_sum = reinterpret_cast<const K*>(s.grad_sum);
   k.grad_h0 = reinterpret_cast<K*>(s.grad_h0);
   k.grad_p = reinterpret_cast<K*>(s.grad_p);
   k.grad_q = reinterpret_cast<K*>(s.grad_q);
   return k;
-}
-
-// DAGFM_CUDA_FORCE_FALLBACK=1 sends every shape down the global-memory path (tests use it to
-// check that path on small shapes too). Read per call so a test can flip it.
-bool force_fallback() {
-  const char* v = std::getenv("DAGFM_CUDA_FORCE_FALLBACK");
-  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
-}
-
-bool env_flag_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
 // PyTorch's float32 matmul precision for CUDA allows TF32 (the convention of torch.matmul):
@@ -138,27 +137,10 @@ bool float32_tf32_allowed() {
 #endif
 }
 
-// The tensor-core forward applies: kernel interaction, 16-bit storage or float32 with TF32
-// allowed, D in {16, 32, 48, 64}, compute capability 8.0+, the weights 32-byte aligned (WMMA
-// fragment loads), and a plan that fits shared memory.
-template <typename T>
-bool use_tensor_cores(const PropagateParams<T>& prm, const DeviceLimits& lim, const cuda::tc::TcPlan& plan) {
-  constexpr bool half = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
-  constexpr bool single = std::is_same_v<T, float>;
-  if constexpr (!half && !single) {
-    return false;
-  } else {
-    if (prm.interaction != Interaction::Kernel || !plan.ok || lim.cc_major < 8) return false;
-    if (force_fallback() || env_flag_off("DAGFM_CUDA_TENSOR_CORES")) return false;
-    if (reinterpret_cast<uintptr_t>(prm.p) % 32 != 0) return false;
-    return half || float32_tf32_allowed();
-  }
-}
-
 template <typename T, int NF, int MT>
 void launch_forward_tc(const PropagateParams<T>& prm, const cuda::tc::TcPlan& plan,
                        const DeviceLimits& lim, cudaStream_t stream) {
-  auto kernel = cuda::tc::kernel_fwd_tc_kernel<T, NF, MT>;
+  auto kernel = cuda::tc::forward_kernel_interaction<T, NF, MT>;
   const int threads = plan.warps * cuda::tc::kWarpSize;
   if (plan.smem_bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -174,42 +156,31 @@ void launch_forward_tc(const PropagateParams<T>& prm, const cuda::tc::TcPlan& pl
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// DAGFM_CUDA_TC_ROWS=32: each warp of the tensor-core forward owns 32 samples (two row tiles
-// sharing every weight fragment; D <= 32) instead of 16. A variant for measurement, off by default.
-int tc_row_tiles() {
-  const char* v = std::getenv("DAGFM_CUDA_TC_ROWS");
-  return v != nullptr && std::strcmp(v, "32") == 0 ? 2 : 1;
-}
-
-// Returns false (nothing launched) when the tensor-core forward does not apply.
+// Launches the tensor-core forward on the shape the plan was made for (D = 16 * NF, MT row tiles
+// per warp; the shapes of instantiations.h).
 template <typename T>
-bool try_forward_tc(const PropagateParams<T>& prm, const DeviceLimits& lim, cudaStream_t stream) {
-  if (prm.interaction != Interaction::Kernel) return false;
-  cuda::tc::TcPlan plan =
-      cuda::tc::plan_forward(prm.num_fields, prm.embed_dim, int(sizeof(T)), lim, tc_row_tiles());
-  if (!plan.ok) plan = cuda::tc::plan_forward(prm.num_fields, prm.embed_dim, int(sizeof(T)), lim);
-  if (!use_tensor_cores(prm, lim, plan)) return false;
+void launch_forward_tensor_cores(const PropagateParams<T>& prm, const cuda::tc::TcPlan& plan,
+                                 const DeviceLimits& lim, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
     switch (prm.embed_dim / 16 * 10 + plan.mt) {
-      case 11: launch_forward_tc<T, 1, 1>(prm, plan, lim, stream); return true;
-      case 21: launch_forward_tc<T, 2, 1>(prm, plan, lim, stream); return true;
-      case 31: launch_forward_tc<T, 3, 1>(prm, plan, lim, stream); return true;
-      case 41: launch_forward_tc<T, 4, 1>(prm, plan, lim, stream); return true;
-      case 12: launch_forward_tc<T, 1, 2>(prm, plan, lim, stream); return true;
-      case 22: launch_forward_tc<T, 2, 2>(prm, plan, lim, stream); return true;
-      default: return false;
+#define DAGFM_TC_CASE(T_, NF, MT) \
+  case NF * 10 + MT: launch_forward_tc<T_, NF, MT>(prm, plan, lim, stream); return;
+      DAGFM_CUDA_TENSOR_CORE_SHAPES(DAGFM_TC_CASE, T)
+#undef DAGFM_TC_CASE
+      default: break;
     }
   }
-  return false;
+  TORCH_CHECK(false, "dagfm_ext: no tensor-core kernel for D = ", prm.embed_dim, " (internal error)");
 }
 
+// The one-output-per-thread plan; DAGFM_CUDA_FORCE_GLOBAL_MEMORY leaves it no shared memory.
 template <typename T, typename Acc>
 LaunchPlan make_plan(Pass pass, Interaction kind, const PropagateParams<T>& prm,
                      const DeviceLimits& lim) {
   DeviceLimits use = lim;
-  if (force_fallback()) use.smem_optin = 0;
-  return cuda::plan_launch<T, Acc>(pass, kind, prm.batch, prm.num_fields, prm.embed_dim,
-                                   prm.depth, use);
+  if (cuda::cuda_switches().force_global_memory) use.smem_optin = 0;
+  return cuda::one_output::plan_launch<T, Acc>(pass, kind, prm.batch, prm.num_fields, prm.embed_dim,
+                                               prm.depth, use);
 }
 
 // Raises the kernel's dynamic shared-memory limit when the plan needs more than the default
@@ -222,10 +193,10 @@ int64_t prepare_launch(Kernel kernel, const LaunchPlan& plan, const DeviceLimits
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         int(plan.smem_bytes)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::kThreads,
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cuda::one_output::kThreads,
                                                                size_t(plan.smem_bytes)));
   const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * lim.num_sms;
-  return cuda::choose_grid(tiles, resident, plan.ws_block_numel * acc_size);
+  return cuda::one_output::choose_grid(tiles, resident, plan.ws_block_numel * acc_size);
 }
 
 template <typename Acc>
@@ -252,48 +223,29 @@ PassLaunch<Acc> launch_pass(Kernel kernel, const LaunchPlan& plan, const DeviceL
     out.ws = workspace<Acc>(out.grid * plan.ws_block_numel, like);
     out.ws_ptr = out.ws.template data_ptr<Acc>();
   }
-  kernel<<<unsigned(out.grid), cuda::kThreads, size_t(plan.smem_bytes), stream>>>(
+  kernel<<<unsigned(out.grid), cuda::one_output::kThreads, size_t(plan.smem_bytes), stream>>>(
       prm, plan.cfg, out.ws_ptr, plan.ws_block_numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-// DAGFM_CUDA_RB_TILE=8|16|32|64 pins the register-blocked forward's samples per tile (tuning runs);
-// unset or anything else lets the planner choose.
-int forced_rb_tile() {
-  const char* v = std::getenv("DAGFM_CUDA_RB_TILE");
-  if (v == nullptr) return 0;
-  for (int tb : cuda::rb::kTiles)
-    if (std::atoi(v) == tb) return tb;
-  return 0;
-}
-
-// The register-blocked forward (dagfm_rb.cuh) when its plan fits shared memory (the kernel
-// interaction also needs 16-byte aligned weights for its vector loads);
-// DAGFM_CUDA_REGISTER_BLOCKING=0 (or the forced fallback) keeps the first kernels.
-template <typename T, typename Acc>
-bool try_forward_rb(const PropagateParams<T>& prm, const DeviceLimits& lim, cudaStream_t stream) {
-  if (force_fallback() || env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING")) return false;
-  if (prm.interaction == Interaction::Kernel && reinterpret_cast<uintptr_t>(prm.p) % 16 != 0)
-    return false;
-  const cuda::rb::RbPlan plan =
-      cuda::rb::plan_forward(prm.interaction, prm.batch, prm.num_fields, prm.embed_dim,
-                             int(sizeof(Acc)), lim, forced_rb_tile());
-  if (!plan.ok) return false;
-  const cudaError_t err = cuda::rb::launch_forward<T, Acc>(prm, plan, lim.num_sms, stream);
-  C10_CUDA_CHECK(err);
-  return true;
-}
-
 template <Interaction K, typename T, typename Acc>
-void launch_forward(const PropagateParams<T>& prm, const at::Tensor& like) {
-  const int device = like.get_device();
-  const DeviceLimits lim = device_limits(device);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
-  if (K == Interaction::Kernel && try_forward_tc(prm, lim, stream)) return;
-  if (try_forward_rb<T, Acc>(prm, lim, stream)) return;
-  const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
-  launch_pass<Acc>(cuda::propagate_fwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
+void launch_forward(const PropagateParams<T>& prm, const cuda::ForwardChoice& choice, const DeviceLimits& lim,
+                    const at::Tensor& like) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(like.get_device());
+  switch (choice.path) {
+    case cuda::ForwardPath::TensorCores:
+      launch_forward_tensor_cores(prm, choice.tc_plan, lim, stream);
+      return;
+    case cuda::ForwardPath::RegisterBlocked:
+      C10_CUDA_CHECK((cuda::rb::launch_forward<T, Acc>(prm, choice.rb_plan, lim.num_sms, stream)));
+      return;
+    case cuda::ForwardPath::OneOutputPerThread: {
+      const LaunchPlan plan = make_plan<T, Acc>(Pass::Forward, K, prm, lim);
+      launch_pass<Acc>(cuda::one_output::propagate_fwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
+      return;
+    }
+  }
 }
 
 template <typename T, typename Acc>
@@ -302,24 +254,18 @@ void launch_reduce(const Acc* ws, int64_t ws_block_numel, int64_t num_blocks, in
   if (total == 0) return;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t blocks = std::min<int64_t>(cuda::ceil_div64(total, cuda::kThreads), int64_t(sms) * 16);
-  cuda::reduce_weight_grad_kernel<T, Acc><<<unsigned(blocks), cuda::kThreads, 0, stream>>>(
+  const int64_t blocks = std::min<int64_t>(cuda::ceil_div64(total, cuda::kReduceThreads), int64_t(sms) * 16);
+  cuda::reduce_weight_grad_kernel<T, Acc><<<unsigned(blocks), cuda::kReduceThreads, 0, stream>>>(
       ws, ws_block_numel, num_blocks, part_offset, F, elems, total, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The register-blocked inner backward (dagfm_rb.cuh): layer-major launches that read the training
-// forward's messages; then the per-block weight-gradient partials are added in block order.
+// The register-blocked inner backward: layer-major launches that read the training forward's
+// messages; then the per-block weight-gradient partials are added in block order.
 template <typename T, typename Acc>
-bool try_backward_rb(const PropagateBackwardParams<T>& prm, const at::Tensor& like,
-                     const DeviceLimits& lim, cudaStream_t stream) {
-  if (prm.interaction != Interaction::Inner || prm.saved_messages == nullptr || force_fallback() ||
-      env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING"))
-    return false;
+void launch_backward_rb_inner(const PropagateBackwardParams<T>& prm, const cuda::rb::RbPlan& plan,
+                              const at::Tensor& like, const DeviceLimits& lim, cudaStream_t stream) {
   const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
-  const cuda::rb::RbPlan plan =
-      cuda::rb::plan_backward_inner(prm.batch, F, D, L, int(sizeof(Acc)), lim);
-  if (!plan.ok) return false;
   int64_t grid = 0;
   cudaError_t err = cuda::rb::backward_inner_grid<T, Acc>(plan, prm.batch, lim.num_sms, grid);
   C10_CUDA_CHECK(err);
@@ -331,23 +277,27 @@ bool try_backward_rb(const PropagateBackwardParams<T>& prm, const at::Tensor& li
   launch_reduce<T, Acc>(ws_ptr, cuda::rb::backward_inner_part_block_numel(F, D, L), grid,
                         cuda::rb::backward_inner_part_offset(prm.batch, F, D), F, int64_t(D),
                         int64_t(L) * F * F * D, prm.grad_p, like.get_device(), stream);
-  return true;
 }
 
+// The CUDA-core backwards (the GEMM one runs before the dtype dispatch).
 template <Interaction K, typename T, typename Acc>
-void launch_backward(const PropagateBackwardParams<T>& prm, const at::Tensor& like) {
+void launch_backward(const PropagateBackwardParams<T>& prm, const cuda::BackwardChoice& choice,
+                     const DeviceLimits& lim, const at::Tensor& like) {
   const int device = like.get_device();
-  const DeviceLimits lim = device_limits(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
-  if (K == Interaction::Inner && try_backward_rb<T, Acc>(prm, like, lim, stream)) return;
+  if (choice.path == cuda::BackwardPath::RegisterBlockedInner) {
+    launch_backward_rb_inner<T, Acc>(prm, choice.rb_plan, like, lim, stream);
+    return;
+  }
+  TORCH_CHECK(choice.path == cuda::BackwardPath::OneOutputPerThread, "dagfm_ext: unexpected backward path");
   const LaunchPlan plan = make_plan<T, Acc>(Pass::Backward, K, prm, lim);
   const PassLaunch<Acc> pass =
-      launch_pass<Acc>(cuda::propagate_bwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
+      launch_pass<Acc>(cuda::one_output::propagate_bwd_kernel<K, T, Acc>, plan, lim, prm, like, stream);
   const Acc* ws_ptr = pass.ws_ptr;
   const int64_t grid = pass.grid;
   // Weight gradients: add the per-block partials in block order (deterministic, no atomics).
   const int F = prm.num_fields, D = prm.embed_dim, L = prm.depth;
-  const int64_t elems = cuda::edge_elems<K>(D);
+  const int64_t elems = cuda::one_output::edge_elems<K>(D);
   const int64_t total_p = int64_t(L) * F * F * elems;
   launch_reduce<T, Acc>(ws_ptr, plan.ws_block_numel, grid, 0, F, elems, total_p, prm.grad_p, device,
                         stream);
@@ -356,6 +306,26 @@ void launch_backward(const PropagateBackwardParams<T>& prm, const at::Tensor& li
     launch_reduce<T, Acc>(ws_ptr, plan.ws_block_numel, grid, int64_t(L) * cuda::num_edges(F) * elems,
                           F, int64_t(D), total_q, prm.grad_q, device, stream);
   }
+}
+
+cuda::StorageType storage_type(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cuda::StorageType::Float64;
+    case at::kHalf: return cuda::StorageType::Float16;
+    case at::kBFloat16: return cuda::StorageType::BFloat16;
+    default: return cuda::StorageType::Float32;
+  }
+}
+
+cuda::CallShape call_shape(const PropagateArgs& args) {
+  cuda::CallShape shape;
+  shape.interaction = args.interaction;
+  shape.storage = storage_type(args.h0.scalar_type());
+  shape.batch = args.batch;
+  shape.num_fields = args.num_fields;
+  shape.embed_dim = args.embed_dim;
+  shape.depth = args.depth;
+  return shape;
 }
 
 // Calls fn with the interaction as a compile-time constant (one kernel instantiation each).
@@ -381,13 +351,21 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& h0, const at::
       {keep_messages ? args.batch * args.depth * args.num_fields * int64_t(args.embed_dim) : 0},
       args.h0.options());
   if (args.batch == 0) return {states, messages};
+  cuda::ForwardCall call;
+  static_cast<cuda::CallShape&>(call) = call_shape(args);
+  call.weights_address = reinterpret_cast<uintptr_t>(args.p.data_ptr());
+  // Read only where it matters (the kernel interaction in float32): the query may be slow or throw.
+  call.tf32_allowed = call.interaction == Interaction::Kernel && call.storage == cuda::StorageType::Float32 &&
+                      float32_tf32_allowed();
+  const DeviceLimits lim = device_limits(args.h0.get_device());
+  const cuda::ForwardChoice choice = cuda::choose_forward(call, lim, cuda::cuda_switches());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.h0.scalar_type(), "propagate_fwd_cuda", [&] {
     using Acc = at::opmath_type<scalar_t>;  // float for float16 / bfloat16
     using T = typename KernelScalar<scalar_t>::type;
     auto params = as_kernel_params<T>(make_params<scalar_t>(args, states));
     if (messages.numel() > 0) params.messages = reinterpret_cast<T*>(messages.data_ptr<scalar_t>());
     dispatch_interaction(args.interaction, [&](auto k) {
-      launch_forward<decltype(k)::value, T, Acc>(params, args.h0);
+      launch_forward<decltype(k)::value, T, Acc>(params, choice, lim, args.h0);
     });
   });
   return {states, messages};
@@ -409,23 +387,27 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cuda(const at::Tensor& h0
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
     const std::optional<at::Tensor>& q, c10::string_view interaction,
-    const std::optional<at::Tensor>& saved) {
+    const std::optional<at::Tensor>& saved, const std::optional<at::Tensor>& grad_sum) {
   const PropagateArgs args =
       check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   const c10::cuda::CUDAGuard guard(args.h0.device());
   const at::Tensor gs = check_grad_states(grad_states, args);
+  const at::Tensor gsum = check_grad_sum(grad_sum, args);  // undefined: z has no gradient
   // The training forward's messages, or undefined: then the backward recomputes them on chip.
   const at::Tensor msgs = check_saved_messages(saved, args);
   if (args.batch == 0) {
     return {at::empty_like(args.h0), at::zeros_like(args.p),
             args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options())};
   }
-  // The kernel and outer interactions with the training forward's messages: matrix products per
-  // layer on cuBLAS (gemm_backward.h) instead of the CUDA-core backward.
-  if (args.interaction != Interaction::Inner && msgs.defined() && !force_fallback() &&
-      !env_flag_off("DAGFM_CUDA_REGISTER_BLOCKING")) {
-    if (args.interaction == Interaction::Outer) return outer_backward_gemm(gs, args, msgs);
-    auto [grad_h0, grad_p] = kernel_backward_gemm(gs, args, msgs);
+  cuda::BackwardCall call;
+  static_cast<cuda::CallShape&>(call) = call_shape(args);
+  call.messages_saved = msgs.defined();
+  const DeviceLimits lim = device_limits(args.h0.get_device());
+  const cuda::BackwardChoice choice = cuda::choose_backward(call, lim, cuda::cuda_switches());
+  // Matrix products per layer on cuBLAS (gemm_backward.h): no dtype dispatch of ours.
+  if (choice.path == cuda::BackwardPath::Gemm) {
+    if (args.interaction == Interaction::Outer) return outer_backward_gemm(gs, args, msgs, gsum);
+    auto [grad_h0, grad_p] = kernel_backward_gemm(gs, args, msgs, gsum);
     return {grad_h0, grad_p, at::empty({0}, args.p.options())};
   }
   // Every element (lower triangle included) is written by the reduction kernel.
@@ -438,8 +420,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cuda(
     auto params =
         as_kernel_params<T>(make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q));
     if (msgs.defined()) params.saved_messages = reinterpret_cast<const T*>(msgs.data_ptr<scalar_t>());
+    if (gsum.defined()) params.grad_sum = reinterpret_cast<const T*>(gsum.data_ptr<scalar_t>());
     dispatch_interaction(args.interaction, [&](auto k) {
-      launch_backward<decltype(k)::value, T, Acc>(params, args.h0);
+      launch_backward<decltype(k)::value, T, Acc>(params, choice, lim, args.h0);
     });
   });
   return {grad_h0, grad_p, grad_q};

@@ -18,7 +18,7 @@ void expect(bool ok, const std::string& what) {
   if (!ok) ++failures;
 }
 
-// States with plain ATen ops (DESIGN.md §2), differentiable by autograd.
+// States with plain ATen ops, differentiable by autograd.
 at::Tensor reference_states(const at::Tensor& h0, const at::Tensor& p, const std::optional<at::Tensor>& q,
                             const std::string& kind) {
   const int64_t F = h0.size(1), L = p.size(0);
@@ -57,7 +57,7 @@ int main() {
                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const std::optional<at::Tensor>&, c10::string_view,
-                     const std::optional<at::Tensor>&)>();
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   at::manual_seed(0);
   const int64_t B = 70, F = 6, D = 9, L = 3;
   for (const std::string kind : {"inner", "outer", "kernel"}) {
@@ -77,7 +77,8 @@ int main() {
     if (q) inputs.push_back(*q);
     auto ref_grads = torch::autograd::grad({expected}, inputs, {grad});
     auto [gh0, gp, gq] = bwd.call(grad, h0.detach(), p.detach(),
-                                  q ? std::optional<at::Tensor>(q->detach()) : q, kind, std::nullopt);
+                                  q ? std::optional<at::Tensor>(q->detach()) : q, kind, std::nullopt,
+                                  std::nullopt);
     expect(rel_err(gh0, ref_grads[0]) < 1e-12, kind + " grad h0");
     expect(rel_err(gp, ref_grads[1]) < 1e-12, kind + " grad p");
     if (q) expect(rel_err(gq, ref_grads[2]) < 1e-12, kind + " grad q");

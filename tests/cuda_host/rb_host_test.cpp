@@ -1,4 +1,4 @@
-// Host test of the register-blocked forward (csrc/cuda/dagfm_rb.cuh), no GPU needed. The block
+// Host test of the register-blocked forward (csrc/cuda/register_blocked_*.cuh), no GPU needed. The block
 // driver runs here with a team of one thread and with blocks of emulated threads (each phase run
 // thread after thread), block after block, on shared memory poisoned with NaN and weights whose
 // lower triangle is NaN, and is compared with dagfm_math.h's per-sample forward (which the CPU
@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "host_check.h"
-#include "cuda/dagfm_rb.cuh"
+#include "per_sample_reference.h"
+#include "cuda/register_blocked_launch.cuh"
+#include "cuda/weight_grad_reduce.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;
@@ -106,17 +108,17 @@ std::vector<T> run_blocks(const Problem& pr, const rb::RbConfig& c, int64_t grid
       K == Interaction::Kernel
           ? rb::kernel_smem_numel(c, pr.F, pr.D)
           : 2 * int64_t(rb::state_numel(c, pr.F, pr.D)) +
-                int64_t(c.rows) * rb::row_numel(c, pr.F, pr.D, K == Interaction::Outer);
+                int64_t(c.rows_per_chunk) * rb::row_numel(c, pr.F, pr.D, K == Interaction::Outer);
   std::vector<T> smem(numel, std::numeric_limits<T>::quiet_NaN());
   const SerialExec exec{threads};
   for (int64_t blk = 0; blk < grid; ++blk) {
     if constexpr (K == Interaction::Kernel) {
-      if (c.kb == 8)
-        rb::kernel_forward_block<8, T, T>(prm, c, blk, grid, smem.data(), exec);
+      if (c.samples_per_thread == 8)
+        rb::kernel_interaction_block<8, T, T>(prm, c, blk, grid, smem.data(), exec);
       else
-        rb::kernel_forward_block<4, T, T>(prm, c, blk, grid, smem.data(), exec);
+        rb::kernel_interaction_block<4, T, T>(prm, c, blk, grid, smem.data(), exec);
     } else {
-      if (c.kb == 8)
+      if (c.samples_per_thread == 8)
         rb::forward_block<K, 8, T, T>(prm, c, blk, grid, smem.data(), exec);
       else
         rb::forward_block<K, 4, T, T>(prm, c, blk, grid, smem.data(), exec);
@@ -143,11 +145,11 @@ void check_kind(std::mt19937_64& rng) {
       char ctx[200];
       std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tb=%d", int(K), (long long)s.B,
                     s.F, s.D, s.L, tb);
-      expect(plan.ok && plan.cfg.tb == tb && plan.cfg.rows == s.F, "plan with unlimited memory", ctx);
+      expect(plan.ok && plan.cfg.tile_samples == tb && plan.cfg.rows_per_chunk == s.F, "plan with unlimited memory", ctx);
       for (int rows : {1, 2, 3, s.F}) {
         if (rows > s.F) continue;
         rb::RbConfig c = plan.cfg;
-        c.rows = rows;
+        c.rows_per_chunk = rows;
         const int64_t tiles = ceil_div64(s.B, tb);
         for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
           if (grid > tiles) continue;
@@ -164,9 +166,9 @@ void check_kind(std::mt19937_64& rng) {
       // loops' warp rows with a partial last warp, items split unevenly).
       for (int threads : {plan.threads, 32, 37, 96, 512}) {
         rb::RbConfig c = plan.cfg;
-        c.rows = s.F > 2 ? s.F / 2 : s.F;  // two chunks or more where F allows
+        c.rows_per_chunk = s.F > 2 ? s.F / 2 : s.F;  // two chunks or more where F allows
         std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tb=%d rows=%d threads=%d",
-                      int(K), (long long)s.B, s.F, s.D, s.L, tb, c.rows, threads);
+                      int(K), (long long)s.B, s.F, s.D, s.L, tb, c.rows_per_chunk, threads);
         ++g_cases;
         expect(rel_err(run_blocks<K, double>(pr, c, 2, threads), ref) < 1e-12, "states (threads)", ctx);
       }
@@ -194,14 +196,14 @@ void check_kernel_interaction(std::mt19937_64& rng) {
       char ctx[200];
       std::snprintf(ctx, sizeof ctx, "kernel B=%lld F=%d D=%d L=%d tb=%d", (long long)s.B, s.F, s.D,
                     s.L, tb);
-      expect(plan.ok && plan.cfg.tb == tb, "kernel plan with unlimited memory", ctx);
+      expect(plan.ok && plan.cfg.tile_samples == tb, "kernel plan with unlimited memory", ctx);
       if (!plan.ok) continue;
       expect(plan.threads >= rb::kernel_items(plan.cfg, s.D), "a thread per item", ctx);
       const int64_t tiles = ceil_div64(s.B, tb);
-      for (int nf : {1, 2, 3, plan.cfg.nf}) {
-        if (nf > s.F || nf > plan.cfg.nf) continue;
+      for (int nf : {1, 2, 3, plan.cfg.fields_per_block}) {
+        if (nf > s.F || nf > plan.cfg.fields_per_block) continue;
         rb::RbConfig c = plan.cfg;
-        c.nf = nf;
+        c.fields_per_block = nf;
         const int items = rb::kernel_items(c, s.D);
         for (int threads : {(items + 31) / 32 * 32, items + 37})
           for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
@@ -227,10 +229,10 @@ void check_kernel_interaction(std::mt19937_64& rng) {
         if (!p.ok) continue;
         expect(p.smem_bytes <= h200.smem_optin &&
                    p.smem_bytes == rb::kernel_smem_numel(p.cfg, F, D) * 4, "kernel smem", ctx);
-        expect(p.cfg.nf >= 1 && p.cfg.nf <= F && p.cfg.nf * D <= (D > rb::kKernelCols ? D : rb::kKernelCols),
+        expect(p.cfg.fields_per_block >= 1 && p.cfg.fields_per_block <= F && p.cfg.fields_per_block * D <= (D > rb::kKernelCols ? D : rb::kKernelCols),
                "column block", ctx);
         expect(rb::kernel_items(p.cfg, D) <= p.threads && p.threads <= rb::kMaxThreads, "kernel threads", ctx);
-        if (F == 39 && D == 16 && B == 65536) expect(p.cfg.tb == 64, "the issue's shape takes 64-sample tiles", ctx);
+        if (F == 39 && D == 16 && B == 65536) expect(p.cfg.tile_samples == 64, "F=39, D=16, B=65536 takes 64-sample tiles", ctx);
       }
 }
 
@@ -253,27 +255,32 @@ void check_inner_backward(std::mt19937_64& rng) {
     const int64_t FD = int64_t(F) * D;
     std::vector<double> gs(s.B * (L + 1) * F);
     for (auto& v : gs) v = u(rng);
+    // Every other shape also has a gradient on the sum z = h^0 + ... + h^L.
+    std::vector<double> gsum((&s - shapes) % 2 == 1 ? s.B * FD : 0);
+    for (auto& v : gsum) v = u(rng);
+    const double* gsum_ptr = gsum.empty() ? nullptr : gsum.data();
     // Reference gradients and the forward's messages.
     std::vector<double> msgs(s.B * L * FD), ws(sample_workspace_numel(F, D, L)), ref_h0(s.B * FD);
     std::vector<double> ref_p(pr.p.size(), 0.0), states((L + 1) * F);
     for (int64_t b = 0; b < s.B; ++b) {
       tile_forward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
                                    states.data(), ws.data(), F, D, L, 1, msgs.data() + b * L * FD);
-      sample_backward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
-                                      gs.data() + b * (L + 1) * F, ref_h0.data() + b * FD,
-                                      ref_p.data(), nullptr, ws.data(), F, D, L);
+      tile_backward<double, double>(Interaction::Inner, pr.h0.data() + b * FD, pr.p.data(), nullptr,
+                                    gs.data() + b * (L + 1) * F, ref_h0.data() + b * FD, ref_p.data(),
+                                    nullptr, ws.data(), F, D, L, 1, nullptr,
+                                    gsum_ptr == nullptr ? nullptr : gsum_ptr + b * FD);
     }
     const rb::RbPlan plan = rb::plan_backward_inner(s.B, F, D, L, 8, big);
     char ctx[200];
     std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d", (long long)s.B, F, D, L);
     expect(plan.ok, "inner backward plan with unlimited memory", ctx);
     if (!plan.ok) continue;
-    const int64_t tiles = ceil_div64(s.B, plan.cfg.tb);
+    const int64_t tiles = ceil_div64(s.B, plan.cfg.tile_samples);
     for (int threads : {plan.threads, plan.threads + 37})
       for (int64_t grid : {int64_t(1), int64_t(2), tiles}) {
         if (grid > tiles) continue;
-        std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d tb=%d threads=%d grid=%lld",
-                      (long long)s.B, F, D, L, plan.cfg.tb, threads, (long long)grid);
+        std::snprintf(ctx, sizeof ctx, "inner backward B=%lld F=%d D=%d L=%d tb=%d threads=%d grid=%lld sum=%d",
+                      (long long)s.B, F, D, L, plan.cfg.tile_samples, threads, (long long)grid, int(gsum_ptr != nullptr));
         std::vector<double> grad_h0(s.B * FD, nan), grad_p(pr.p.size(), nan);
         std::vector<double> work(rb::backward_inner_workspace_numel(s.B, F, D, L, grid), nan);
         std::vector<double> smem(plan.smem_bytes / sizeof(double), nan);
@@ -287,6 +294,7 @@ void check_inner_backward(std::mt19937_64& rng) {
         bp.interaction = Interaction::Inner;
         bp.grad_states = gs.data();
         bp.saved_messages = msgs.data();
+        bp.grad_sum = gsum_ptr;
         bp.grad_h0 = grad_h0.data();
         const SerialExec exec{threads};
         for (int t = L; t >= 1; --t) {
@@ -314,7 +322,7 @@ void check_inner_backward(std::mt19937_64& rng) {
         expect(p.smem_bytes <= h200.smem_optin && p.threads <= rb::kMaxThreads && p.threads % 32 == 0,
                "inner backward limits", ctx);
         expect(rb::bwd_block_pairs(F) * D <= rb::kBwdMaxItems * p.threads, "weight-gradient items fit", ctx);
-        if (F == 39 && D == 16 && B == 65536) expect(p.cfg.tb == 16, "the issue's shape: 16-sample tiles", ctx);
+        if (F == 39 && D == 16 && B == 65536) expect(p.cfg.tile_samples == 16, "F=39, D=16, B=65536: 16-sample tiles", ctx);
       }
   expect(!rb::plan_backward_inner(10, 4, 4, 0, 4, DeviceLimits{227 << 10, 132, 0, 9}).ok, "no plan for L = 0",
          "planner");
@@ -343,20 +351,20 @@ void check_planner() {
               const bool outer = kind == Interaction::Outer;
               expect(p.smem_bytes <= lim, "within the opt-in limit", ctx);
               expect(p.smem_bytes == (2 * int64_t(rb::state_numel(c, F, D)) +
-                                      int64_t(c.rows) * rb::row_numel(c, F, D, outer)) * acc,
+                                      int64_t(c.rows_per_chunk) * rb::row_numel(c, F, D, outer)) * acc,
                      "smem size", ctx);
-              expect(c.rows >= 1 && c.rows <= F, "rows in range", ctx);
-              const int64_t chunks = ceil_div64(F, c.rows);
-              expect(c.rows == ceil_div64(F, chunks), "chunks evened out", ctx);
-              for (int s : {c.tbp, c.wst, c.dp}) expect(s % 8 == 4, "stride 4 mod 8", ctx);
-              expect(c.tbp >= c.tb && c.fp >= F && c.fp % 4 == 0 && c.wst >= c.fp && c.dp >= D,
+              expect(c.rows_per_chunk >= 1 && c.rows_per_chunk <= F, "rows in range", ctx);
+              const int64_t chunks = ceil_div64(F, c.rows_per_chunk);
+              expect(c.rows_per_chunk == ceil_div64(F, chunks), "chunks evened out", ctx);
+              for (int s : {c.sample_stride, c.weight_stride, c.padded_dim}) expect(s % 8 == 4, "stride 4 mod 8", ctx);
+              expect(c.sample_stride >= c.tile_samples && c.padded_fields >= F && c.padded_fields % 4 == 0 && c.weight_stride >= c.padded_fields && c.padded_dim >= D,
                      "strides cover their rows", ctx);
-              expect(c.tb % c.kb == 0 && (c.kb == 4 || c.kb == 8), "sample blocks", ctx);
+              expect(c.tile_samples % c.samples_per_thread == 0 && (c.samples_per_thread == 4 || c.samples_per_thread == 8), "sample blocks", ctx);
               expect(p.threads >= 32 && p.threads <= rb::kMaxThreads && p.threads % 32 == 0,
                      "threads", ctx);
               if (B == 65536 && lim == (int64_t(227) << 10) && F <= 39 && D <= 16 && acc == 4)
-                expect(c.tb >= 16, "large batches take large tiles", ctx);
-              if (B == 1024) expect(c.tb == 8, "small batches: a tile for every multiprocessor", ctx);
+                expect(c.tile_samples >= 16, "large batches take large tiles", ctx);
+              if (B == 1024) expect(c.tile_samples == 8, "small batches: a tile for every multiprocessor", ctx);
             }
   expect(!rb::plan_forward(Interaction::Inner, 100, 200, 64, 4, DeviceLimits{227 << 10, 132, 0, 9}).ok,
          "no plan when a tile's states do not fit", "planner");

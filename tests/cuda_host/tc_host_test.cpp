@@ -1,4 +1,4 @@
-// Host test of the tensor-core forward's tile algorithm (csrc/cuda/dagfm_tc.cuh), no GPU needed.
+// Host test of the tensor-core forward's tile algorithm (csrc/cuda/tensor_core_forward.cuh), no GPU needed.
 // forward_warp_tile runs here with a plain-C++ MMA policy (16 x 16 fragments as arrays, the
 // same load / mma / store contract as nvcuda::wmma) and a team of one lane, warp after warp, and is
 // compared with dagfm_math.h's per-sample forward in double. Covers both K steps (8: the TF32
@@ -15,7 +15,8 @@
 #include <vector>
 
 #include "host_check.h"
-#include "cuda/dagfm_tc.cuh"
+#include "per_sample_reference.h"
+#include "cuda/tensor_core_forward.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;

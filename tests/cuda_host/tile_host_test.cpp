@@ -1,8 +1,9 @@
-// Host test of the CUDA kernels' tile arithmetic (csrc/cuda/dagfm_kernels.cuh), no GPU needed.
+// Host test of the CUDA kernels' tile arithmetic (csrc/cuda/one_output_per_thread.cuh), no GPU needed.
 // The per-block drivers run here with a team of one thread, block after block, and are compared
 // with the per-sample functions of dagfm_math.h (which the CPU tests check against autograd).
 // Covers: every interaction, staged (any chunk size) and fallback layouts, the forward's kept
-// messages and a backward that reads them instead of recomputing, partial tiles, grids
+// messages and a backward that reads them instead of recomputing, the gradient of the sum
+// z = h^0 + ... + h^L (grad_sum) next to the states' one, partial tiles, grids
 // smaller than the tile count (per-block partial sums over several tiles), L = 0, and the launch
 // planner. Lower-triangle weights, buffers and outputs are poisoned with NaN, so a read of an
 // unused weight or of an unwritten value fails the comparison.
@@ -15,10 +16,12 @@
 #include <vector>
 
 #include "host_check.h"
-#include "cuda/dagfm_kernels.cuh"
+#include "per_sample_reference.h"
+#include "cuda/one_output_per_thread.cuh"
 
 using namespace dagfm;
 using namespace dagfm::cuda;
+using namespace dagfm::cuda::one_output;
 using namespace host_check;
 
 namespace {
@@ -30,11 +33,13 @@ struct Problem {
   int64_t B;
   int F, D, L;
   std::vector<double> h0, p, q, gs;
+  std::vector<double> gsum;  // dLoss/dz (B, F, D), or empty: no gradient on z
 };
 
-Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19937_64& rng) {
+Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19937_64& rng,
+                     bool with_sum) {
   std::uniform_real_distribution<double> u(-1.0, 1.0);
-  Problem pr{kind, B, F, D, L, {}, {}, {}, {}};
+  Problem pr{kind, B, F, D, L, {}, {}, {}, {}, {}};
   const int64_t FD = int64_t(F) * D;
   const int64_t elems = kind == Interaction::Kernel ? int64_t(D) * D : D;
   pr.h0.resize(B * FD);
@@ -43,6 +48,10 @@ Problem make_problem(Interaction kind, int64_t B, int F, int D, int L, std::mt19
   if (kind == Interaction::Outer) pr.q.resize(int64_t(L) * F * F * D);
   pr.gs.resize(B * (L + 1) * F);
   for (auto& v : pr.gs) v = u(rng);
+  if (with_sum) {
+    pr.gsum.resize(B * FD);
+    for (auto& v : pr.gsum) v = u(rng);
+  }
   // Upper triangle random, strictly lower triangle NaN: it must never be read.
   for (int l = 0; l < L; ++l)
     for (int i = 0; i < F; ++i)
@@ -76,11 +85,12 @@ Result reference(const Problem& pr) {
     tile_forward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(), q,
                                  r.states.data() + b * (L + 1) * F, ws.data(), F, D, L, 1,
                                  r.messages.data() + b * L * FD);
-    sample_backward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(), q,
-                                    pr.gs.data() + b * (L + 1) * F, r.grad_h0.data() + b * FD,
-                                    r.grad_p.data(), gq, ws.data(), F, D, L);
+    tile_backward<double, double>(pr.kind, pr.h0.data() + b * FD, pr.p.data(), q,
+                                  pr.gs.data() + b * (L + 1) * F, r.grad_h0.data() + b * FD,
+                                  r.grad_p.data(), gq, ws.data(), F, D, L, 1, nullptr,
+                                  pr.gsum.empty() ? nullptr : pr.gsum.data() + b * FD);
   }
-  // sample_backward only ever touches the upper triangle; the lower one stays exactly zero.
+  // tile_backward only ever touches the upper triangle; the lower one stays exactly zero.
   return r;
 }
 
@@ -126,6 +136,7 @@ Result run_tiles(const Problem& pr, const LaunchPlan& fwd_plan, const LaunchPlan
   bp.messages = nullptr;
   bp.saved_messages = keep_messages ? r.messages.data() : nullptr;
   bp.grad_states = pr.gs.data();
+  bp.grad_sum = pr.gsum.empty() ? nullptr : pr.gsum.data();
   bp.grad_h0 = r.grad_h0.data();
   bp.grad_p = r.grad_p.data();
   bp.grad_q = q == nullptr ? nullptr : r.grad_q.data();
@@ -169,9 +180,9 @@ template <Interaction K>
 void check_case(const Problem& pr, const Result& ref, int tile_b, int64_t chunk_edges, bool staged,
                 int64_t grid) {
   char ctx[200];
-  std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tile_b=%d chunk=%lld staged=%d grid=%lld",
+  std::snprintf(ctx, sizeof ctx, "kind=%d B=%lld F=%d D=%d L=%d tile_b=%d chunk=%lld staged=%d grid=%lld sum=%d",
                 int(K), (long long)pr.B, pr.F, pr.D, pr.L, tile_b, (long long)chunk_edges, int(staged),
-                (long long)grid);
+                (long long)grid, int(!pr.gsum.empty()));
   const LaunchPlan fwd = manual_plan(Pass::Forward, K, pr.F, pr.D, pr.L, tile_b, chunk_edges, staged);
   const LaunchPlan bwd = manual_plan(Pass::Backward, K, pr.F, pr.D, pr.L, tile_b, chunk_edges, staged);
   const int64_t tiles = ceil_div64(pr.B, tile_b);
@@ -209,7 +220,8 @@ void check_kind(std::mt19937_64& rng) {
   };
   const Shape shapes[] = {{1, 1, 1, 1}, {5, 3, 2, 2}, {7, 5, 3, 3}, {4, 4, 2, 0}, {9, 6, 1, 1}, {3, 7, 4, 2}};
   for (const Shape& s : shapes) {
-    const Problem pr = make_problem(K, s.B, s.F, s.D, s.L, rng);
+    // Every other shape also has a gradient on the sum z = h^0 + ... + h^L.
+    const Problem pr = make_problem(K, s.B, s.F, s.D, s.L, rng, (&s - shapes) % 2 == 1);
     const Result ref = reference(pr);
     const int64_t edges = num_edges(s.F);
     const int64_t chunks[] = {s.F, s.F + 1, 2 * s.F, edges};

@@ -1,10 +1,12 @@
-// Launches of the register-blocked forward (dagfm_rb.cuh). A translation unit without torch
-// headers: it compiles in seconds, in parallel with dagfm_cuda.cu, which calls launch_forward.
+// Launches of the register-blocked algorithms (declared in register_blocked_launch.cuh). A
+// translation unit without torch headers: it compiles in seconds, in parallel with dagfm_cuda.cu,
+// which calls these.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "dagfm_rb.cuh"
+#include "instantiations.h"
+#include "register_blocked_launch.cuh"
 
 namespace dagfm {
 namespace cuda {
@@ -26,7 +28,7 @@ cudaError_t persistent_grid(Kernel kernel, const RbPlan& plan, int64_t batch, in
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.threads,
                                                       size_t(plan.smem_bytes));
   if (err != cudaSuccess) return err;
-  const int64_t tiles = ceil_div64(batch, plan.cfg.tb);
+  const int64_t tiles = ceil_div64(batch, plan.cfg.tile_samples);
   grid = int64_t(per_sm > 0 ? per_sm : 1) * (num_sms > 0 ? num_sms : 1);
   if (grid > tiles) grid = tiles;
   if (grid < 1) grid = 1;
@@ -44,15 +46,15 @@ cudaError_t launch(Kernel kernel, const PropagateParams<T>& prm, const RbPlan& p
 }
 
 template <int kB, typename T, typename Acc>
-cudaError_t launch_kb(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
+cudaError_t launch_with_samples_per_thread(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
                       cudaStream_t stream) {
   switch (prm.interaction) {
     case Interaction::Inner:
-      return launch(forward_kernel<Interaction::Inner, kB, T, Acc>, prm, plan, num_sms, stream);
+      return launch(forward_inner_outer<Interaction::Inner, kB, T, Acc>, prm, plan, num_sms, stream);
     case Interaction::Outer:
-      return launch(forward_kernel<Interaction::Outer, kB, T, Acc>, prm, plan, num_sms, stream);
+      return launch(forward_inner_outer<Interaction::Outer, kB, T, Acc>, prm, plan, num_sms, stream);
     case Interaction::Kernel:
-      return launch(kernel_forward_kernel<kB, T, Acc>, prm, plan, num_sms, stream);
+      return launch(forward_kernel_interaction<kB, T, Acc>, prm, plan, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -63,14 +65,16 @@ template <typename T, typename Acc>
 cudaError_t launch_forward(const PropagateParams<T>& prm, const RbPlan& plan, int num_sms,
                            cudaStream_t stream) {
   if (!plan.ok) return cudaErrorInvalidValue;
-  if (plan.cfg.kb == 8) return launch_kb<8, T, Acc>(prm, plan, num_sms, stream);
-  if (plan.cfg.kb == 4) return launch_kb<4, T, Acc>(prm, plan, num_sms, stream);
+#define DAGFM_LAUNCH_SAMPLES_PER_THREAD(kB, T_, Acc_) \
+  if (plan.cfg.samples_per_thread == kB) return launch_with_samples_per_thread<kB, T_, Acc_>(prm, plan, num_sms, stream);
+  DAGFM_CUDA_RB_SAMPLES_PER_THREAD(DAGFM_LAUNCH_SAMPLES_PER_THREAD, T, Acc)
+#undef DAGFM_LAUNCH_SAMPLES_PER_THREAD
   return cudaErrorInvalidValue;
 }
 
 template <typename T, typename Acc>
 cudaError_t backward_inner_grid(const RbPlan& plan, int64_t batch, int num_sms, int64_t& grid) {
-  return persistent_grid(inner_backward_kernel<T, Acc>, plan, batch, num_sms, grid);
+  return persistent_grid(backward_inner<T, Acc>, plan, batch, num_sms, grid);
 }
 
 template <typename T, typename Acc>
@@ -80,7 +84,7 @@ cudaError_t launch_backward_inner(const PropagateBackwardParams<T>& prm, const R
   for (int t = prm.depth; t >= 1; --t) {
     const InnerBwdArgs a =
         inner_bwd_args(ws, prm.batch, prm.num_fields, prm.embed_dim, prm.depth, t);
-    inner_backward_kernel<T, Acc><<<unsigned(grid), unsigned(plan.threads), size_t(plan.smem_bytes),
+    backward_inner<T, Acc><<<unsigned(grid), unsigned(plan.threads), size_t(plan.smem_bytes),
                                     stream>>>(prm, a, plan.cfg);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -88,24 +92,13 @@ cudaError_t launch_backward_inner(const PropagateBackwardParams<T>& prm, const R
   return cudaSuccess;
 }
 
-#define DAGFM_RB_BACKWARD(T, Acc)                                                                 \
-  template cudaError_t backward_inner_grid<T, Acc>(const RbPlan&, int64_t, int, int64_t&);       \
-  template cudaError_t launch_backward_inner<T, Acc>(const PropagateBackwardParams<T>&,           \
-                                                     const RbPlan&, int64_t, Acc*, cudaStream_t);
-DAGFM_RB_BACKWARD(float, float)
-DAGFM_RB_BACKWARD(double, double)
-DAGFM_RB_BACKWARD(__half, float)
-DAGFM_RB_BACKWARD(__nv_bfloat16, float)
-#undef DAGFM_RB_BACKWARD
-
-template cudaError_t launch_forward<float, float>(const PropagateParams<float>&, const RbPlan&, int,
-                                                  cudaStream_t);
-template cudaError_t launch_forward<double, double>(const PropagateParams<double>&, const RbPlan&,
-                                                    int, cudaStream_t);
-template cudaError_t launch_forward<__half, float>(const PropagateParams<__half>&, const RbPlan&,
-                                                   int, cudaStream_t);
-template cudaError_t launch_forward<__nv_bfloat16, float>(const PropagateParams<__nv_bfloat16>&,
-                                                          const RbPlan&, int, cudaStream_t);
+#define DAGFM_RB_LAUNCHES(T, Acc)                                                                       \
+  template cudaError_t launch_forward<T, Acc>(const PropagateParams<T>&, const RbPlan&, int, cudaStream_t); \
+  template cudaError_t backward_inner_grid<T, Acc>(const RbPlan&, int64_t, int, int64_t&);                 \
+  template cudaError_t launch_backward_inner<T, Acc>(const PropagateBackwardParams<T>&, const RbPlan&,     \
+                                                     int64_t, Acc*, cudaStream_t);
+DAGFM_CUDA_STORAGE_TYPES(DAGFM_RB_LAUNCHES)
+#undef DAGFM_RB_LAUNCHES
 
 }  // namespace rb
 }  // namespace cuda

@@ -1,12 +1,14 @@
-// CUDA kernels for dagfm_ext::propagate_fwd / propagate_bwd (DESIGN.md §2). No torch includes:
-// plain nvcc compiles this header in seconds (scripts/check_cuda_compile.sh).
+// The one-output-per-thread CUDA-core algorithm (namespace one_output): every interaction, dtype
+// and shape, forward and backward. It is the path that always applies (docs/cuda.md says when the
+// faster ones take over). No torch includes: plain nvcc compiles it in seconds
+// (scripts/check_cuda_compile.sh), and the host compiler runs its tile arithmetic in
+// tests/cuda_host/tile_host_test.cpp.
 //
 // One block owns a tile of `tile_b` samples at a time and runs every layer for it. The tile's
 // states live in "tile buffers": shared memory on the fast path, a per-block slice of a global
 // workspace on the fallback path (shapes whose states or weight rows do not fit on chip). The
 // arithmetic below is written as team loops (`for k = rank; k < n; k += size`) separated by
-// team_sync(), so the same functions also run on the host with a team of one thread; the host
-// test (tests/cuda_host/tile_host_test.cpp) checks them there against dagfm_math.h.
+// team_sync(), so the same functions also run on the host with a team of one thread.
 //
 // Weights are visited by row chunks: rows i0..i1-1 of the upper triangle (edges (i, j), j >= i)
 // are contiguous in memory, so a chunk is staged with plain contiguous copies. Forward messages
@@ -20,73 +22,15 @@
 
 #include <cstdint>
 
-#include "../dagfm_math.h"
-#include "../dagfm_params.h"
-
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+#include "common.cuh"
+#include "weight_grad_reduce.cuh"
 
 namespace dagfm {
 namespace cuda {
-
-// Conversions between the storage type T and the accumulator type. Explicit intrinsics for the
-// 16-bit types: torch builds its CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's and __nv_bfloat16's implicit conversions.
-// Storage is __half / __nv_bfloat16 for float16 / bfloat16, always with a float accumulator.
-template <typename To, typename From>
-DAGFM_HD To cvt(From x) {
-  return static_cast<To>(x);
-}
-#if defined(__CUDACC__)
-template <>
-DAGFM_HD float cvt<float, __half>(__half x) {
-  return __half2float(x);
-}
-template <>
-DAGFM_HD __half cvt<__half, float>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-DAGFM_HD float cvt<float, __nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-DAGFM_HD __nv_bfloat16 cvt<__nv_bfloat16, float>(float x) {
-  return __float2bfloat16_rn(x);
-}
-#endif
-
-// <w, h> over D with w in storage type T and h in Acc (dagfm_math.h's dot, through cvt).
-template <typename Acc, typename T>
-DAGFM_HD Acc dot_cvt(const T* DAGFM_RESTRICT w, const Acc* DAGFM_RESTRICT h, int D) {
-  Acc s = Acc(0);
-  for (int d = 0; d < D; ++d) s += cvt<Acc>(w[d]) * h[d];
-  return s;
-}
+namespace one_output {
 
 constexpr int kThreads = 256;  // threads per block for every kernel here
 constexpr int kMaxTileB = 8;   // samples per tile, at most
-
-// A team of threads cooperating on one tile: the CUDA block, or one host thread in the tests.
-struct Team {
-  int rank;
-  int size;
-};
-
-DAGFM_HD void team_sync() {
-#if defined(__CUDA_ARCH__)
-  __syncthreads();
-#endif
-}
-
-DAGFM_HD int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
-DAGFM_HD int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Packed (row-major) index of edge (i, i) in the upper triangle; row i holds F - i edges.
-DAGFM_HD int64_t row_start(int i, int F) { return int64_t(i) * F - int64_t(i) * (i - 1) / 2; }
-DAGFM_HD int64_t num_edges(int F) { return int64_t(F) * (F + 1) / 2; }
 
 template <Interaction K>
 DAGFM_HD int64_t edge_elems(int D) {
@@ -287,11 +231,13 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& prm, const TileConfig& cfg,
 
 // Backward of one layer for the tile: writes delta^{t-1} (dprev) and adds this tile's weight
 // gradients for the layer into part_p / part_q (assigns when `first`). alpha = delta^t * h0.
-// gs_prev points at grad_states[b0, t-1, 0] (sample stride gs_stride). Ends with team_sync().
+// gs_prev points at grad_states[b0, t-1, 0] (sample stride gs_stride); gsum (or nullptr) at
+// grad_sum[b0] (sample stride F*D), added to every delta. Ends with team_sync().
 template <Interaction K, typename T, typename Acc>
 DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTRICT hprev,
                                   const Acc* DAGFM_RESTRICT alpha, const T* DAGFM_RESTRICT gs_prev,
-                                  int64_t gs_stride, Acc* DAGFM_RESTRICT dprev,
+                                  int64_t gs_stride, const T* DAGFM_RESTRICT gsum,
+                                  Acc* DAGFM_RESTRICT dprev,
                                   Acc* DAGFM_RESTRICT scratch, T* wbuf, Acc* DAGFM_RESTRICT part_p,
                                   Acc* DAGFM_RESTRICT part_q, bool first, int nb, int F, int D,
                                   const TileConfig& cfg, Team team) {
@@ -342,7 +288,9 @@ DAGFM_HD void layer_backward_tile(const T* p, const T* q, const Acc* DAGFM_RESTR
             for (int e = 0; e < D; ++e) s += cvt<Acc>(w[e]) * aj[e];
           }
         }
-        dprev[b * FD + int64_t(i) * D + d] = cvt<Acc>(gs_prev[b * gs_stride + i]) + s;
+        const int64_t o = b * FD + int64_t(i) * D + d;
+        if (gsum != nullptr) s += cvt<Acc>(gsum[o]);
+        dprev[o] = cvt<Acc>(gs_prev[b * gs_stride + i]) + s;
       }
     }
     // This tile's weight gradients for the chunk's edges, samples summed in order. One row at a
@@ -403,6 +351,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
   const int64_t sample_states = int64_t(L + 1) * F;
   const T* DAGFM_RESTRICT gs = prm.grad_states + b0 * sample_states;
   const T* DAGFM_RESTRICT h0g = prm.h0 + b0 * FD;
+  const T* DAGFM_RESTRICT gsum = prm.grad_sum == nullptr ? nullptr : prm.grad_sum + b0 * FD;
   const int64_t n = int64_t(nb) * FD;
 
   const T* DAGFM_RESTRICT saved =
@@ -429,11 +378,12 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
       hprev = h;
     }
   }
-  // delta^L = G[L] broadcast over d
+  // delta^L = G[L] broadcast over d (+ dLoss/dz)
   for (int64_t k = team.rank; k < n; k += team.size) {
     const int64_t b = k / FD;
     const int j = int((k % FD) / D);
-    delta[k] = cvt<Acc>(gs[b * sample_states + int64_t(L) * F + j]);
+    delta[k] = cvt<Acc>(gs[b * sample_states + int64_t(L) * F + j]) +
+               (gsum == nullptr ? Acc(0) : cvt<Acc>(gsum[k]));
   }
   team_sync();
   for (int t = L; t >= 1; --t) {
@@ -449,7 +399,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& prm, const TileCon
     team_sync();
     layer_backward_tile<K, T, Acc>(
         prm.p + (t - 1) * layer_numel, prm.q == nullptr ? nullptr : prm.q + (t - 1) * q_layer_numel,
-        t >= 2 ? hbuf : h0s, delta, gs + int64_t(t - 1) * F, sample_states, dprev, scratch, wbuf,
+        t >= 2 ? hbuf : h0s, delta, gs + int64_t(t - 1) * F, sample_states, gsum, dprev, scratch, wbuf,
         part_p + (t - 1) * part_layer, part_q == nullptr ? nullptr : part_q + (t - 1) * part_q_layer,
         first, nb, F, D, cfg, team);
     Acc* tmp = delta;
@@ -512,41 +462,11 @@ DAGFM_HD void backward_block(const PropagateBackwardParams<T>& prm, const TileCo
                              tile * cfg.tile_b, team);
 }
 
-// out[idx] for idx over the full (L, F, F, elems) gradient: zero below the diagonal, else the
-// block partials of part_offset + (l, packed edge, x) summed in block order.
-template <typename T, typename Acc>
-DAGFM_HD void reduce_weight_grad_element(int64_t idx, const Acc* DAGFM_RESTRICT ws,
-                                         int64_t ws_block_numel, int64_t num_blocks,
-                                         int64_t part_offset, int F, int64_t elems,
-                                         T* DAGFM_RESTRICT out) {
-  const int64_t x = idx % elems;
-  int64_t r = idx / elems;
-  const int j = int(r % F);
-  r /= F;
-  const int i = int(r % F);
-  const int64_t l = r / F;
-  if (i > j) {
-    out[idx] = cvt<T>(Acc(0));
-    return;
-  }
-  const int64_t off = part_offset + (l * num_edges(F) + row_start(i, F) + (j - i)) * elems + x;
-  Acc s = Acc(0);
-  for (int64_t g = 0; g < num_blocks; ++g) s += ws[g * ws_block_numel + off];
-  out[idx] = cvt<T>(s);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Launch planning (host). Pure arithmetic on the shapes and the device's limits, so the host
 // test can check it with made-up limits.
 
 enum class Pass { Forward, Backward };
-
-struct DeviceLimits {
-  int64_t smem_optin = 48 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
-  int num_sms = 1;
-  int64_t smem_per_sm = 0;         // cudaDevAttrMaxSharedMemoryPerMultiprocessor (0: unknown)
-  int cc_major = 0;                // compute capability (0: unknown; tensor-core paths need 8+)
-};
 
 struct LaunchPlan {
   TileConfig cfg;
@@ -623,8 +543,6 @@ inline int64_t choose_grid(int64_t tiles, int64_t resident_blocks, int64_t ws_bl
 
 #if defined(__CUDACC__)
 
-extern __shared__ __align__(16) unsigned char dagfm_smem[];
-
 template <Interaction K, typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     propagate_fwd_kernel(PropagateParams<T> prm, TileConfig cfg, Acc* ws, int64_t ws_block_numel) {
@@ -640,17 +558,8 @@ __global__ void __launch_bounds__(kThreads)
                             Team{int(threadIdx.x), int(blockDim.x)});
 }
 
-template <typename T, typename Acc>
-__global__ void __launch_bounds__(kThreads)
-    reduce_weight_grad_kernel(const Acc* ws, int64_t ws_block_numel, int64_t num_blocks,
-                              int64_t part_offset, int F, int64_t elems, int64_t total, T* out) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride)
-    reduce_weight_grad_element<T, Acc>(idx, ws, ws_block_numel, num_blocks, part_offset, F, elems,
-                                       out);
-}
-
 #endif  // __CUDACC__
 
+}  // namespace one_output
 }  // namespace cuda
 }  // namespace dagfm

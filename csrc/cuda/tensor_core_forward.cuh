@@ -1,4 +1,5 @@
-// Tensor-core forward of the kernel interaction (DESIGN.md §2), no torch includes.
+// Tensor-core forward of the kernel interaction (namespace tc), no torch includes. When it runs:
+// docs/cuda.md.
 //
 // Per layer the kernel interaction is one block-triangular matrix product per sample tile:
 //     A (rows x F*D) = H (rows x F*D) . W_t,   W_t's (i, j) block = W_t[i, j] (D x D), zero for i > j
@@ -18,7 +19,7 @@
 // Storage type T is the MMA operand type: __half and __nv_bfloat16 (m16n16k16), or float as TF32
 // (m16n16k8; the operands are rounded to TF32 at load, the sums stay float). Accumulation is float.
 // D must be 16, 32, 48 or 64 (NF = D / 16 output fragments per column block); other shapes, exact
-// float32 and float64 use the CUDA-core kernels of dagfm_kernels.cuh.
+// float32 and float64 use the CUDA-core kernels.
 //
 // The tile arithmetic is written against an "Mma" policy (fragment types and load / mma / store)
 // and a team of lanes, so the host test (tests/cuda_host/tc_host_test.cpp) runs the same function
@@ -28,9 +29,7 @@
 
 #include <cstdint>
 
-#include "../dagfm_math.h"
-#include "../dagfm_params.h"
-#include "dagfm_kernels.cuh"
+#include "common.cuh"
 
 #if defined(__CUDACC__)
 #include <mma.h>
@@ -308,7 +307,7 @@ extern __shared__ __align__(128) unsigned char dagfm_tc_smem[];
 // Requirements checked by the launcher: compute capability 8.0+, D = 16 * NF, p 32-byte aligned.
 template <typename T, int NF, int MT>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
-    kernel_fwd_tc_kernel(PropagateParams<T> prm, int64_t ld, int64_t state_bytes, int64_t warp_bytes) {
+    forward_kernel_interaction(PropagateParams<T> prm, int64_t ld, int64_t state_bytes, int64_t warp_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const int warp = int(threadIdx.x) / kWarpSize;
   const int nwarps = int(blockDim.x) / kWarpSize;

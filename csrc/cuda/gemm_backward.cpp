@@ -20,7 +20,8 @@ constexpr int64_t kBlockFields = 8;
 
 std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm(const at::Tensor& grad_states,
                                                         const PropagateArgs& args,
-                                                        const at::Tensor& messages) {
+                                                        const at::Tensor& messages,
+                                                        const at::Tensor& grad_sum) {
   TORCH_CHECK(args.interaction == Interaction::Kernel, "kernel_backward_gemm: kernel interaction only");
   const int64_t B = args.batch, F = args.num_fields, D = args.embed_dim, L = args.depth, K = F * D;
   const at::ScalarType acc = at::toOpMathType(args.h0.scalar_type());
@@ -31,11 +32,13 @@ std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm(const at::Tensor& grad_s
   // where(), not a product with the mask: the lower triangle of p may hold anything (NaN too).
   const at::Tensor upper = at::ones({F, F}, opts.dtype(at::kBool)).triu().view({F, F, 1, 1});
   const at::Tensor zero = at::zeros({}, opts);
-  // G[:, t] broadcast over d, in a fresh tensor (it is added to in place; a reshape of the
-  // expanded view could alias G itself when D = 1).
+  // G[:, t] broadcast over d (plus dLoss/dz when given), in a fresh tensor (it is added to in
+  // place; a reshape of the expanded view could alias G itself when D = 1).
+  const at::Tensor gsum = grad_sum.defined() ? grad_sum.reshape({B, F, D}).to(acc) : at::Tensor();
   auto broadcast = [&](int64_t t) {
     at::Tensor out = at::empty({B, K}, opts);
     out.view({B, F, D}).copy_(G.select(1, t).unsqueeze(2).expand({B, F, D}));
+    if (gsum.defined()) out.view({B, F, D}).add_(gsum);
     return out;
   };
   at::Tensor delta = broadcast(L);
@@ -71,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm(const at::Tensor& grad_s
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_backward_gemm(const at::Tensor& grad_states,
                                                                    const PropagateArgs& args,
-                                                                   const at::Tensor& messages) {
+                                                                   const at::Tensor& messages,
+                                                                   const at::Tensor& grad_sum) {
   TORCH_CHECK(args.interaction == Interaction::Outer, "outer_backward_gemm: outer interaction only");
   const int64_t F = args.num_fields;
   const at::ScalarType acc = at::toOpMathType(args.h0.scalar_type());
@@ -85,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_backward_gemm(const at::Ten
   kernel_args.interaction = Interaction::Kernel;
   kernel_args.p = (p.unsqueeze(-1) * q.unsqueeze(-2)).contiguous();  // (L, F, F, D, D)
   kernel_args.q = at::Tensor();
-  auto [grad_h0, grad_w] = kernel_backward_gemm(grad_states, kernel_args, messages);
+  auto [grad_h0, grad_w] = kernel_backward_gemm(grad_states, kernel_args, messages, grad_sum);
   const at::Tensor grad_p = (grad_w * q.unsqueeze(-2)).sum(-1).to(args.p.scalar_type());
   const at::Tensor grad_q = (grad_w * p.unsqueeze(-1)).sum(-2).to(args.q.scalar_type());
   return {grad_h0, grad_p, grad_q};

@@ -12,7 +12,7 @@ disturbs them alike):
   FLOP/s as a fraction of the float32 matrix-product rate measured in the same run.
 
 Latencies are per call (median and 99th percentile over every timed call). Run it as
-``python -m dagfm_ext.latency`` (``--help`` for the options).
+``dagfm-ext bench --latency`` (``--help`` for the options).
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import functional, reference
-from .data import FeatureSchema, FieldEmbedding, FieldSpec
-from .modules import DAGFM
-from .teachers import CrossNet
-from .testing import make_inputs
+from .. import functional, reference
+from ..cost import useful_flops
+from ..data import FeatureSchema, FieldEmbedding, FieldSpec
+from ..modules import DAGFM
+from ..teachers import CrossNet
+from ..testing import make_inputs
+from .roofline import measure_matmul_rate
 
 __all__ = ["time_calls", "op_latency", "student_latency", "throughput", "main"]
 
@@ -145,22 +147,9 @@ def student_latency(batches: Sequence[int], interactions: Sequence[str], F: int,
     return rows
 
 
-def useful_flops(B: int, F: int, D: int, L: int, interaction: str, backward: bool) -> int:
-    """FLOPs of the upper-triangle maths (an FMA is 2), as the benchmark counts them."""
-    E = F * (F + 1) // 2
-    edge_fwd = {"inner": 2 * E * D, "outer": 4 * E * D, "kernel": 2 * E * D * D}[interaction]
-    fwd = F * D + L * (edge_fwd + 2 * F * D)
-    if not backward:
-        return B * fwd
-    edge_bwd = {"inner": 4 * E * D, "outer": 10 * E * D, "kernel": 4 * E * D * D}[interaction]
-    return B * (fwd + L * (edge_bwd + 4 * F * D))
-
-
-def matmul_rate(n: int = 2048, calls: int = 10) -> float:
+def matmul_rate(n: int = 2048) -> float:
     """float32 square matrix-product rate (FLOP/s) on the default threads, measured now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    timed = time_calls({"mm": lambda: torch.mm(a, b)}, calls=calls, rounds=calls, warmup=2, budget_s=10.0)
-    return 2 * n ** 3 / timed["mm"]["median_s"]
+    return measure_matmul_rate("cpu", torch.float32, n)
 
 
 def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, calls: int) -> dict:
@@ -191,7 +180,7 @@ def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, 
         rates.append(matmul_rate())
         row = {"interaction": interaction, "batch": batch}
         for name, v in t.items():
-            flops = useful_flops(batch, F, D, L, interaction, backward=name.endswith("bwd"))
+            flops = useful_flops((batch, F, D, L), interaction, "fwd+bwd" if name.endswith("bwd") else "fwd")
             row[f"{name} ms"] = v["median_s"] * 1e3
             row[f"{name} GFLOP/s"] = flops / v["median_s"] / 1e9
         rows.append(row)

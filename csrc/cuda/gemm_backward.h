@@ -1,24 +1,25 @@
 // The kernel and outer interactions' backward as matrix products over the whole batch, from the
 // messages a^1..a^L that a training forward kept (ATen ops: cuBLAS on CUDA, so TF32 follows
 // PyTorch's float32 matmul precision there). The CUDA backend uses them in place of its CUDA-core
-// backward; they are device-agnostic so that the CPU tests check their algebra
-// (dagfm_ext._C._gemm_backward).
+// backward (docs/cuda.md). Plain ATen, device-agnostic: every build compiles them, so that the CPU
+// tests check their algebra through dagfm_ext._C._gemm_backward.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
 
-#include "ops.h"
+#include "../ops.h"
 
 namespace dagfm {
 
-// grad_states (B, L+1, F) and messages (flat B*L*F*D) already validated against args (kernel
-// interaction). Returns (grad_h0, grad_p) in the dtypes of h0 and p; the lower triangle of grad_p
+// grad_states (B, L+1, F), messages (flat B*L*F*D) and grad_sum (B, F, D, or undefined: none)
+// already validated against args (kernel interaction). Returns (grad_h0, grad_p) in the dtypes of h0 and p; the lower triangle of grad_p
 // is exactly zero and the lower triangle of p is never read.
 std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm(const at::Tensor& grad_states,
                                                         const PropagateArgs& args,
-                                                        const at::Tensor& messages);
+                                                        const at::Tensor& messages,
+                                                        const at::Tensor& grad_sum = at::Tensor());
 
 // The outer interaction is the kernel interaction with rank-1 blocks W_ij = p_ij (x) q_ij
 // (a_j[e] = sum_i <p_ij, h_i> q_ij[e] = sum_i sum_d h_i[d] p_ij[d] q_ij[e]): its backward is
@@ -26,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor> kernel_backward_gemm(const at::Tensor& grad_s
 // Returns (grad_h0, grad_p, grad_q) in the dtypes of h0, p and q.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> outer_backward_gemm(const at::Tensor& grad_states,
                                                                    const PropagateArgs& args,
-                                                                   const at::Tensor& messages);
+                                                                   const at::Tensor& messages,
+                                                        const at::Tensor& grad_sum = at::Tensor());
 
 }  // namespace dagfm
