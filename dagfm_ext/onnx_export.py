@@ -254,11 +254,11 @@ def export_onnx(embedding, student, schema: FeatureSchema, output, triton_dir=No
                 model_name: Optional[str] = None, meta: Optional[dict] = None):
     """Write the student as ``output`` (.onnx); with ``triton_dir`` also a Triton model repository
     ``triton_dir/<model_name>/`` (default name: the file's stem). Returns the ``onnx.ModelProto``."""
-    onnx = require("onnx")
+    from .fileio import atomic_write, make_dirs
     model = build_onnx_student(embedding, student, schema, meta)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(output))
+    make_dirs(output.parent, needed_for=output)
+    atomic_write(output, lambda f: f.write(model.SerializeToString()))
     if triton_dir is not None:
         from .triton import write_model_repository
         write_model_repository(model, triton_dir, model_name or output.stem)

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import List
 
-from .onnx_scorer import require
 
 __all__ = ["triton_config", "write_model_repository", "TRITON_DTYPES"]
 
@@ -55,12 +54,12 @@ def triton_config(model, name: str, max_batch_size: int = 1024, max_queue_delay_
 def write_model_repository(model, repository, name: str, version: int = 1, max_batch_size: int = 1024) -> Path:
     """Write ``repository/name/config.pbtxt`` and ``repository/name/<version>/model.onnx``; returns
     the model's directory."""
-    onnx = require("onnx")
+    from .fileio import atomic_write, atomic_write_text, make_dirs
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         raise ValueError(f"name: expected a Triton model name (letters, digits, '_', '.', '-'), got {name!r}")
     config = triton_config(model, name, max_batch_size)
     root = Path(repository) / name
-    (root / str(version)).mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(root / str(version) / "model.onnx"))
-    (root / "config.pbtxt").write_text(config)
+    make_dirs(root / str(version))
+    atomic_write(root / str(version) / "model.onnx", lambda f: f.write(model.SerializeToString()))
+    atomic_write_text(root / "config.pbtxt", config)
     return root
