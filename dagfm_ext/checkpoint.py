@@ -1,9 +1,10 @@
 """A run's checkpoint: everything needed to continue a run, or to export its student.
 
 ``DIR/checkpoint.pt`` holds the config, the data schema (vocabularies), the model, the optimizer,
-the RNG states and the ``Progress`` (phase, epoch, early-stopping counters, epoch log, phase
-summaries). It is written atomically after every epoch and at every phase end, so a killed run
-resumes from its last finished epoch (docs/layout.md describes the run directory).
+the RNG states, the loss scaler (``scaler``: None unless training in fp16) and the ``Progress``
+(phase, epoch, early-stopping counters, epoch log, phase summaries). It is written atomically
+after every epoch and at every phase end, so a killed run resumes from its last finished epoch
+(docs/layout.md describes the run directory).
 
 The file holds tensors and plain data only (RNG states included), so it is read with torch's
 weights-only unpickler: loading a checkpoint never runs code. A sha256 ``digest`` of everything
@@ -72,6 +73,8 @@ class Progress:
 
 
 _KEYS = {"format", "config", "schema", "model", "optimizer", "rng", "digest", *(f.name for f in fields(Progress))}
+# Keys a checkpoint of the same format may lack (written before they existed): their value then.
+_OPTIONAL = {"scaler": None}
 
 
 def seed_all(seed: int) -> None:
@@ -102,7 +105,8 @@ def restore_rng(rng: dict) -> None:
 
 
 def checkpoint_state(cfg: RunConfig, schema: FeatureSchema, model: torch.nn.Module,
-                     optimizer: Optional[torch.optim.Optimizer], progress: Progress) -> dict:
+                     optimizer: Optional[torch.optim.Optimizer], progress: Progress,
+                     scaler: Optional[torch.amp.GradScaler] = None) -> dict:
     """The dict saved as ``checkpoint.pt`` (progress fields at the top level): tensors and plain
     data only, plus the ``digest`` of all of it."""
     prog = progress.to_dict()
@@ -111,6 +115,7 @@ def checkpoint_state(cfg: RunConfig, schema: FeatureSchema, model: torch.nn.Modu
     state = {"format": FORMAT, "config": cfg.to_dict(), "schema": schema.to_dict(),
              "model": model.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
              **prog, "rng": capture_rng()}
     state["digest"] = digest(state)
     return state
@@ -151,8 +156,11 @@ def read_checkpoint(file: Path) -> dict:
         raise ValueError(f"checkpoint: {file} holds data a checkpoint never holds ({e})") from None
     if saved != actual:
         raise ValueError(f"checkpoint: {file} is damaged: its contents do not match their sha256 digest")
+    for key, default in _OPTIONAL.items():
+        state.setdefault(key, default)
     if not (isinstance(state["config"], dict) and isinstance(state["schema"], dict)
-            and isinstance(state["model"], dict) and isinstance(state["rng"], dict)):
+            and isinstance(state["model"], dict) and isinstance(state["rng"], dict)
+            and (state["scaler"] is None or isinstance(state["scaler"], dict))):
         raise ValueError(f"checkpoint: {file} is not a dagfm_ext run checkpoint")
     if state["teacher_test_logits"] is not None:
         state["teacher_test_logits"] = state["teacher_test_logits"].numpy()

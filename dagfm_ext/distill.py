@@ -255,7 +255,7 @@ class Pipeline:
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
             write_checkpoint(self.out, checkpoint_state(self.cfg, self.data.schema, self.model,
-                                                        self.optimizer, self.progress))
+                                                        self.optimizer, self.progress, self.precision.scaler))
             write_logs(self.out, self.progress.history)
         # No rank starts the next epoch before this checkpoint is on disk: a rank killed there
         # resumes from this epoch, not an older one.
@@ -305,6 +305,8 @@ class Pipeline:
         self.optimizer = self._make_optimizer()
         if self.optimizer is not None and saved["optimizer"] is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"] is not None:
+            self.precision.scaler.load_state_dict(saved["scaler"])
         restore_rng(saved["rng"])
 
     def _say(self, msg: str) -> None:

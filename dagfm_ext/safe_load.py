@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import operator
+import os
 import pickle
 import re
 import zipfile
@@ -49,10 +50,13 @@ def load_plain(source, what: str, name=None) -> Any:
 
     ``source`` is a path or a binary file object; ``name`` is the path to put in messages."""
     name = name if name is not None else source
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:  # a missing or unreadable file stays an OSError
+            return load_plain(f, what, name)
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
+    except OSError as e:  # the file is open: torch's zip reader refuses a damaged archive this way
+        raise ValueError(f"{what}: {name} is not a readable torch file ({load_failure(e)})") from None
     except pickle.UnpicklingError as e:
         if _refused_global(e):
             raise UnsafeFileError(f"{what}: {name} holds objects other than tensors and plain data "

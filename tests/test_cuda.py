@@ -721,3 +721,6 @@ def test_pipeline_precisions_on_cuda(precision, tmp_path, restore_matmul_precisi
                     progress=False, precision=precision, output=str(tmp_path / precision))
     report = Pipeline(cfg).run()
     assert report["student"]["test_auc"] > 0.5 and report["teacher"]["test_auc"] > 0.5
+    from dagfm_ext.checkpoint import read_checkpoint
+    scaler = read_checkpoint(tmp_path / precision / "checkpoint.pt")["scaler"]
+    assert (scaler is not None and scaler["scale"] > 0) == (precision == "fp16")

@@ -157,3 +157,36 @@ def test_bfloat16_dagfm_plus_run_exports_and_predicts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.array([float(l.split(",")[0]) for l in proc.stdout.splitlines()[1:]])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_loss_scale_survives_a_checkpoint(tmp_path):
+    """The fp16 loss scale is part of the run: a resumed run continues with the scale it had
+    reached, not with GradScaler's initial 65536."""
+    from dagfm_ext.checkpoint import Progress, checkpoint_state, read_checkpoint, write_checkpoint
+    from dagfm_ext.data.synthetic import make_synthetic
+
+    data = make_synthetic(200, seed=0)
+    model = torch.nn.Linear(2, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):  # grows once (interval 3) and counts one step towards the next growth
+        opt.zero_grad()
+        scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2048.0
+    cfg = RunConfig(dataset="synthetic", device="cpu", output=str(tmp_path))
+    write_checkpoint(tmp_path, checkpoint_state(cfg, data.schema, model, opt, Progress(), scaler))
+    saved = read_checkpoint(tmp_path / "checkpoint.pt")["scaler"]
+    restored = torch.amp.GradScaler("cpu", growth_interval=3)
+    restored.load_state_dict(saved)
+    assert restored.get_scale() == 2048.0 and restored._get_growth_tracker() == 1
+
+    # A run without loss scaling stores none; a checkpoint written before the key existed reads as None.
+    plain = checkpoint_state(cfg, data.schema, model, opt, Progress(), torch.amp.GradScaler("cpu", enabled=False))
+    assert plain["scaler"] is None
+    del plain["scaler"], plain["digest"]
+    from dagfm_ext.safe_load import digest
+    plain["digest"] = digest(plain)
+    write_checkpoint(tmp_path, plain)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["scaler"] is None

@@ -239,3 +239,21 @@ def test_random_bit_flips_are_errors_or_harmless(finished_run, tmp_path):
         assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
         assert got["config"] == want["config"] and got["history"] == want["history"]
     assert errors >= 40
+
+
+def test_damaged_archive_is_a_value_error_and_a_missing_file_an_oserror(tmp_path, monkeypatch):
+    """torch's zip reader reports some damaged archives as OSError (EINVAL); once the file is open
+    that is the file's fault, while a file that cannot be opened stays an OSError."""
+    from dagfm_ext.safe_load import load_plain
+
+    with pytest.raises(FileNotFoundError):
+        load_plain(tmp_path / "missing.pt", "checkpoint")
+    file = tmp_path / "damaged.pt"
+    torch.save({"a": torch.ones(2)}, file)
+
+    def zip_reader_refuses(*args, **kwargs):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(torch, "load", zip_reader_refuses)
+    with pytest.raises(ValueError, match=r"^checkpoint: .*damaged\.pt is not a readable torch file \(OSError"):
+        load_plain(file, "checkpoint")
