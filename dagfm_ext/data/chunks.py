@@ -69,17 +69,16 @@ def _column_chunks(table: pa.Table, names: Sequence[str]) -> Dict[str, ColumnChu
     return out
 
 
-def _in_order(work: Callable, items: Iterable, workers: int) -> Iterator:
-    """``work(item)`` of each item, in order, up to ``workers`` of them running at once ahead of
-    the consumer."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(work, item))
-            if len(pending) >= workers:
-                yield pending.popleft().result()
-        while pending:
+def _in_order(work: Callable, items: Iterable, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
+    """``work(item)`` of each item in ``pool``, in order, up to ``ahead`` of them submitted ahead
+    of the consumer."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) >= ahead:
             yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tuple[Optional[memoryview], int]]:
@@ -105,7 +104,7 @@ def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tupl
             want = chunk_bytes
 
 
-def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, workers: int):
+def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor, ahead: int):
     names = read_header(path, fmt)
     binary_dict = pa.dictionary(pa.int32(), pa.binary())
     convert = pacsv.ConvertOptions(column_types={c: binary_dict for c in fmt.sources}, include_columns=fmt.sources,
@@ -126,13 +125,13 @@ def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, workers: int):
             return e, 0, nbytes
         return _column_chunks(table, fmt.sources), table.num_rows, nbytes
 
-    for columns, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes), workers):
+    for columns, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes), pool, ahead):
         if isinstance(columns, pa.ArrowInvalid):
             raise locate_error(path, fmt) or DataFormatError(f"{path}: {columns}") from None
         yield columns, rows, nbytes
 
 
-def _parquet_chunks(path: Path, fmt: TableFormat, workers: int, chunk_rows: int = 1 << 16):
+def _parquet_chunks(path: Path, fmt: TableFormat, pool: ThreadPoolExecutor, ahead: int, chunk_rows: int = 1 << 16):
     file = pq.ParquetFile(path)
     missing = [c for c in fmt.sources if c not in file.schema_arrow.names]
     if missing:
@@ -147,12 +146,14 @@ def _parquet_chunks(path: Path, fmt: TableFormat, workers: int, chunk_rows: int 
         return _column_chunks(pa.Table.from_batches([batch]), fmt.sources), batch.num_rows, \
             int(size * batch.num_rows / rows)
 
-    yield from _in_order(encode, file.iter_batches(batch_size=chunk_rows, columns=fmt.sources), workers)
+    yield from _in_order(encode, file.iter_batches(batch_size=chunk_rows, columns=fmt.sources), pool, ahead)
 
 
-def read_chunks(path: Path, fmt: TableFormat, chunk_bytes: int,
-                workers: Optional[int] = None) -> Iterator[Tuple[Optional[Dict[str, ColumnChunk]], int, int]]:
+def read_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor,
+                ahead: int) -> Iterator[Tuple[Optional[Dict[str, ColumnChunk]], int, int]]:
     """(the format's source columns, or None where a piece holds no rows; rows; bytes consumed)
-    for each chunk of a file, in file order."""
-    workers = workers or parse_workers()
-    return _parquet_chunks(path, fmt, workers) if fmt.parquet else _csv_chunks(path, fmt, chunk_bytes, workers)
+    for each chunk of a file, in file order; the chunks are parsed in ``pool``, up to ``ahead``
+    of them at once."""
+    if fmt.parquet:
+        return _parquet_chunks(path, fmt, pool, ahead)
+    return _csv_chunks(path, fmt, chunk_bytes, pool, ahead)

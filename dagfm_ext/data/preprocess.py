@@ -27,14 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .chunks import parse_workers, read_chunks
-from .container import split_indices
+from .container import split_of_rows
 from .formats import TableFormat, integer_token, locate_error
 from .int_buckets import integer_tokens
 from .schema import DataFormatError, FeatureSchema
 
 __all__ = ["SPLITS", "Source", "preprocess_files"]
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 4 << 20
 SPLITS = ("train", "val", "test")
 _TOKENS = pa.schema([("v", pa.string())])
 _TEMPORARY = ("codes.tmp", "labels.tmp", "tokens.tmp", "lookup.tmp")
@@ -66,9 +66,11 @@ class _Counts:
 
     def add(self, values: pa.Array, counts: np.ndarray) -> None:
         keep = counts > 0
-        self.pending.append((values.filter(pa.array(keep)), counts[keep]))
-        self.pending_rows += int(keep.sum())
-        if self.pending_rows > max(len(self.values), 1 << 20):
+        if not keep.all():
+            values, counts = values.filter(pa.array(keep)), counts[keep]
+        self.pending.append((values, counts))
+        self.pending_rows += len(counts)
+        if self.pending_rows > max(len(self.values), 1 << 18):  # pending: at most the table itself, or small
             self._merge()
 
     def _merge(self) -> None:
@@ -128,6 +130,14 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
                      progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Encode ``sources`` into ``out`` (x.int32, y.float32); returns the metadata with the schema.
     ``progress(bytes, rows)`` is called after each chunk of pass 1."""
+    # One set of threads for every phase: Arrow's kernels, numpy's gathers and the file I/O
+    # release the GIL, and reused threads keep reusing their allocator arenas.
+    with ThreadPoolExecutor(max_workers=parse_workers()) as pool:
+        return _preprocess(sources, fmt, out, seed, progress, pool)
+
+
+def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: int,
+                progress: Optional[Callable[[int, int], None]], pool: ThreadPoolExecutor) -> dict:
     src_names = fmt.sources
     counts = [_Counts() for _ in fmt.fields]
     memos: List[dict] = [{} for _ in fmt.fields]
@@ -140,7 +150,7 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
         for src in sources:
             counted = src.split in (None, "train")
             rows_before = n
-            for cols, rows, nbytes in read_chunks(src.path, fmt, CHUNK_BYTES):
+            for cols, rows, nbytes in read_chunks(src.path, fmt, CHUNK_BYTES, pool, parse_workers()):
                 if not rows:
                     if progress:
                         progress(nbytes, 0)
@@ -172,30 +182,35 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
             file_rows.append(n - rows_before)
             if file_rows[-1] == 0:
                 raise DataFormatError(f"{src.path}: no data rows")
-    specs = []
-    for i, c in enumerate(fmt.fields):
-        spec = c.field_spec(max_len=c.max_len or field_max[i])
-        specs.append((spec, counts[i].vocabulary(c.min_count)))
-        spec.vocab = {t: k + 1 for k, t in enumerate(specs[-1][1].to_pylist())}
+    vocabs = list(pool.map(lambda i: counts[i].vocabulary(fmt.fields[i].min_count), range(len(fmt.fields))))
     del counts, memos
+    specs = [(c.field_spec(max_len=c.max_len or field_max[i]), vocabs[i]) for i, c in enumerate(fmt.fields)]
     schema = FeatureSchema([s for s, _ in specs])
+    # The Python dictionaries are the largest copy of the vocabularies: made last, except for the
+    # 'multi' fields, whose lookup encodes each raw value with them.
+    _python_vocabularies([(s, v) for s, v in specs if s.kind == "multi"])
     split_of, ranges = _split_layout(sources, file_rows, n, seed)
-    lookup_at = _write_lookups(out, specs, chunks)
+    lookup_at = _write_lookups(out, specs, chunks, pool)
     sources_of = [src_names[1:].index(c.source) for c in fmt.fields]
-    _encode(out, schema, sources_of, chunks, lookup_at, split_of, ranges)
+    _encode(out, schema, sources_of, chunks, lookup_at, split_of, ranges, pool)
     for tmp in _TEMPORARY:
         (out / tmp).unlink()
+    del split_of
+    _python_vocabularies([(s, v) for s, v in specs if s.kind != "multi"])
     return {"rows": n, "num_slots": schema.num_slots, "splits": ranges, "schema": schema}
+
+
+def _python_vocabularies(specs) -> None:
+    for spec, vocab in specs:
+        spec.vocab = {t: k + 1 for k, t in enumerate(vocab.to_pylist())}
 
 
 def _split_layout(sources: Sequence[Source], file_rows: List[int], n: int, seed: int):
     """The split of each row (file order) and each split's range in the grouped output."""
-    split_of = np.empty(n, np.int8)
     if sources[0].split is None:
-        for k, idx in enumerate(split_indices(n, seed).values()):
-            split_of[idx] = k
+        split_of = split_of_rows(n, seed)
     else:
-        start = 0
+        split_of, start = np.empty(n, np.int8), 0
         for src, rows in zip(sources, file_rows):
             split_of[start:start + rows] = SPLITS.index(src.split)
             start += rows
@@ -204,7 +219,14 @@ def _split_layout(sources: Sequence[Source], file_rows: List[int], n: int, seed:
     return split_of, {s: (bounds[k], bounds[k + 1]) for k, s in enumerate(SPLITS)}
 
 
-def _write_lookups(out: Path, specs, chunks: List[_Chunk]) -> List[int]:
+def _group_ids(spec_vocab, tokens: Sequence[pa.Array]) -> List[np.ndarray]:
+    """One field's vocabulary ids of the dictionaries of a group of chunks, chunk by chunk."""
+    spec, vocab = spec_vocab
+    ids = _lookup(spec, pa.concat_arrays(tokens), vocab)
+    return np.split(ids, np.cumsum([len(t) for t in tokens])[:-1])
+
+
+def _write_lookups(out: Path, specs, chunks: List[_Chunk], pool: ThreadPoolExecutor) -> List[int]:
     """Each chunk's vocabulary ids of its dictionary entries, field after field (a 'multi' field:
     max_len ids per entry), one chunk after another into lookup.tmp; returns where each chunk's
     ids start (and the end), counted in ids."""
@@ -217,11 +239,7 @@ def _write_lookups(out: Path, specs, chunks: List[_Chunk]) -> List[int]:
             pending += sum(chunk.sizes)
             if pending < budget and k + 1 < len(chunks):
                 continue
-            per_field = []
-            for i, (spec, vocab) in enumerate(specs):
-                tokens = [g[i] for g in group]
-                ids = _lookup(spec, pa.concat_arrays(tokens), vocab)
-                per_field.append(np.split(ids, np.cumsum([len(t) for t in tokens])[:-1]))
+            per_field = list(pool.map(_group_ids, specs, zip(*group)))
             for j in range(len(group)):
                 ids = np.concatenate([field[j].ravel() for field in per_field])
                 f.write(ids)
@@ -248,7 +266,7 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
 
 
 def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: List[_Chunk], lookup_at: List[int],
-            split_of: np.ndarray, ranges) -> None:
+            split_of: np.ndarray, ranges, pool: ThreadPoolExecutor) -> None:
     """Pass 2: dictionary indices -> vocabulary ids, rows grouped by split, chunks encoded in
     parallel. Plain positioned reads and writes (no memory maps), so memory stays that of a
     chunk per thread."""
@@ -295,6 +313,5 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
         codes_fd, labels_fd, lookup_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, lookup_f, x_f, y_f))
         x_f.truncate(4 * slots * len(split_of))
         y_f.truncate(4 * len(split_of))
-        with ThreadPoolExecutor(max_workers=parse_workers()) as pool:
-            for _ in pool.map(encode, range(len(chunks))):
-                pass
+        for _ in pool.map(encode, range(len(chunks))):
+            pass
