@@ -7,6 +7,7 @@ are found with ``criteo_int_bucket`` itself, so the buckets are exactly the row-
 from __future__ import annotations
 
 import math
+import threading
 from typing import List, Optional
 
 import numpy as np
@@ -18,6 +19,7 @@ from .schema import criteo_int_bucket
 __all__ = ["integer_tokens"]
 
 _thresholds: List[int] = []  # _thresholds[j]: the smallest v with criteo_int_bucket(v) >= 4 + j
+_extending = threading.Lock()
 
 
 def _threshold(bucket: int, lo: int) -> int:
@@ -33,9 +35,10 @@ def _threshold(bucket: int, lo: int) -> int:
 
 def _thresholds_up_to(value: int) -> np.ndarray:
     last = criteo_int_bucket(max(value, 3))
-    while 4 + len(_thresholds) <= last:
-        _thresholds.append(_threshold(4 + len(_thresholds), _thresholds[-1] if _thresholds else 3))
-    return np.asarray(_thresholds, np.int64)
+    with _extending:
+        while 4 + len(_thresholds) <= last:
+            _thresholds.append(_threshold(4 + len(_thresholds), _thresholds[-1] if _thresholds else 3))
+        return np.asarray(_thresholds, np.int64)
 
 
 def integer_tokens(raw: pa.Array) -> Optional[pa.Array]:

@@ -1,7 +1,7 @@
 """Columnar preprocessing: raw files -> encoded int32 rows, float32 labels and the schema.
 
-Pass 1 reads each file in chunks (``chunks.py``: pyarrow's multi-threaded parser, each column
-dictionary-encoded while it is parsed; the next chunk is parsed while this one is counted). Per
+Pass 1 reads each file in chunks (``chunks.py``: pyarrow's CSV parser in worker threads, each
+column dictionary-encoded while it is parsed, the next chunks parsed while this one is counted). Per
 chunk it keeps on disk the per-row dictionary indices (column after column), the labels and each
 field's dictionary turned into tokens, and adds the token counts to per-field totals. Once every
 count is known each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it
