@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .data import DataFormatError, FeatureSchema
+from .data.derive import DERIVATIONS
 from .fileio import atomic_write, make_dirs
 from .safe_load import check_program_ops, read_pt2
 from .scorer import Scorer
@@ -111,16 +112,18 @@ def _delimiter(path: Path, first_line: str) -> str:
 
 
 def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
-    """Raw records (field name -> raw string) from a TSV/CSV file, streamed.
+    """Raw records (raw column name -> raw string) from a TSV/CSV file, streamed.
 
-    With a header row naming every schema field, columns are matched by name (others, such as a
-    label, are ignored). Without one, the columns are the fields in schema order, optionally
-    preceded by a label column, as in Criteo's files (label, I1-I13, C1-C26). Multi-valued fields
-    hold space-separated tokens; empty cells are missing values (OOV)."""
+    With a header row naming every raw column the schema reads, columns are matched by name
+    (others, such as a label, are ignored); a derived field (Avazu's hour-of-day and weekday)
+    reads its source column (``hour``). Without a header, the columns are the fields in schema
+    order, optionally preceded by a label column, as in Criteo's files (label, I1-I13, C1-C26).
+    Multi-valued fields hold space-separated tokens; empty cells are missing values (OOV)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input: {'not a file' if path.exists() else 'no such file'}: {path}")
     names = schema.names
+    wanted = list(dict.fromkeys(f.raw_column for f in schema.fields))
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         first = f.readline()
         delim = _delimiter(path, first)
@@ -133,12 +136,12 @@ def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
             if not row or row == [""]:
                 continue
             if columns is None:
-                if set(names) <= set(row):  # a header
-                    columns, width = [row.index(n) for n in names], len(row)
+                if set(wanted) <= set(row):  # a header
+                    columns, width = [row.index(f.raw_column) for f in schema.fields], len(row)
                     continue
                 if len(row) not in (len(names), len(names) + 1):
                     raise DataFormatError(
-                        f"{path}:{lineno}: expected a header naming the fields {names}, or "
+                        f"{path}:{lineno}: expected a header naming the columns {wanted}, or "
                         f"{len(names)} columns (the fields in order) or {len(names) + 1} (a label "
                         f"first), got {len(row)} columns")
                 skip = len(row) - len(names)
@@ -148,13 +151,14 @@ def read_raw_rows(path, schema: FeatureSchema) -> Iterator[Dict[str, str]]:
             record = {}
             for spec, c in zip(schema.fields, columns):
                 value = row[c]
-                if spec.kind == "integer" and value != "":
+                if (spec.kind == "integer" or spec.derive is not None) and value != "":
                     try:
-                        int(value)
+                        spec.token(value)
                     except ValueError:
-                        raise DataFormatError(f"{path}:{lineno}: {spec.name}: expected an integer or "
+                        expected = DERIVATIONS[spec.derive][1] if spec.derive else "an integer"
+                        raise DataFormatError(f"{path}:{lineno}: {spec.raw_column}: expected {expected} or "
                                               f"empty, got {value!r}") from None
-                record[spec.name] = value
+                record[spec.raw_column] = value
             yield record
 
 

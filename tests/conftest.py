@@ -165,3 +165,19 @@ def run_log(run_dir) -> list:
         return json.loads((Path(run_dir) / "log.json").read_text())
     except (OSError, ValueError):
         return []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_cache(tmp_path_factory):
+    """Every test (and the processes it starts) keeps its preprocessed data in a temporary cache
+    directory, never in the user's. A MovieLens download already in the user's cache is linked in,
+    so the tests that use it neither download it again nor skip."""
+    from dagfm_ext.data import cache_dir
+    user_ml100k = cache_dir() / "ml-100k"
+    root = tmp_path_factory.mktemp("dagfm_ext_cache")
+    if (user_ml100k / "ml-100k.inter").exists():
+        (root / "ml-100k").symlink_to(user_ml100k, target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DAGFM_EXT_CACHE", str(root))
+    yield root
+    patch.undo()

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dagfm_ext.cli import main
 from dagfm_ext.data import DataFormatError, FeatureSchema, load_dataset
@@ -56,6 +57,28 @@ def test_avazu_sample_encodes_hour_and_runs(tmp_path):
     np.testing.assert_array_equal(np.sort(data.y), np.sort([float(r["click"]) for r in rows]))
     report = run_tiny(f"avazu:{tmp_path / 'avazu.csv'}", tmp_path, "avazu")
     assert report["config"]["dataset"].startswith("avazu:")
+
+
+def test_predict_on_raw_avazu_rows_derives_hour_and_weekday(tmp_path, capsys):
+    """Raw Avazu rows (with their header, YYMMDDHH hours) given to `dagfm-ext predict` are encoded
+    as training encoded them: hour-of-day and weekday derived from ``hour``, not left out of
+    vocabulary."""
+    from dagfm_ext.serving import load_student, read_raw_rows
+    path = tmp_path / "avazu.csv"
+    write_avazu(path)
+    run_tiny(f"avazu:{path}", tmp_path, "avazu")
+    model = tmp_path / "avazu.pt2"
+    assert main(["export", "--checkpoint", str(tmp_path / "avazu"), "--output", str(model)]) == 0
+    module, schema, _ = load_student(model)
+    trained = load_dataset(f"avazu:{path}", min_count=1, cache_dir=tmp_path / "cache").rows_in_source_order()
+    raw = schema.encode(read_raw_rows(path, schema))
+    np.testing.assert_array_equal(raw, trained)
+    assert (raw[:, :2] > 0).all()  # every hour and weekday is in the vocabulary
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), "--input", str(path)]) == 0
+    got = [float(line.split(",")[0]) for line in capsys.readouterr().out.splitlines()[1:]]
+    want = module(torch.from_numpy(trained.astype(np.int64))).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_avazu_malformed_hour_names_line(tmp_path):

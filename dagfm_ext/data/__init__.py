@@ -6,7 +6,9 @@
   * ``batches``    batches: contiguous blocks of memory-mapped splits, shuffled by block
   * ``prefetch``   a background thread that assembles the next batches during the step
   * ``formats``, ``spec``   how raw Criteo, Avazu and spec-described tables become fields
-  * ``preprocess`` the columnar preprocessing (pyarrow) of those files
+  * ``preprocess`` the columnar preprocessing (pyarrow) of those files; ``chunks`` reads them in
+                   parallel chunks, ``int_buckets`` buckets integer columns at once
+  * ``derive``     named derivations (Avazu's hour -> hour-of-day, weekday), kept in the schema
   * ``cache``      the per-user cache directory and the preprocessed-data cache
   * ``movielens``, ``synthetic``: the in-memory datasets
   * ``datasets``   ``load_dataset``: any of them by name

@@ -21,7 +21,7 @@ import numpy as np
 
 __all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "open_entry", "build_or_open"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: derived fields carry their derivation in the schema
 _EDGE = 1 << 20
 _BUILDING = ".building-"
 

@@ -8,12 +8,12 @@ described by a JSON spec (``spec.py``).
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from .derive import DERIVATIONS, hour_of_day, weekday
 from .schema import DataFormatError, FieldSpec, criteo_int_bucket
 
 __all__ = ["Column", "TableFormat", "criteo_format", "avazu_format", "integer_token", "locate_error",
@@ -32,20 +32,6 @@ def integer_token(raw: str) -> str:
     return "" if raw == "" else str(criteo_int_bucket(int(raw)))
 
 
-def _hour_parts(raw: str) -> datetime.datetime:
-    if len(raw) != 8 or not raw.isdigit():
-        raise ValueError(raw)
-    return datetime.datetime(2000 + int(raw[:2]), int(raw[2:4]), int(raw[4:6]), int(raw[6:]))
-
-
-def hour_of_day(raw: str) -> str:
-    return "" if raw == "" else str(_hour_parts(raw).hour)
-
-
-def weekday(raw: str) -> str:
-    return "" if raw == "" else str(_hour_parts(raw).weekday())
-
-
 @dataclass
 class Column:
     """One field of the schema, made from the raw column ``source``. ``derive`` maps a raw value to
@@ -61,8 +47,11 @@ class Column:
     expects: str = ""
 
     def field_spec(self, max_len: int = 1) -> FieldSpec:
+        # A named derivation travels with the schema, so raw rows at inference are derived too.
+        named = self.derive is not None and self.derive.__name__ in DERIVATIONS
         return FieldSpec(self.name, kind=self.kind, min_count=self.min_count,
-                         max_len=max_len if self.kind == "multi" else 1, sep=self.sep)
+                         max_len=max_len if self.kind == "multi" else 1, sep=self.sep,
+                         source=self.source if named else None, derive=self.derive.__name__ if named else None)
 
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "kind": self.kind, "min_count": self.min_count,

@@ -1,38 +1,43 @@
 """Columnar preprocessing: raw files -> encoded int32 rows, float32 labels and the schema.
 
-The file is read in chunks of ``CHUNK_BYTES`` by pyarrow's multi-threaded CSV parser (or by
-Parquet row groups), each column dictionary-encoded while it is parsed. Pass 1 keeps, per chunk,
-the per-row dictionary indices (on disk), the chunk's dictionaries turned into tokens (spilled to
-an Arrow stream on disk) and adds the token counts to per-field totals. Once every count is known
-each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it (count >= min_count,
-ordered by (-count, token)); pass 2 maps every chunk's dictionary to vocabulary ids and gathers
-them into the final rows, grouped by split so that each split is one contiguous range.
-Memory: one chunk, the count tables (distinct tokens) and one byte per row for the split.
+Pass 1 reads each file in chunks (``chunks.py``: pyarrow's CSV parser in worker threads, each
+column dictionary-encoded while it is parsed, the next chunks parsed while this one is counted). Per
+chunk it keeps on disk the per-row dictionary indices (column after column), the labels and each
+field's dictionary turned into tokens, and adds the token counts to per-field totals. Once every
+count is known each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it
+(count >= min_count, ordered by (-count, token)). The lookup then maps the chunks' token
+dictionaries to vocabulary ids in groups of chunks holding at least as many tokens as the
+vocabularies, so each vocabulary's hash table is built once per group rather than once per chunk
+(work proportional to the data, however large the vocabularies). Pass 2 encodes the chunks on all
+cores (numpy's gathers and the file I/O release the GIL), grouping each chunk's rows by split so
+that each split is one contiguous range of the output.
+Memory: a few chunks, the count tables (distinct tokens) and one byte per row for the split.
 Only the distinct values of a chunk ever reach Python (integer bucketing, derived fields).
 """
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from .prefetch import Prefetcher
-from .container import split_indices
-from .formats import TableFormat, locate_error, read_header
+from .chunks import parse_workers, read_chunks
+from .container import split_of_rows
+from .formats import TableFormat, integer_token, locate_error
+from .int_buckets import integer_tokens
 from .schema import DataFormatError, FeatureSchema
 
-__all__ = ["SPLITS", "Source", "preprocess_files", "read_chunks"]
+__all__ = ["SPLITS", "Source", "preprocess_files"]
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 4 << 20
 SPLITS = ("train", "val", "test")
 _TOKENS = pa.schema([("v", pa.string())])
+_TEMPORARY = ("codes.tmp", "labels.tmp", "tokens.tmp", "lookup.tmp")
 
 
 @dataclass
@@ -43,88 +48,11 @@ class Source:
     split: Optional[str] = None
 
 
-def _to_strings(dictionary: pa.Array) -> pa.Array:
-    """A dictionary as UTF-8 strings; invalid bytes become U+FFFD, as a text-mode read does."""
-    if pa.types.is_string(dictionary.type):
-        return dictionary
-    try:
-        return dictionary.cast(pa.string())
-    except pa.ArrowInvalid:
-        return pa.array([None if b is None else b.decode("utf-8", "replace") for b in dictionary.to_pylist()],
-                        pa.string())
-
-
-def _dict_columns(table: pa.Table, names: Sequence[str]) -> Dict[str, Tuple[np.ndarray, pa.Array]]:
-    """(row indices int32, dictionary as strings) of each column."""
-    table = table.unify_dictionaries()
-    out = {}
-    for name in names:
-        col = table.column(name)
-        if not pa.types.is_dictionary(col.type):  # Parquet: encode here
-            col = pc.fill_null(col.cast(pa.string()), "").dictionary_encode()
-        chunks = col.chunks
-        if not chunks:
-            out[name] = (np.zeros(0, np.int32), pa.array([], pa.string()))
-            continue
-        idx = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int32, copy=False)
-        out[name] = (idx, _to_strings(chunks[0].dictionary))
-    return out
-
-
-def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tuple[pa.Table, int]]:
-    names = read_header(path, fmt)
-    binary_dict = pa.dictionary(pa.int32(), pa.binary())
-    convert = pacsv.ConvertOptions(column_types={c: binary_dict for c in fmt.sources}, include_columns=fmt.sources,
-                                   strings_can_be_null=False, quoted_strings_can_be_null=False, null_values=[])
-    parse = pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char='"' if fmt.quoted else False,
-                               double_quote=fmt.quoted, ignore_empty_lines=True)
-    read = pacsv.ReadOptions(column_names=names, use_threads=True, block_size=min(chunk_bytes, 8 << 20))
-    with open(path, "rb") as f:
-        pos = len(f.readline()) if fmt.columns is None else 0  # past the header
-        if pos:
-            yield None, pos
-        size = path.stat().st_size
-        want = chunk_bytes
-        while pos < size:
-            f.seek(pos)
-            buf = f.read(want)
-            # Whole lines only: the chunk ends after its last line end (or at the end of the file);
-            # the partial line is read again with the next chunk, so nothing is copied.
-            cut = len(buf) if pos + len(buf) >= size else buf.rfind(b"\n") + 1
-            if cut == 0:
-                want *= 2  # one line longer than a chunk
-                continue
-            data = memoryview(buf)[:cut]
-            if cut < 4096 and not bytes(data).strip(b"\r\n"):
-                yield None, cut  # only line ends (an empty tail)
-            else:
-                try:
-                    table = pacsv.read_csv(pa.py_buffer(data), read_options=read, parse_options=parse,
-                                           convert_options=convert)
-                except pa.ArrowInvalid as e:
-                    raise locate_error(path, fmt) or DataFormatError(f"{path}: {e}") from None
-                yield table, cut
-            pos += cut
-            want = chunk_bytes
-
-
-def _parquet_chunks(path: Path, fmt: TableFormat, chunk_rows: int = 1 << 18) -> Iterator[Tuple[pa.Table, int]]:
-    file = pq.ParquetFile(path)
-    missing = [c for c in fmt.sources if c not in file.schema_arrow.names]
-    if missing:
-        raise DataFormatError(f"{path}: missing columns {missing}, got {file.schema_arrow.names}")
-    rows = max(file.metadata.num_rows, 1)
-    size = path.stat().st_size
-    for batch in file.iter_batches(batch_size=chunk_rows, columns=fmt.sources):
-        label = batch.column(fmt.label)
-        if pa.types.is_floating(label.type) or pa.types.is_boolean(label.type):
-            batch = batch.set_column(batch.schema.get_field_index(fmt.label), fmt.label, label.cast(pa.int64()))
-        yield pa.Table.from_batches([batch]), int(size * batch.num_rows / rows)
-
-
-def read_chunks(path: Path, fmt: TableFormat, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Tuple[pa.Table, int]]:
-    """(table of the format's source columns, or None; bytes consumed) for each chunk of a file."""
-    return _parquet_chunks(path, fmt) if fmt.parquet else _csv_chunks(path, fmt, chunk_bytes)
+@dataclass
+class _Chunk:
+    start: int  # its first row among all the sources' rows
+    rows: int
+    sizes: List[int]  # each field's dictionary size
 
 
 class _Counts:
@@ -138,9 +66,11 @@ class _Counts:
 
     def add(self, values: pa.Array, counts: np.ndarray) -> None:
         keep = counts > 0
-        self.pending.append((values.filter(pa.array(keep)), counts[keep]))
-        self.pending_rows += int(keep.sum())
-        if self.pending_rows > max(len(self.values), 1 << 20):
+        if not keep.all():
+            values, counts = values.filter(pa.array(keep)), counts[keep]
+        self.pending.append((values, counts))
+        self.pending_rows += len(counts)
+        if self.pending_rows > max(len(self.values), 1 << 18):  # pending: at most the table itself, or small
             self._merge()
 
     def _merge(self) -> None:
@@ -162,9 +92,14 @@ class _Counts:
 
 
 def _tokens(column, dictionary: pa.Array, memo: dict) -> pa.Array:
-    """The token of each dictionary entry; ``derive`` runs once per distinct value."""
+    """The token of each dictionary entry; ``derive`` runs once per distinct value (integers:
+    on the whole dictionary at once unless some value needs Python's ``int``)."""
     if column.derive is None or column.kind == "multi":
         return dictionary
+    if column.derive is integer_token:
+        tokens = integer_tokens(dictionary)
+        if tokens is not None:
+            return tokens
     values = dictionary.to_pylist()
     for v in values:
         if v not in memo:
@@ -195,72 +130,87 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
                      progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Encode ``sources`` into ``out`` (x.int32, y.float32); returns the metadata with the schema.
     ``progress(bytes, rows)`` is called after each chunk of pass 1."""
+    # One set of threads for every phase: Arrow's kernels, numpy's gathers and the file I/O
+    # release the GIL, and reused threads keep reusing their allocator arenas.
+    with ThreadPoolExecutor(max_workers=parse_workers()) as pool:
+        return _preprocess(sources, fmt, out, seed, progress, pool)
+
+
+def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: int,
+                progress: Optional[Callable[[int, int], None]], pool: ThreadPoolExecutor) -> dict:
     src_names = fmt.sources
-    col_of = {s: j for j, s in enumerate(src_names[1:])}
     counts = [_Counts() for _ in fmt.fields]
     memos: List[dict] = [{} for _ in fmt.fields]
     field_max = [1] * len(fmt.fields)
-    chunk_rows: List[int] = []
+    chunks: List[_Chunk] = []
     file_rows: List[int] = []
+    n = 0
     with open(out / "codes.tmp", "wb") as codes_f, open(out / "labels.tmp", "wb") as labels_f, \
             pa.ipc.new_stream(out / "tokens.tmp", _TOKENS) as spill:
         for src in sources:
             counted = src.split in (None, "train")
-            rows_before = sum(chunk_rows)
-            # The next chunk is parsed (by Arrow's threads, without the GIL) while this one is counted.
-            for table, nbytes in Prefetcher(read_chunks(src.path, fmt), depth=1):
-                if table is None or table.num_rows == 0:
+            rows_before = n
+            for cols, rows, nbytes in read_chunks(src.path, fmt, CHUNK_BYTES, pool, parse_workers()):
+                if not rows:
                     if progress:
                         progress(nbytes, 0)
                     continue
-                cols = _dict_columns(table, src_names)
-                lab_idx, lab_dict = cols[fmt.label]
-                lab_values = lab_dict.to_pylist()
+                labels = cols[fmt.label]
+                lab_values = labels.dictionary.to_pylist()
+                sizes = []
                 try:
                     if any(v not in ("0", "1") for v in lab_values):
                         raise ValueError(fmt.label)
                     for i, c in enumerate(fmt.fields):
-                        idx, dictionary = cols[c.source]
-                        tokens = _tokens(c, dictionary, memos[i])
+                        col = cols[c.source]
+                        tokens = _tokens(c, col.dictionary, memos[i])
                         spill.write_batch(pa.record_batch([tokens], schema=_TOKENS))
+                        sizes.append(len(tokens))
                         if counted:
-                            n = np.bincount(idx, minlength=len(dictionary)).astype(np.int64)
-                            counts[i].add(*(_multi_counts(c, tokens, n, field_max, i) if c.kind == "multi"
-                                            else (tokens, n)))
+                            counts[i].add(*(_multi_counts(c, tokens, col.counts, field_max, i) if c.kind == "multi"
+                                            else (tokens, col.counts)))
                 except ValueError:
                     raise locate_error(src.path, fmt) or DataFormatError(
                         f"{src.path}: a malformed value in the chunk that ends at byte {nbytes}") from None
-                labels_f.write(np.asarray([v == "1" for v in lab_values], np.float32)[lab_idx].tobytes())
-                for s in src_names[1:]:  # column after column: pass 2 reads each contiguously
-                    codes_f.write(cols[s][0].tobytes())
-                chunk_rows.append(table.num_rows)
+                labels_f.write(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices])
+                for s in src_names[1:]:  # column after column: pass 2 gathers each contiguously
+                    codes_f.write(cols[s].indices)
+                chunks.append(_Chunk(n, rows, sizes))
+                n += rows
                 if progress:
-                    progress(nbytes, table.num_rows)
-            file_rows.append(sum(chunk_rows) - rows_before)
+                    progress(nbytes, rows)
+            file_rows.append(n - rows_before)
             if file_rows[-1] == 0:
                 raise DataFormatError(f"{src.path}: no data rows")
-    specs = []
-    for i, c in enumerate(fmt.fields):
-        spec = c.field_spec(max_len=c.max_len or field_max[i])
-        specs.append((spec, counts[i].vocabulary(c.min_count)))
-        spec.vocab = {t: k + 1 for k, t in enumerate(specs[-1][1].to_pylist())}
+    vocabs = list(pool.map(lambda i: counts[i].vocabulary(fmt.fields[i].min_count), range(len(fmt.fields))))
+    del counts, memos
+    specs = [(c.field_spec(max_len=c.max_len or field_max[i]), vocabs[i]) for i, c in enumerate(fmt.fields)]
     schema = FeatureSchema([s for s, _ in specs])
-    n = sum(chunk_rows)
+    # The Python dictionaries are the largest copy of the vocabularies: made last, except for the
+    # 'multi' fields, whose lookup encodes each raw value with them.
+    _python_vocabularies([(s, v) for s, v in specs if s.kind == "multi"])
     split_of, ranges = _split_layout(sources, file_rows, n, seed)
-    _encode(out, fmt, schema, specs, col_of, chunk_rows, split_of, ranges)
-    for tmp in ("codes.tmp", "labels.tmp", "tokens.tmp"):
+    lookup_at = _write_lookups(out, specs, chunks, pool)
+    sources_of = [src_names[1:].index(c.source) for c in fmt.fields]
+    _encode(out, schema, sources_of, chunks, lookup_at, split_of, ranges, pool)
+    for tmp in _TEMPORARY:
         (out / tmp).unlink()
+    del split_of
+    _python_vocabularies([(s, v) for s, v in specs if s.kind != "multi"])
     return {"rows": n, "num_slots": schema.num_slots, "splits": ranges, "schema": schema}
+
+
+def _python_vocabularies(specs) -> None:
+    for spec, vocab in specs:
+        spec.vocab = {t: k + 1 for k, t in enumerate(vocab.to_pylist())}
 
 
 def _split_layout(sources: Sequence[Source], file_rows: List[int], n: int, seed: int):
     """The split of each row (file order) and each split's range in the grouped output."""
-    split_of = np.empty(n, np.int8)
     if sources[0].split is None:
-        for k, idx in enumerate(split_indices(n, seed).values()):
-            split_of[idx] = k
+        split_of = split_of_rows(n, seed)
     else:
-        start = 0
+        split_of, start = np.empty(n, np.int8), 0
         for src, rows in zip(sources, file_rows):
             split_of[start:start + rows] = SPLITS.index(src.split)
             start += rows
@@ -269,34 +219,99 @@ def _split_layout(sources: Sequence[Source], file_rows: List[int], n: int, seed:
     return split_of, {s: (bounds[k], bounds[k + 1]) for k, s in enumerate(SPLITS)}
 
 
-def _encode(out: Path, fmt: TableFormat, schema: FeatureSchema, specs, col_of, chunk_rows, split_of, ranges):
-    """Pass 2: dictionary indices -> vocabulary ids, rows grouped by split. Plain positioned
-    reads and writes (no memory maps), so memory stays that of one chunk."""
-    ncols, slots = len(col_of), schema.num_slots
-    fill = [ranges[s][0] for s in SPLITS]
-    slot = np.concatenate([[0], np.cumsum([f.max_len for f in schema.fields])]).tolist()
+def _group_ids(spec_vocab, tokens: Sequence[pa.Array]) -> List[np.ndarray]:
+    """One field's vocabulary ids of the dictionaries of a group of chunks, chunk by chunk."""
+    spec, vocab = spec_vocab
+    ids = _lookup(spec, pa.concat_arrays(tokens), vocab)
+    return np.split(ids, np.cumsum([len(t) for t in tokens])[:-1])
+
+
+def _write_lookups(out: Path, specs, chunks: List[_Chunk], pool: ThreadPoolExecutor) -> List[int]:
+    """Each chunk's vocabulary ids of its dictionary entries, field after field (a 'multi' field:
+    max_len ids per entry), one chunk after another into lookup.tmp; returns where each chunk's
+    ids start (and the end), counted in ids."""
+    budget = max(sum(len(v) for _, v in specs), 1 << 16)
     reader = pa.ipc.open_stream(out / "tokens.tmp")
-    start = 0
+    at, group, pending = [0], [], 0
+    with open(out / "lookup.tmp", "wb") as f:
+        for k, chunk in enumerate(chunks):
+            group.append([reader.read_next_batch().column(0) for _ in specs])
+            pending += sum(chunk.sizes)
+            if pending < budget and k + 1 < len(chunks):
+                continue
+            per_field = list(pool.map(_group_ids, specs, zip(*group)))
+            for j in range(len(group)):
+                ids = np.concatenate([field[j].ravel() for field in per_field])
+                f.write(ids)
+                at.append(at[-1] + ids.size)
+            group, pending = [], 0
+    return at
+
+
+def _pread(fd: int, dtype, count: int, offset: int) -> np.ndarray:
+    """``count`` items of ``dtype`` from ``offset`` (counted in items)."""
+    size = np.dtype(dtype).itemsize
+    data = os.pread(fd, size * count, size * offset)
+    if len(data) != size * count:
+        raise OSError(f"short read of a temporary preprocessing file ({len(data)} of {size * count} bytes)")
+    return np.frombuffer(data, dtype)
+
+
+def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write ``array`` at ``offset`` (counted in its items)."""
+    view, offset = memoryview(np.ascontiguousarray(array)).cast("B"), offset * array.itemsize
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: List[_Chunk], lookup_at: List[int],
+            split_of: np.ndarray, ranges, pool: ThreadPoolExecutor) -> None:
+    """Pass 2: dictionary indices -> vocabulary ids, rows grouped by split, chunks encoded in
+    parallel. Plain positioned reads and writes (no memory maps), so memory stays that of a
+    chunk per thread."""
+    ncols, slots = max(sources_of) + 1, schema.num_slots
+    widths = [f.max_len for f in schema.fields]
+    slot = np.cumsum([0] + widths).tolist()
+    # Where each chunk's rows of each split go: after the earlier chunks' rows of that split.
+    fill = np.array([ranges[s][0] for s in SPLITS], np.int64)
+    dest = []
+    for chunk in chunks:
+        dest.append(fill.tolist())
+        fill += np.bincount(split_of[chunk.start:chunk.start + chunk.rows], minlength=len(SPLITS))
+
+    def encode(k: int) -> None:
+        chunk = chunks[k]
+        rows = chunk.rows
+        local = _pread(codes_fd, np.int32, ncols * rows, ncols * chunk.start).reshape(ncols, rows)
+        labels = _pread(labels_fd, np.float32, rows, chunk.start)
+        lookup = _pread(lookup_fd, np.int32, lookup_at[k + 1] - lookup_at[k], lookup_at[k])
+        part = split_of[chunk.start:chunk.start + rows]
+        order = np.argsort(part, kind="stable")  # this chunk's rows grouped by split, in file order
+        seg = np.cumsum([0] + [size * w for size, w in zip(chunk.sizes, widths)]).tolist()
+        if slots == len(widths):  # one slot per field: contiguous gathers, then one transposing gather
+            encoded = np.empty((slots, rows), np.int32)
+            for i, src in enumerate(sources_of):
+                np.take(lookup[seg[i]:seg[i + 1]], local[src], out=encoded[i], mode="clip")
+            block = encoded.T[order]
+        else:
+            block = np.empty((rows, slots), np.int32)
+            for i, src in enumerate(sources_of):
+                ids = lookup[seg[i]:seg[i + 1]].reshape(-1, widths[i])
+                block[:, slot[i]:slot[i + 1]] = ids[local[src][order]]
+        labels = labels[order]
+        lo = 0
+        for s, m in enumerate(np.bincount(part, minlength=len(SPLITS)).tolist()):
+            if m:
+                _pwrite(x_fd, block[lo:lo + m], slots * dest[k][s])
+                _pwrite(y_fd, labels[lo:lo + m], dest[k][s])
+                lo += m
+
     with open(out / "codes.tmp", "rb") as codes_f, open(out / "labels.tmp", "rb") as labels_f, \
-            open(out / "x.int32", "wb") as x_f, open(out / "y.float32", "wb") as y_f:
+            open(out / "lookup.tmp", "rb") as lookup_f, open(out / "x.int32", "wb") as x_f, \
+            open(out / "y.float32", "wb") as y_f:
+        codes_fd, labels_fd, lookup_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, lookup_f, x_f, y_f))
         x_f.truncate(4 * slots * len(split_of))
         y_f.truncate(4 * len(split_of))
-        for rows in chunk_rows:
-            local = np.fromfile(codes_f, np.int32, ncols * rows).reshape(ncols, rows)
-            labels = np.fromfile(labels_f, np.float32, rows)
-            part = split_of[start:start + rows]
-            order = np.argsort(part, kind="stable")  # this chunk's rows grouped by split, in file order
-            block = np.empty((rows, slots), np.int32)
-            for i, (spec, vocab) in enumerate(specs):
-                lut = _lookup(spec, reader.read_next_batch().column(0), vocab)
-                block[:, slot[i]:slot[i + 1]] = lut[local[col_of[fmt.fields[i].source]][order]].reshape(rows, -1)
-            labels = labels[order]
-            counts = np.bincount(part, minlength=len(SPLITS))
-            lo = 0
-            for k, m in enumerate(counts.tolist()):
-                if m:
-                    os.pwrite(x_f.fileno(), block[lo:lo + m].tobytes(), 4 * slots * fill[k])
-                    os.pwrite(y_f.fileno(), labels[lo:lo + m].tobytes(), 4 * fill[k])
-                    fill[k] += m
-                    lo += m
-            start += rows
+        for _ in pool.map(encode, range(len(chunks))):
+            pass

@@ -15,6 +15,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .derive import DERIVATIONS
+
 __all__ = ["KINDS", "DataFormatError", "criteo_int_bucket", "FieldSpec", "FeatureSchema"]
 
 KINDS = ("categorical", "multi", "integer")
@@ -35,13 +37,16 @@ class FieldSpec:
     mean-pooled into one embedding) or 'integer' (bucketed with ``criteo_int_bucket`` first).
     ``vocab`` maps a raw token (str) to its id 1..n; anything else (or a token seen fewer than
     ``min_count`` times when the vocabulary was built) is id 0. ``sep`` splits the raw string of
-    a 'multi' field (None: any whitespace)."""
+    a 'multi' field (None: any whitespace). A derived field takes its raw value from the raw
+    column ``source`` through the named function ``derive`` (see ``derive.DERIVATIONS``)."""
     name: str
     kind: str = "categorical"
     min_count: int = 1
     max_len: int = 1
     vocab: Dict[str, int] = field(default_factory=dict)
     sep: Optional[str] = None
+    source: Optional[str] = None
+    derive: Optional[str] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -50,13 +55,23 @@ class FieldSpec:
             raise ValueError(f"max_len: only 'multi' fields may have max_len != 1 ({self.name!r})")
         if self.sep is not None and (self.kind != "multi" or not isinstance(self.sep, str) or not self.sep):
             raise ValueError(f"sep: only 'multi' fields take a separator, a non-empty string ({self.name!r})")
+        if self.derive is not None and (self.kind != "categorical" or self.derive not in DERIVATIONS):
+            raise ValueError(f"derive: expected one of {sorted(DERIVATIONS)} on a 'categorical' field "
+                             f"({self.name!r}), got {self.derive!r}")
+
+    @property
+    def raw_column(self) -> str:
+        """The raw column (or record key) this field's value comes from."""
+        return self.source or self.name
 
     @property
     def vocab_size(self) -> int:
         return len(self.vocab) + 1  # + the OOV id 0
 
     def token(self, raw) -> str:
-        """The vocabulary key of one raw value."""
+        """The vocabulary key of one raw value (ValueError: a malformed value of a derived field)."""
+        if self.derive is not None:
+            return "" if raw is None else DERIVATIONS[self.derive][0](str(raw))
         if self.kind == "integer":
             if raw is None or raw == "":
                 return ""
@@ -109,19 +124,21 @@ class FeatureSchema:
         return [i for i, f in enumerate(self.fields) for _ in range(f.max_len)]
 
     def encode(self, records: Iterable[Mapping[str, object]]) -> np.ndarray:
-        """Map raw records (dicts by field name; multi fields: list or space-separated str) to
-        encoded rows (N, num_slots) int64, exactly as the training data was encoded."""
+        """Map raw records (dicts by field name, a derived field's by its ``raw_column``; multi
+        fields: list or space-separated str) to encoded rows (N, num_slots) int64, exactly as the
+        training data was encoded."""
         rows = []
         for r in records:
             row: List[int] = []
             for f in self.fields:
-                row += f.encode_one(r.get(f.name))
+                row += f.encode_one(r.get(f.raw_column))
             rows.append(row)
         return np.asarray(rows, dtype=np.int64).reshape(len(rows), self.num_slots)
 
     def to_dict(self) -> dict:
-        return {"fields": [dict(name=f.name, kind=f.kind, min_count=f.min_count, max_len=f.max_len,
-                                vocab=f.vocab, **({} if f.sep is None else {"sep": f.sep}))
+        optional = ("sep", "source", "derive")
+        return {"fields": [dict(name=f.name, kind=f.kind, min_count=f.min_count, max_len=f.max_len, vocab=f.vocab,
+                                **{k: getattr(f, k) for k in optional if getattr(f, k) is not None})
                            for f in self.fields]}
 
     @classmethod

@@ -1,0 +1,159 @@
+"""Reading a raw file as chunks of dictionary-encoded columns, parsed on all cores.
+
+A delimited file is cut at line ends into chunks of about ``chunk_bytes``; each chunk is parsed by
+pyarrow's CSV reader in a worker thread (Arrow releases the GIL), every column dictionary-encoded
+while it is parsed, so several chunks are parsed at once while the consumer works on an earlier
+one. A Parquet file is read by row groups and encoded the same way. The per-row dictionary
+indices, the dictionary (as strings) and how often each entry occurs are all made in the workers:
+only the distinct values of a chunk are left for Python.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .formats import TableFormat, locate_error, read_header
+from .schema import DataFormatError
+
+__all__ = ["ColumnChunk", "read_chunks", "parse_workers"]
+
+
+@dataclass
+class ColumnChunk:
+    """One column of a chunk: each row's entry in ``dictionary`` (strings) and each entry's count."""
+    indices: np.ndarray
+    dictionary: pa.Array
+    counts: np.ndarray
+
+
+def parse_workers() -> int:
+    """Threads that parse (and later encode) chunks: Arrow's CPU count, at most 4 (memory grows
+    with the chunks in flight)."""
+    return max(1, min(pa.cpu_count(), 4))
+
+
+def _to_strings(dictionary: pa.Array) -> pa.Array:
+    """A dictionary as UTF-8 strings; invalid bytes become U+FFFD, as a text-mode read does."""
+    if pa.types.is_string(dictionary.type):
+        return dictionary
+    try:
+        return dictionary.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([None if b is None else b.decode("utf-8", "replace") for b in dictionary.to_pylist()],
+                        pa.string())
+
+
+def _column_chunks(table: pa.Table, names: Sequence[str]) -> Dict[str, ColumnChunk]:
+    table = table.unify_dictionaries()
+    out = {}
+    for name in names:
+        col = table.column(name)
+        if not pa.types.is_dictionary(col.type):  # Parquet: encode here
+            col = pc.fill_null(col.cast(pa.string()), "").dictionary_encode()
+        pieces = [c.indices.to_numpy(zero_copy_only=False) for c in col.chunks]
+        if not pieces:
+            out[name] = ColumnChunk(np.zeros(0, np.int32), pa.array([], pa.string()), np.zeros(0, np.int64))
+            continue
+        idx = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces)).astype(np.int32, copy=False)
+        dictionary = _to_strings(col.chunks[0].dictionary)
+        out[name] = ColumnChunk(idx, dictionary, np.bincount(idx, minlength=len(dictionary)))
+    return out
+
+
+def _in_order(work: Callable, items: Iterable, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
+    """``work(item)`` of each item in ``pool``, in order, up to ``ahead`` of them submitted ahead
+    of the consumer."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tuple[Optional[memoryview], int]]:
+    """(whole lines, or None for a header or an empty tail; bytes consumed) through the file."""
+    with open(path, "rb") as f:
+        pos = len(f.readline()) if fmt.columns is None else 0  # past the header
+        if pos:
+            yield None, pos
+        size = path.stat().st_size
+        want = chunk_bytes
+        while pos < size:
+            f.seek(pos)
+            buf = f.read(want)
+            # Whole lines only: the chunk ends after its last line end (or at the end of the file);
+            # the partial line is read again with the next chunk, so nothing is copied.
+            cut = len(buf) if pos + len(buf) >= size else buf.rfind(b"\n") + 1
+            if cut == 0:
+                want *= 2  # one line longer than a chunk
+                continue
+            data = memoryview(buf)[:cut]
+            yield (None if cut < 4096 and not bytes(data).strip(b"\r\n") else data), cut
+            pos += cut
+            want = chunk_bytes
+
+
+def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor, ahead: int):
+    names = read_header(path, fmt)
+    binary_dict = pa.dictionary(pa.int32(), pa.binary())
+    convert = pacsv.ConvertOptions(column_types={c: binary_dict for c in fmt.sources}, include_columns=fmt.sources,
+                                   strings_can_be_null=False, quoted_strings_can_be_null=False, null_values=[])
+    parse = pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char='"' if fmt.quoted else False,
+                               double_quote=fmt.quoted, ignore_empty_lines=True)
+
+    def encode(piece):
+        data, nbytes = piece
+        if data is None:
+            return None, 0, nbytes
+        # One block per chunk: one dictionary per column; the chunks themselves run in parallel.
+        read = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(data) + 1)
+        try:
+            table = pacsv.read_csv(pa.py_buffer(data), read_options=read, parse_options=parse,
+                                   convert_options=convert)
+        except pa.ArrowInvalid as e:
+            return e, 0, nbytes
+        return _column_chunks(table, fmt.sources), table.num_rows, nbytes
+
+    for columns, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes), pool, ahead):
+        if isinstance(columns, pa.ArrowInvalid):
+            raise locate_error(path, fmt) or DataFormatError(f"{path}: {columns}") from None
+        yield columns, rows, nbytes
+
+
+def _parquet_chunks(path: Path, fmt: TableFormat, pool: ThreadPoolExecutor, ahead: int, chunk_rows: int = 1 << 16):
+    file = pq.ParquetFile(path)
+    missing = [c for c in fmt.sources if c not in file.schema_arrow.names]
+    if missing:
+        raise DataFormatError(f"{path}: missing columns {missing}, got {file.schema_arrow.names}")
+    rows = max(file.metadata.num_rows, 1)
+    size = path.stat().st_size
+
+    def encode(batch):
+        label = batch.column(fmt.label)
+        if pa.types.is_floating(label.type) or pa.types.is_boolean(label.type):
+            batch = batch.set_column(batch.schema.get_field_index(fmt.label), fmt.label, label.cast(pa.int64()))
+        return _column_chunks(pa.Table.from_batches([batch]), fmt.sources), batch.num_rows, \
+            int(size * batch.num_rows / rows)
+
+    yield from _in_order(encode, file.iter_batches(batch_size=chunk_rows, columns=fmt.sources), pool, ahead)
+
+
+def read_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor,
+                ahead: int) -> Iterator[Tuple[Optional[Dict[str, ColumnChunk]], int, int]]:
+    """(the format's source columns, or None where a piece holds no rows; rows; bytes consumed)
+    for each chunk of a file, in file order; the chunks are parsed in ``pool``, up to ``ahead``
+    of them at once."""
+    if fmt.parquet:
+        return _parquet_chunks(path, fmt, pool, ahead)
+    return _csv_chunks(path, fmt, chunk_bytes, pool, ahead)
