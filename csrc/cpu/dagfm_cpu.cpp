@@ -9,7 +9,9 @@
 // diagonal so that no product multiplies a block below it.
 //
 // Threads: a call uses as many threads as it has work for (kMinFlopsPerThread each), so a small
-// batch runs on the calling thread alone; BLAS inside a parallel region runs single-threaded.
+// batch runs on the calling thread alone; BLAS inside a parallel region runs single-threaded. The
+// kernel interaction's forward at small batches is the exception: its cost is streaming megabytes
+// of weights, so the threads split every layer's target fields instead (forward_kernel_columns).
 // The instruction set is picked once per process (AVX-512, AVX2 or portable; the environment
 // variable DAGFM_CPU_ISA=avx512|avx2|generic lowers it, e.g. to test the AVX2 loops here).
 //
