@@ -207,7 +207,7 @@ def test_compiled_model_sees_weight_updates(kind):
 # Small batches of the kernel interaction split the target fields over the threads.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B", [1, 5, 30, 64])
+@pytest.mark.parametrize("B", [1, 5, 30, 47, 48])
 def test_kernel_small_batch_gives_the_same_bits_on_any_thread_count(dtype, B):
     """One thread runs the samples, two split the fields of every layer: the same sums either way,
     for the states and the training forward's messages, and each sample as if it came alone."""

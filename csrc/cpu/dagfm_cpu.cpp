@@ -72,9 +72,10 @@ constexpr int kForwardTileRows = 24;
 constexpr int kBackwardRowTile = 32;
 // Work below which a second thread costs more (wake-up, a cold cache) than it saves.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
-// Kernel interaction up to this batch size: the threads split the target fields of every layer
+// Kernel interaction below two full tiles: the threads split the target fields of every layer
 // rather than the samples, when each thread's share of a layer's weights is at least this large.
-constexpr int64_t kColumnSplitMaxBatch = 64;
+// (From two full tiles on, two threads take a tile each as fast; measured on 2 cores.)
+constexpr int64_t kColumnSplitMaxBatch = 2 * kForwardTileRows - 1;
 constexpr int64_t kMinColumnBytesPerThread = int64_t(128) << 10;
 // Kernel interaction: from this batch size the forward runs as BLAS products on tiles of rows.
 constexpr int64_t kBlasForwardMinBatch = 512;
