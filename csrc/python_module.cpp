@@ -66,6 +66,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward_py(const at::Tensor
   return {grad_h0, grad_p, at::empty({0}, args.p.options())};
 }
 
+// The inference forward below the autograd layer: one C++ call for a caller that has already seen
+// that no gradient is needed (dagfm_ext.functional), instead of the op's Python autograd kernel.
+// Everything below autograd (autocast, Python modes, the backend and its checks) runs as usual.
+at::Tensor propagate_fwd_no_grad(const at::Tensor& h0, const at::Tensor& p, const std::optional<at::Tensor>& q,
+                                 const std::string& interaction) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dagfm_ext::propagate_fwd", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(h0, p, q, interaction);
+}
+
 // For the tests: reads the CUDA backend's environment switches again (they are read once per
 // process otherwise). Nothing to read in a build without CUDA.
 void reread_cuda_switches_py() {
@@ -84,6 +97,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dh0, dp, dq)",
         pybind11::arg("grad_states"), pybind11::arg("h0"), pybind11::arg("p"), pybind11::arg("q"),
         pybind11::arg("interaction"), pybind11::arg("saved"), pybind11::arg("grad_sum") = pybind11::none());
+  m.def("_propagate_fwd_no_grad", &propagate_fwd_no_grad,
+        "propagate_fwd (h0, p, q, interaction) below the autograd layer: for callers that need no gradient",
+        pybind11::arg("h0"), pybind11::arg("p"), pybind11::arg("q"), pybind11::arg("interaction"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("_reread_cuda_switches", &reread_cuda_switches_py,
         "Test hook: read the DAGFM_CUDA_* environment switches again (otherwise read once per process)");
 }

@@ -39,8 +39,8 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def cast_inputs(h0: torch.Tensor, p: torch.Tensor, q: Optional[torch.Tensor]):
     """(h0, p, q) in the dtype the active autocast region asks of the ops (unchanged outside)."""
-    if not isinstance(h0, torch.Tensor):
-        return h0, p, q  # the op names the bad argument
+    if not isinstance(h0, torch.Tensor) or not torch._C._is_any_autocast_enabled():
+        return h0, p, q  # (a bad argument: the op names it)
     target = autocast_dtype(h0.device.type)
     if target is None:
         return h0, p, q

@@ -201,3 +201,30 @@ def test_compiled_model_sees_weight_updates(kind):
         second = compiled(emb)
         torch.testing.assert_close(second, model(emb))
     assert not torch.allclose(first, second)
+
+
+# ------------------------------------------------------------------------------------------------
+# Small batches of the kernel interaction split the target fields over the threads.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 5, 30, 47, 48])
+def test_kernel_small_batch_gives_the_same_bits_on_any_thread_count(dtype, B):
+    """One thread runs the samples, two split the fields of every layer: the same sums either way,
+    for the states and the training forward's messages, and each sample as if it came alone."""
+    h0, p, _ = make_inputs("kernel", B, 39, 16, 2, dtype=dtype, seed=B)
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                got[threads] = (dagfm_ext.dagfm_propagate(h0, p, None, "kernel"),
+                                *torch.ops.dagfm_ext.propagate_fwd_train(h0, p, None, "kernel"),
+                                dagfm_ext.dagfm_propagate(h0[-1:], p, None, "kernel"))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got[1], got[2]):
+        assert torch.equal(a, b)
+    states, train_states, _, last_alone = got[2]
+    assert torch.equal(states, train_states) and torch.equal(states[-1:], last_alone)
+    assert rel_err(states, reference.dagfm_propagate(h0, p, None, "kernel")) < (1e-5 if dtype == torch.float32 else 1e-12)

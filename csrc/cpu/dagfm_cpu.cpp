@@ -9,7 +9,9 @@
 // diagonal so that no product multiplies a block below it.
 //
 // Threads: a call uses as many threads as it has work for (kMinFlopsPerThread each), so a small
-// batch runs on the calling thread alone; BLAS inside a parallel region runs single-threaded.
+// batch runs on the calling thread alone; BLAS inside a parallel region runs single-threaded. The
+// kernel interaction's forward at small batches is the exception: its cost is streaming megabytes
+// of weights, so the threads split every layer's target fields instead (forward_kernel_columns).
 // The instruction set is picked once per process (AVX-512, AVX2 or portable; the environment
 // variable DAGFM_CPU_ISA=avx512|avx2|generic lowers it, e.g. to test the AVX2 loops here).
 //
@@ -70,6 +72,11 @@ constexpr int kForwardTileRows = 24;
 constexpr int kBackwardRowTile = 32;
 // Work below which a second thread costs more (wake-up, a cold cache) than it saves.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
+// Kernel interaction below two full tiles: the threads split the target fields of every layer
+// rather than the samples, when each thread's share of a layer's weights is at least this large.
+// (From two full tiles on, two threads take a tile each as fast; measured on 2 cores.)
+constexpr int64_t kColumnSplitMaxBatch = 2 * kForwardTileRows - 1;
+constexpr int64_t kMinColumnBytesPerThread = int64_t(128) << 10;
 // Kernel interaction: from this batch size the forward runs as BLAS products on tiles of rows.
 constexpr int64_t kBlasForwardMinBatch = 512;
 constexpr int64_t kBlasTileRows = 64;
@@ -304,6 +311,65 @@ void backward_range_isa(const PropagateBackwardParams<T>& pr, int64_t b0, int64_
   backward_range_generic<T, kD>(pr, b0, b1, gp, gq, ws, saved);
 }
 
+// Kernel interaction, layer t (1-based) for the target fields [j0, j1) of the whole batch: the
+// messages, the next states (with layer 1, those of h0 too) and, where asked, the saved messages
+// of those fields. The states sum as in forward_tile, so that both paths give the same bits.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void kernel_columns(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h, int j0, int j1,
+                             T* saved) {
+  const int F = pr.num_fields, L = pr.depth, S = int(pr.batch);
+  const int64_t FD = int64_t(F) * kD, states_row = int64_t(L + 1) * F;
+  cpu::kernel_layer_columns<T, kBytes, kRegs, kD>(pr.p + (t - 1) * pr.layer_weight_numel(), pr.h0, h_prev, a, h,
+                                                  F, S, j0, j1);
+  for (int s = 0; s < S; ++s) {
+    if (t == 1)
+      for (int j = j0; j < j1; ++j) pr.states[s * states_row + j] = sum(pr.h0 + s * FD + int64_t(j) * kD, kD);
+    for (int j = j0; j < j1; ++j) pr.states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * kD, kD);
+    if (saved != nullptr)
+      std::copy(a + s * FD + int64_t(j0) * kD, a + s * FD + int64_t(j1) * kD,
+                saved + (int64_t(s) * L + t - 1) * FD + int64_t(j0) * kD);
+  }
+}
+
+template <typename T, int kD>
+void kernel_columns_generic(const PropagateParams<T>&, int, const T*, T*, T*, int, int, T*) {
+  TORCH_CHECK(false, "kernel_columns: no vector loops in this build");  // never taken: see column_split_threads
+}
+#if DAGFM_X86_DISPATCH
+template <typename T, int kD>
+DAGFM_TARGET_AVX2 void kernel_columns_avx2(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h, int j0,
+                                           int j1, T* saved) {
+  kernel_columns<T, 32, 12, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+}
+template <typename T, int kD>
+DAGFM_TARGET_AVX512 void kernel_columns_avx512(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h,
+                                               int j0, int j1, T* saved) {
+  kernel_columns<T, 64, 24, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+}
+#endif
+
+// Whether kernel_columns has vector loops for T and D on this CPU.
+template <typename T>
+bool kernel_columns_available(int D) {
+  bool ok = false;
+#if DAGFM_X86_DISPATCH
+  with_static_embed_dim(D, [&]<int kD>() {
+    if (cpu_isa() == CpuIsa::Avx512) ok = cpu::kernel_columns_vectorized<T, 64, kD>();
+    else if (cpu_isa() == CpuIsa::Avx2) ok = cpu::kernel_columns_vectorized<T, 32, kD>();
+  });
+#endif
+  return ok;
+}
+
+template <typename T, int kD>
+void kernel_columns_isa(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h, int j0, int j1, T* saved) {
+#if DAGFM_X86_DISPATCH
+  if (cpu_isa() == CpuIsa::Avx512) return kernel_columns_avx512<T, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+  if (cpu_isa() == CpuIsa::Avx2) return kernel_columns_avx2<T, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+#endif
+  kernel_columns_generic<T, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+}
+
 // A per-thread scratch buffer that only grows: no allocation (and no page faults) per call.
 template <typename T>
 T* thread_workspace(int64_t numel) {
@@ -332,6 +398,52 @@ void forward_rows(const PropagateParams<T>& pr, T* saved = nullptr) {
     const int64_t b0 = tile0 * tile_rows, b1 = std::min(pr.batch, tile1 * tile_rows);
     with_static_embed_dim(D, [&]<int kD>() { forward_range_isa<T, kD>(pr, b0, b1, ws, saved); });
   });
+}
+
+// Threads for the column split of the kernel interaction's forward, or 0 where it does not pay:
+// a small batch reads every weight once per layer for few FMAs, so the call costs what streaming
+// L * F(F+1)/2 * D^2 weights costs. Split over the target fields, each thread reads only its share
+// of every layer (which stays in its core's L2 from one call to the next); the threads meet once
+// per layer, since layer t reads all of h^(t-1).
+template <typename T>
+int column_split_threads(const PropagateParams<T>& pr) {
+  if (pr.interaction != Interaction::Kernel || pr.batch > kColumnSplitMaxBatch || at::in_parallel_region())
+    return 0;
+  const int64_t edges = int64_t(pr.num_fields) * (pr.num_fields + 1) / 2;
+  const int64_t layer_bytes = edges * pr.embed_dim * pr.embed_dim * int64_t(sizeof(T));
+  const int64_t threads = std::min<int64_t>({at::get_num_threads(), layer_bytes / kMinColumnBytesPerThread,
+                                             pr.num_fields});
+  return threads >= 2 && kernel_columns_available<T>(pr.embed_dim) ? int(threads) : 0;
+}
+
+// The kernel interaction's forward with the target fields split over `threads` threads, in parts
+// of about equal work (field j has j + 1 source blocks). saved as in forward_rows.
+template <typename T>
+void forward_kernel_columns(const PropagateParams<T>& pr, int threads, T* saved) {
+  const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
+  const int64_t BFD = pr.batch * F * int64_t(D);
+  std::vector<int> bounds(threads + 1, F);
+  bounds[0] = 0;
+  const int64_t total = int64_t(F) * (F + 1) / 2;
+  for (int k = 1, j = 0; k < threads; ++k) {
+    while (j < F && int64_t(j) * (j + 1) / 2 < total * k / threads) ++j;
+    bounds[k] = std::max(bounds[k - 1], j);
+  }
+  T* ws = thread_workspace<T>(3 * BFD);
+  T* hbuf[2] = {ws, ws + BFD};
+  T* a = ws + 2 * BFD;
+  const T* h_prev = pr.h0;
+  for (int t = 1; t <= L; ++t) {
+    T* h = hbuf[t & 1];
+    at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        if (bounds[k] < bounds[k + 1])
+          with_static_embed_dim(D, [&]<int kD>() {
+            kernel_columns_isa<T, kD>(pr, t, h_prev, a, h, bounds[k], bounds[k + 1], saved);
+          });
+    });
+    h_prev = h;
+  }
 }
 
 template <typename T>
@@ -579,6 +691,8 @@ template <typename T>
 void forward(const PropagateParams<T>& pr, T* saved = nullptr) {
   if (use_kernel_blas(pr) && pr.batch >= kBlasForwardMinBatch)
     forward_kernel_blas(pr, saved);
+  else if (const int threads = column_split_threads(pr))
+    forward_kernel_columns(pr, threads, saved);
   else
     forward_rows(pr, saved);
 }

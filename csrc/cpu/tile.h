@@ -41,6 +41,40 @@ DAGFM_HD void over_samples(int S, Block&& block) {
   for (; s0 < S; ++s0) block.template operator()<1>(s0);
 }
 
+// Whether kernel_layer_columns runs for this type, vector width and embedding size.
+template <typename T, int kBytes, int kD>
+constexpr bool kernel_columns_vectorized() { return row_vector_bytes<T, kBytes, kD>() > 0; }
+
+// Kernel interaction, one layer for the target fields [j_begin, j_end) of S samples: a_j and
+// h_j = h0_j * a_j (only where kernel_columns_vectorized). Each a_j sums over (i, d) in the same
+// order whatever the block shape, the column range or the batch.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void kernel_layer_columns(const T* p, const T* h0, const T* h_prev, T* a, T* h, int F, int S,
+                                   int j_begin, int j_end) {
+#ifdef DAGFM_CPU_VECTORS
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    constexpr int kV = kD / Vec<T, kVB>::lanes;
+    constexpr int kJ = 2 / kV > 1 ? 2 / kV : 1;
+    constexpr int kM = kRegs / (kJ * kV) > 1 ? kRegs / (kJ * kV) : 1;
+    // Inlined, so that the blocks compile for the caller's instruction set.
+    over_samples<kM>(S, [&]<int kMb>(int s0) __attribute__((always_inline)) {
+      // Every accumulator is one chain of dependent FMAs: blocks of few samples take more fields,
+      // so that at least 8 chains hide the FMA latency.
+      constexpr int kWide = 8 / kV > 1 ? 8 / kV : 1;
+      constexpr int kJb = kMb * kJ * kV >= 8 ? kJ : kWide;
+      // The narrower blocks take the first fields, which have the fewest sources.
+      int j0 = j_begin;
+      const int wide_begin = j_end - (j_end - j_begin) / kJb * kJb;
+      if constexpr (kJb > 2)
+        for (; j0 + 2 <= wide_begin; j0 += 2) kernel_forward_block<T, kVB, kD, kMb, 2>(p, h0, h_prev, a, h, F, j0, s0);
+      for (; j0 < wide_begin; ++j0) kernel_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, a, h, F, j0, s0);
+      for (; j0 < j_end; j0 += kJb) kernel_forward_block<T, kVB, kD, kMb, kJb>(p, h0, h_prev, a, h, F, j0, s0);
+    });
+  }
+#endif
+}
+
 // One layer forward for the tile: a = messages into every field, h = h0 * a.
 template <typename T, int kBytes, int kRegs, int kD>
 DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const T* h0,
@@ -63,13 +97,7 @@ DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const
       return;
     }
     if (kind == Interaction::Kernel) {
-      constexpr int kJ = 2 / kV > 1 ? 2 / kV : 1;
-      constexpr int kM = kRegs / (kJ * kV) > 1 ? kRegs / (kJ * kV) : 1;
-      over_samples<kM>(S, [&]<int kMb>(int s0) {
-        int j0 = 0;
-        for (; j0 + kJ <= F; j0 += kJ) kernel_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, a, h, F, j0, s0);
-        for (; j0 < F; ++j0) kernel_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, a, h, F, j0, s0);
-      });
+      kernel_layer_columns<T, kBytes, kRegs, kD>(p, h0, h_prev, a, h, F, S, 0, F);
       return;
     }
     constexpr int kM = kRegs / (3 * kV) > 1 ? kRegs / (3 * kV) : 1;
