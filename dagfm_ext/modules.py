@@ -81,7 +81,9 @@ class _DagBase(nn.Module):
     def mixed(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 = C @ x, (B, F, D)."""
         self._check_emb(emb)
-        return torch.matmul(self.connect_layer, emb)
+        # One batched product straight into (B, F, D): torch.matmul(C, emb) folds the batch into a
+        # single GEMM over emb transposed, two (B, F, D) copies, forward and backward.
+        return torch.bmm(self.connect_layer.expand(emb.shape[0], -1, -1), emb)
 
     def extra_repr(self) -> str:
         return (f"num_fields={self.num_fields}, embed_dim={self.embed_dim}, depth={self.depth}, "

@@ -1,6 +1,6 @@
-"""The CPU kernels' own contracts: every instruction-set variant against the reference, field j's
-result independent of the fields after it (non-finite values included), and weights changed
-between two calls always seen by the second one."""
+"""The CPU kernels' own contracts: every instruction-set variant against the reference (states,
+the sum z and the gradients), field j's result independent of the fields after it (non-finite
+values included), and weights changed between two calls always seen by the second one."""
 import os
 import subprocess
 import sys
@@ -22,6 +22,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = [(F, D, B) for F in (1, 6, 9) for D in (1, 4, 5, 8, 16, 32) for B in (1, 7, 30)]
 
 
+def _sum_checks(kind, leaves, gs, dtype):
+    """(what, got, want) for the sum op: states, z and, with a gradient of z too, the gradients of
+    the training forward; states and z of the inference forward."""
+    B, F, D = leaves[0].shape
+    gz = torch.randn(B, F, D, dtype=torch.float64, generator=torch.Generator().manual_seed(B + F + D))
+
+    def run(fn, dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in leaves]
+        states, z = fn(xs[0], xs[1], xs[2] if len(xs) > 2 else None, kind)
+        return states, z, torch.autograd.grad((states, z), xs, (gs.to(dt), gz.to(dt)))
+
+    s_want, z_want, g_want = run(reference.dagfm_propagate_with_sum, torch.float64)
+    s_got, z_got, g_got = run(dagfm_ext.dagfm_propagate_with_sum, dtype)
+    with torch.no_grad():
+        s_inf, z_inf = dagfm_ext.dagfm_propagate_with_sum(*[t.detach().to(dtype) for t in leaves[:2]],
+                                                          leaves[2].detach().to(dtype) if len(leaves) > 2 else None,
+                                                          kind)
+    return [("sum states", s_got, s_want), ("z", z_got, z_want), ("inference sum states", s_inf, s_want),
+            ("inference z", z_inf, z_want)] + [
+            (f"sum grad {n}", a, b) for n, a, b in zip(("h0", "p", "q"), g_got, g_want)]
+
+
 def _parity_failures(dtype, tol):
     """(kind, F, D, B, what, error) for every sweep case whose values or gradients are off."""
     bad = []
@@ -41,7 +63,8 @@ def _parity_failures(dtype, tol):
                 got_inf = dagfm_ext.dagfm_propagate(*[t.detach() for t in cast[:2]],
                                                     cast[2].detach() if q is not None else None, kind)
             for what, a, b in [("states", got, want), ("inference", got_inf, want)] + [
-                    (f"grad {n}", a, b) for n, a, b in zip(("h0", "p", "q"), got_g, want_g)]:
+                    (f"grad {n}", a, b) for n, a, b in zip(("h0", "p", "q"), got_g, want_g)] + _sum_checks(
+                    kind, leaves, gs, dtype):
                 err = rel_err(a, b.detach())
                 if not err < tol:
                     bad.append((kind, F, D, B, what, err))

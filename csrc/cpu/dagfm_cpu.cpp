@@ -1,4 +1,5 @@
-// Fused CPU kernels for dagfm_ext::propagate_fwd / propagate_fwd_train / propagate_bwd.
+// Fused CPU kernels for dagfm_ext::propagate_fwd / propagate_fwd_train / propagate_bwd and the
+// propagate_sum_fwd / propagate_sum_fwd_train pair (the same tiles, also summing z = h^0 + ... + h^L).
 //
 // Forward (every interaction): tiles of consecutive samples run through all L layers in a small
 // per-thread workspace (tile.h); the register-blocked loops (vec.h) read the weights in their own
@@ -65,8 +66,9 @@ namespace {
 // Below this embedding size the backward's tile loops beat BLAS calls on tiny (D-wide) blocks.
 constexpr int kBlasMinEmbedDim = 8;
 // Samples per tile: each weight loaded serves the tile's samples (in register blocks of 2 to 24)
-// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2.
-constexpr int kForwardTileRows = 24;
+// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2; a multiple of the 16
+// lanes of the outer interaction's lane groups (no padded lanes in a whole tile).
+constexpr int kForwardTileRows = 48;
 constexpr int kBackwardRowTile = 32;
 // Work below which a second thread costs more (wake-up, a cold cache) than it saves.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
@@ -438,12 +440,18 @@ void forward_kernel_blas(const PropagateParams<T>& pr, T* saved) {
       const int rows = int(std::min(kBlasTileRows, pr.batch - r0));
       const T* h0 = pr.h0 + r0 * FD;
       T* states = pr.states + r0 * states_row;
+      T* z = pr.sum_out == nullptr ? nullptr : pr.sum_out + r0 * FD;
       write_states(h0, rows, states);
+      if (z != nullptr) std::copy(h0, h0 + rows * FD, z);
       const T* h_prev = h0;
       for (int t = 1; t <= L; ++t) {
         T* h = hb[t & 1];
         kernel_layer_product(h_prev, w.get() + (t - 1) * FD * FD, rows, F, D, a);
         hadamard_row(h0, a, rows * FD, h);
+        if (z != nullptr) {
+          DAGFM_SIMD
+          for (int64_t k = 0; k < rows * FD; ++k) z[k] += h[k];
+        }
         if (saved != nullptr)
           for (int r = 0; r < rows; ++r)
             std::copy(a + r * FD, a + (r + 1) * FD, saved + ((r0 + r) * L + (t - 1)) * FD);
@@ -613,6 +621,39 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
   return {states, saved};
 }
 
+// The propagation with the D-vector sum z = h^0 + ... + h^L (B, F, D) accumulated in the tiles:
+// (states, z) for inference, plus the kept messages for training.
+std::tuple<at::Tensor, at::Tensor> propagate_sum_fwd_cpu(const at::Tensor& h0, const at::Tensor& p,
+                                                         const std::optional<at::Tensor>& q,
+                                                         c10::string_view interaction) {
+  const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
+  at::Tensor states = empty_states(args);
+  at::Tensor z = at::empty_like(args.h0);
+  if (args.batch == 0) return {states, z};
+  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_cpu", [&] {
+    auto params = make_params<scalar_t>(args, states);
+    params.sum_out = z.data_ptr<scalar_t>();
+    forward(params);
+  });
+  return {states, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_sum_fwd_train_cpu(const at::Tensor& h0, const at::Tensor& p,
+                                                                           const std::optional<at::Tensor>& q,
+                                                                           c10::string_view interaction) {
+  const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
+  at::Tensor states = empty_states(args);
+  at::Tensor z = at::empty_like(args.h0);
+  at::Tensor saved = at::empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
+  if (args.batch == 0) return {states, z, saved};
+  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_train_cpu", [&] {
+    auto params = make_params<scalar_t>(args, states);
+    params.sum_out = z.data_ptr<scalar_t>();
+    forward(params, saved.data_ptr<scalar_t>());
+  });
+  return {states, z, saved};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
     const std::optional<at::Tensor>& q, c10::string_view interaction,
@@ -655,4 +696,6 @@ TORCH_LIBRARY_IMPL(dagfm_ext, CPU, m) {
   m.impl("propagate_fwd", &dagfm::propagate_fwd_cpu);
   m.impl("propagate_fwd_train", &dagfm::propagate_fwd_train_cpu);
   m.impl("propagate_bwd", &dagfm::propagate_bwd_cpu);
+  m.impl("propagate_sum_fwd", &dagfm::propagate_sum_fwd_cpu);
+  m.impl("propagate_sum_fwd_train", &dagfm::propagate_sum_fwd_train_cpu);
 }
