@@ -81,8 +81,8 @@ class _DagBase(nn.Module):
     def mixed(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 = C @ x, (B, F, D)."""
         self._check_emb(emb)
-        # One batched product straight into (B, F, D): torch.matmul(C, emb) folds the batch into a
-        # single GEMM over emb transposed, two (B, F, D) copies, forward and backward.
+        # One batched product straight into (B, F, D): torch.matmul(C, emb) runs as one GEMM over
+        # emb transposed, copying (B, F, D) values twice on the way in and out.
         return torch.bmm(self.connect_layer.expand(emb.shape[0], -1, -1), emb)
 
     def extra_repr(self) -> str:

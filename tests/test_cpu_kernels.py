@@ -17,9 +17,9 @@ KINDS = reference.INTERACTIONS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Embedding sizes with and without whole vectors (and the BLAS backward from D = 8), batches
-# around the register blocks (1, 2-3, 6-24 samples) and the 24-row tiles, fields around the
-# 1-4 field blocks.
-SWEEP = [(F, D, B) for F in (1, 6, 9) for D in (1, 4, 5, 8, 16, 32) for B in (1, 7, 30)]
+# around the register blocks (1, 2-3, 6-24 samples), the 16-sample lane groups (a partial one in
+# 30) and the 48-row forward tiles, fields around the 1-4 field blocks.
+SWEEP = [(F, D, B) for F in (1, 6, 9) for D in (1, 4, 5, 8, 16, 32) for B in (1, 7, 30, 50)]
 
 
 def _sum_checks(kind, leaves, gs, dtype):

@@ -213,9 +213,9 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
     if (pr.interaction == Interaction::Outer && 2 * S >= kW) {
       for (int g = 0; g < S; g += kW) {
         const int n = S - g < kW ? S - g : kW;
-        outer_forward_lanes<T, kBytes, kD, kDot, kAcc>(pr.p, pr.q, h0 + g * FD, n, F, L, ws, states + g * states_row,
-                                           states_row, saved == nullptr ? nullptr : saved + (b + g) * L * FD,
-                                           z == nullptr ? nullptr : z + g * FD);
+        outer_forward_lanes<T, kBytes, kD, kDot, kAcc>(
+            pr.p, pr.q, h0 + g * FD, n, F, L, ws, states + g * states_row, states_row,
+            saved == nullptr ? nullptr : saved + (b + g) * L * FD, z == nullptr ? nullptr : z + g * FD);
       }
       return;
     }

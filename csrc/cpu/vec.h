@@ -32,7 +32,6 @@ struct LayerOut {
 #if defined(__GNUC__) || defined(__clang__)
 #define DAGFM_CPU_VECTORS 1
 
-#include <cstdint>
 #include <type_traits>
 #include <utility>
 
@@ -88,9 +87,9 @@ DAGFM_HD T lane_sum(const V& v) {
   }
 }
 
-// Lane indices for __builtin_shuffle over two vectors of kW lanes (an index >= kW picks from the
-// second): within every block of 2w lanes, the low w lanes of the result come from `lo_src` lanes and
-// the high w lanes from `hi_src` lanes, each given as (vector, lane offset) by the callers below.
+// Lane indices for __builtin_shuffle over two vectors a, b of kW lanes (an index >= kW picks from
+// b): lane k of the result, in the low w lanes of its block of 2w, is lane k + kLoShift of a (of b
+// with kLoFromB = 1); in the high w lanes, lane k + kHiShift of a or b likewise.
 template <typename T, int kBytes>
 struct LaneIndex {
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
@@ -106,7 +105,7 @@ constexpr M lane_index(std::integer_sequence<int, k...>) {
 
 // Within every block of 2w lanes: the low w lanes hold a's block folded in half (lo + hi), the high
 // w lanes b's. kW rows folded at w = kW/2, kW/4, ..., 1 (rows i and i + w paired) leave row r's
-// total in lane r: a transposed sum, one blend, one shuffle and one add per row.
+// total in lane r: a transposed sum, a select, a shuffle and an add per row.
 template <typename T, int kBytes, int w, typename V>
 DAGFM_HD V fold_pair(const V& a, const V& b) {
   using M = LaneIndexVec<T, kBytes>;
@@ -297,47 +296,50 @@ DAGFM_HD void outer_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   store_messages<T, kBytes, kD, kM, 1>(acc, h0, out, FD, j, s0);
 }
 
-// Rows <-> lanes: column k of n <= kW rows (row_stride apart) becomes the vector at colsT + k * kW
-// (lane = row; lanes >= n zero), and back. K columns; whole kW x kW blocks are transposed in registers.
-template <typename T, int kBytes>
-DAGFM_HD void rows_to_lanes(const T* DAGFM_RESTRICT rows, int64_t row_stride, int n, int64_t K,
-                            T* DAGFM_RESTRICT colsT) {
+// Rows <-> lanes. kToLanes: column k of n <= kW rows (row_stride apart) becomes the vector at
+// lanes + k * kW (lane = row; lanes >= n zero); else back (only rows < n written). K columns;
+// whole kW x kW blocks are transposed in registers.
+template <typename T, int kBytes, bool kToLanes, typename RowPtr, typename LanePtr>
+DAGFM_HD void transpose_rows(RowPtr DAGFM_RESTRICT rows, int64_t row_stride, int n, int64_t K,
+                             LanePtr DAGFM_RESTRICT lanes) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kW = Vec<T, kBytes>::lanes;
   int64_t k0 = 0;
   for (; k0 + kW <= K; k0 += kW) {
     V v[kW];
     DAGFM_UNROLL
-    for (int l = 0; l < kW; ++l) v[l] = l < n ? vload<V>(rows + l * row_stride + k0) : V{};
+    for (int l = 0; l < kW; ++l) {
+      if constexpr (kToLanes)
+        v[l] = l < n ? vload<V>(rows + l * row_stride + k0) : V{};
+      else
+        v[l] = vload<V>(lanes + (k0 + l) * kW);
+    }
     transpose_block<T, kBytes>(v);
     DAGFM_UNROLL
-    for (int k = 0; k < kW; ++k) vstore(colsT + (k0 + k) * kW, v[k]);
+    for (int l = 0; l < kW; ++l) {
+      if constexpr (kToLanes)
+        vstore(lanes + (k0 + l) * kW, v[l]);
+      else if (l < n)
+        vstore(rows + l * row_stride + k0, v[l]);
+    }
   }
   for (; k0 < K; ++k0)
-    for (int l = 0; l < kW; ++l) colsT[k0 * kW + l] = l < n ? rows[l * row_stride + k0] : T(0);
+    for (int l = 0; l < kW; ++l) {
+      if constexpr (kToLanes)
+        lanes[k0 * kW + l] = l < n ? rows[l * row_stride + k0] : T(0);
+      else if (l < n)
+        rows[l * row_stride + k0] = lanes[k0 * kW + l];
+    }
 }
 
 template <typename T, int kBytes>
-DAGFM_HD void lanes_to_rows(const T* DAGFM_RESTRICT colsT, int64_t K, int n, T* DAGFM_RESTRICT rows,
-                            int64_t row_stride) {
-  using V = typename Vec<T, kBytes>::type;
-  constexpr int kW = Vec<T, kBytes>::lanes;
-  int64_t k0 = 0;
-  for (; k0 + kW <= K; k0 += kW) {
-    V v[kW];
-    DAGFM_UNROLL
-    for (int k = 0; k < kW; ++k) v[k] = vload<V>(colsT + (k0 + k) * kW);
-    transpose_block<T, kBytes>(v);
-    for (int l = 0; l < n; ++l) vstore(rows + l * row_stride + k0, v[l]);
-  }
-  for (; k0 < K; ++k0)
-    for (int l = 0; l < n; ++l) rows[l * row_stride + k0] = colsT[k0 * kW + l];
+DAGFM_HD void rows_to_lanes(const T* rows, int64_t row_stride, int n, int64_t K, T* lanes) {
+  transpose_rows<T, kBytes, true>(rows, row_stride, n, K, lanes);
 }
 
-// Workspace of outer_forward_lanes in elements: h0, two h buffers, a, z, all (F, kD) vectors, and
-// the (F, F) edge dots.
-DAGFM_HD int64_t outer_lanes_forward_numel(int F, int D, int lanes) {
-  return (5 * int64_t(F) * D + int64_t(F) * F) * lanes;
+template <typename T, int kBytes>
+DAGFM_HD void lanes_to_rows(const T* lanes, int64_t K, int n, T* rows, int64_t row_stride) {
+  transpose_rows<T, kBytes, false>(rows, row_stride, n, K, lanes);
 }
 
 // Outer interaction for up to one vector of samples (n, sample s in lane s) through all L layers:
@@ -346,6 +348,7 @@ DAGFM_HD int64_t outer_lanes_forward_numel(int F, int D, int lanes) {
 // q_ij[e] broadcast): no horizontal sums.
 // h0: the group's rows (F*kD apart); states, saved (rows L*F*kD apart, layer 0's messages) and z
 // (rows F*kD apart) likewise from the group's first sample; saved and z may be nullptr.
+// ws: h0, two h buffers, a, z (each (F, kD) vectors) and the (F, F) edge dots.
 template <typename T, int kBytes, int kD, int kDot, int kAcc>
 DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q, const T* h0, int n,
                                   int F, int L, T* ws, T* states, int64_t states_row, T* saved, T* z) {
