@@ -26,6 +26,7 @@ struct PropagateParams {
   const T* q = nullptr;
   T* states = nullptr;
   T* messages = nullptr;  // nullptr: not kept
+  T* sum_out = nullptr;   // CPU forward, nullptr or (B, F, D): z = h^0 + h^1 + ... + h^L
 
   int64_t batch = 0;
   int num_fields = 0;  // F

@@ -1,10 +1,10 @@
-// dagfm_ext::propagate_sum_fwd_train: the training forward plus the D-vector sum
-// z = h^0 + h^1 + ... + h^L (B, F, D) that DAGFM+'s readout reads.
+// dagfm_ext::propagate_sum_fwd / propagate_sum_fwd_train: the propagation plus the D-vector sum
+// z = h^0 + h^1 + ... + h^L (B, F, D) that DAGFM+'s readout reads; the backward is propagate_bwd
+// with grad_sum = dLoss/dz.
 //
-// Every h^t (t >= 1) is h0 * a^t and the training forward keeps the messages a^1..a^L, so
-// z = h0 + h0 * sum_t a^t is one elementwise pass over what the backend returns anyway: the same
-// backend kernels serve both ops, on every device they are registered for. The backward is
-// propagate_bwd with grad_sum = dLoss/dz.
+// The CPU tiles accumulate z themselves (cpu/dagfm_cpu.cpp). On CUDA both ops are composed here:
+// every h^t (t >= 1) is h0 * a^t and the training forward keeps the messages a^1..a^L, so
+// z = h0 + h0 * sum_t a^t is one elementwise pass over what the CUDA forward returns anyway.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,20 +39,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_sum_fwd_train(
   return {states, z, messages};
 }
 
+std::tuple<at::Tensor, at::Tensor> propagate_sum_fwd(const at::Tensor& h0, const at::Tensor& p,
+                                                     const std::optional<at::Tensor>& q,
+                                                     c10::string_view interaction) {
+  auto [states, z, messages] = propagate_sum_fwd_train(h0, p, q, interaction);
+  return {states, z};
+}
+
 }  // namespace
 }  // namespace dagfm
 
 TORCH_LIBRARY_FRAGMENT(dagfm_ext, m) {
+  // (states, z): states as propagate_fwd, z (B, F, D); no messages kept (inference).
+  m.def("propagate_sum_fwd(Tensor h0, Tensor p, Tensor? q, str interaction) -> (Tensor, Tensor)");
   // (states, z, saved): states and saved as propagate_fwd_train; z (B, F, D).
   m.def("propagate_sum_fwd_train(Tensor h0, Tensor p, Tensor? q, str interaction) -> (Tensor, Tensor, Tensor)");
 }
 
-// Registered for the backends that implement propagate_fwd_train (a CPU-only build simply never
-// reaches the CUDA entry).
-TORCH_LIBRARY_IMPL(dagfm_ext, CPU, m) {
-  m.impl("propagate_sum_fwd_train", &dagfm::propagate_sum_fwd_train);
-}
-
+// A CPU-only build simply never reaches the CUDA entries.
 TORCH_LIBRARY_IMPL(dagfm_ext, CUDA, m) {
+  m.impl("propagate_sum_fwd", &dagfm::propagate_sum_fwd);
   m.impl("propagate_sum_fwd_train", &dagfm::propagate_sum_fwd_train);
 }

@@ -25,7 +25,7 @@ from . import _C  # noqa: F401  (loads the op registrations)
 __all__ = ["autocast_dtype", "cast_inputs"]
 
 _DEVICE_TYPES = ("cpu", "cuda")
-_FORWARD_OPS = ("propagate_fwd", "propagate_fwd_train", "propagate_sum_fwd_train")
+_FORWARD_OPS = ("propagate_fwd", "propagate_fwd_train", "propagate_sum_fwd", "propagate_sum_fwd_train")
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

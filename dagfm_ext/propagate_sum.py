@@ -1,6 +1,7 @@
 """The fused propagation with its second output, z = h^0 + h^1 + ... + h^L (B, F, D): what the
-DAGFM+ readout reads. One op, dagfm_ext::propagate_sum_fwd_train (states, z and the kept
-messages); its backward is dagfm_ext::propagate_bwd with grad_sum = dLoss/dz.
+DAGFM+ readout reads. Two ops: dagfm_ext::propagate_sum_fwd (states, z; inference keeps nothing)
+and dagfm_ext::propagate_sum_fwd_train (states, z and the kept messages), whose backward is
+dagfm_ext::propagate_bwd with grad_sum = dLoss/dz.
 """
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the op registrations)
-from .functional import _propagate_fwd_train_fake, backward_grads, prepare_inputs
+from .functional import _propagate_fwd_fake, _propagate_fwd_train_fake, backward_grads, prepare_inputs
 
 __all__ = ["dagfm_propagate_with_sum", "DagfmPropagateSum"]
 
-_sum_fwd_op = torch.ops.dagfm_ext.propagate_sum_fwd_train
+_sum_fwd_op = torch.ops.dagfm_ext.propagate_sum_fwd
+_sum_fwd_train_op = torch.ops.dagfm_ext.propagate_sum_fwd_train
+
+
+@torch.library.register_fake("dagfm_ext::propagate_sum_fwd")
+def _propagate_sum_fwd_fake(h0, p, q, interaction):
+    return _propagate_fwd_fake(h0, p, q, interaction), torch.empty_like(h0, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dagfm_ext::propagate_sum_fwd_train")
@@ -28,7 +35,7 @@ class DagfmPropagateSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h0, p, q, interaction):
-        states, z, saved = _sum_fwd_op(h0, p, q, interaction)
+        states, z, saved = _sum_fwd_train_op(h0, p, q, interaction)
         ctx.set_materialize_grads(False)
         ctx.interaction = interaction
         ctx.has_q = q is not None
@@ -56,5 +63,5 @@ def dagfm_propagate_with_sum(h0: torch.Tensor, p: torch.Tensor, q: Optional[torc
     h0, p, q, training = prepare_inputs(h0, p, q, interaction)
     if training:
         return DagfmPropagateSum.apply(h0, p, q, interaction)
-    states, z, _ = _sum_fwd_op(h0, p, q, interaction)
-    return states, z
+    # Inference keeps nothing for a backward.
+    return _sum_fwd_op(h0, p, q, interaction)

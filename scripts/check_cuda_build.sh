@@ -36,7 +36,8 @@ import torch
 import dagfm_ext
 info = dagfm_ext.build_info()
 assert info["cuda"], info
-for op in ("propagate_fwd", "propagate_fwd_train", "propagate_sum_fwd_train", "propagate_bwd"):
+for op in ("propagate_fwd", "propagate_fwd_train", "propagate_sum_fwd", "propagate_sum_fwd_train",
+           "propagate_bwd"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dagfm_ext::{op}", "CUDA"), op
 print("check_cuda_build: CUDA kernels built and registered:", info)
 PY

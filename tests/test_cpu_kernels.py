@@ -1,6 +1,6 @@
-"""The CPU kernels' own contracts: every instruction-set variant against the reference, field j's
-result independent of the fields after it (non-finite values included), and weights changed
-between two calls always seen by the second one."""
+"""The CPU kernels' own contracts: every instruction-set variant against the reference (states,
+the sum z and the gradients), field j's result independent of the fields after it (non-finite
+values included), and weights changed between two calls always seen by the second one."""
 import os
 import subprocess
 import sys
@@ -17,9 +17,31 @@ KINDS = reference.INTERACTIONS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Embedding sizes with and without whole vectors (and the BLAS backward from D = 8), batches
-# around the register blocks (1, 2-3, 6-24 samples) and the 24-row tiles, fields around the
-# 1-4 field blocks.
-SWEEP = [(F, D, B) for F in (1, 6, 9) for D in (1, 4, 5, 8, 16, 32) for B in (1, 7, 30)]
+# around the register blocks (1, 2-3, 6-24 samples), the 16-sample lane groups (a partial one in
+# 30) and the 48-row forward tiles, fields around the 1-4 field blocks.
+SWEEP = [(F, D, B) for F in (1, 6, 9) for D in (1, 4, 5, 8, 16, 32) for B in (1, 7, 30, 50)]
+
+
+def _sum_checks(kind, leaves, gs, dtype):
+    """(what, got, want) for the sum op: states, z and, with a gradient of z too, the gradients of
+    the training forward; states and z of the inference forward."""
+    B, F, D = leaves[0].shape
+    gz = torch.randn(B, F, D, dtype=torch.float64, generator=torch.Generator().manual_seed(B + F + D))
+
+    def run(fn, dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in leaves]
+        states, z = fn(xs[0], xs[1], xs[2] if len(xs) > 2 else None, kind)
+        return states, z, torch.autograd.grad((states, z), xs, (gs.to(dt), gz.to(dt)))
+
+    s_want, z_want, g_want = run(reference.dagfm_propagate_with_sum, torch.float64)
+    s_got, z_got, g_got = run(dagfm_ext.dagfm_propagate_with_sum, dtype)
+    with torch.no_grad():
+        s_inf, z_inf = dagfm_ext.dagfm_propagate_with_sum(*[t.detach().to(dtype) for t in leaves[:2]],
+                                                          leaves[2].detach().to(dtype) if len(leaves) > 2 else None,
+                                                          kind)
+    return [("sum states", s_got, s_want), ("z", z_got, z_want), ("inference sum states", s_inf, s_want),
+            ("inference z", z_inf, z_want)] + [
+            (f"sum grad {n}", a, b) for n, a, b in zip(("h0", "p", "q"), g_got, g_want)]
 
 
 def _parity_failures(dtype, tol):
@@ -41,7 +63,8 @@ def _parity_failures(dtype, tol):
                 got_inf = dagfm_ext.dagfm_propagate(*[t.detach() for t in cast[:2]],
                                                     cast[2].detach() if q is not None else None, kind)
             for what, a, b in [("states", got, want), ("inference", got_inf, want)] + [
-                    (f"grad {n}", a, b) for n, a, b in zip(("h0", "p", "q"), got_g, want_g)]:
+                    (f"grad {n}", a, b) for n, a, b in zip(("h0", "p", "q"), got_g, want_g)] + _sum_checks(
+                    kind, leaves, gs, dtype):
                 err = rel_err(a, b.detach())
                 if not err < tol:
                     bad.append((kind, F, D, B, what, err))
@@ -210,7 +233,8 @@ def test_compiled_model_sees_weight_updates(kind):
 @pytest.mark.parametrize("B", [1, 5, 30, 47, 48])
 def test_kernel_small_batch_gives_the_same_bits_on_any_thread_count(dtype, B):
     """One thread runs the samples, two split the fields of every layer: the same sums either way,
-    for the states and the training forward's messages, and each sample as if it came alone."""
+    for the states, the training forward's messages and both sum ops' z, and each sample as if it
+    came alone."""
     h0, p, _ = make_inputs("kernel", B, 39, 16, 2, dtype=dtype, seed=B)
     before = torch.get_num_threads()
     got = {}
@@ -220,11 +244,20 @@ def test_kernel_small_batch_gives_the_same_bits_on_any_thread_count(dtype, B):
             with torch.no_grad():
                 got[threads] = (dagfm_ext.dagfm_propagate(h0, p, None, "kernel"),
                                 *torch.ops.dagfm_ext.propagate_fwd_train(h0, p, None, "kernel"),
-                                dagfm_ext.dagfm_propagate(h0[-1:], p, None, "kernel"))
+                                dagfm_ext.dagfm_propagate(h0[-1:], p, None, "kernel"),
+                                *torch.ops.dagfm_ext.propagate_sum_fwd(h0, p, None, "kernel"),
+                                *torch.ops.dagfm_ext.propagate_sum_fwd_train(h0, p, None, "kernel"),
+                                torch.ops.dagfm_ext.propagate_sum_fwd(h0[-1:], p, None, "kernel")[1])
     finally:
         torch.set_num_threads(before)
     for a, b in zip(got[1], got[2]):
         assert torch.equal(a, b)
-    states, train_states, _, last_alone = got[2]
-    assert torch.equal(states, train_states) and torch.equal(states[-1:], last_alone)
-    assert rel_err(states, reference.dagfm_propagate(h0, p, None, "kernel")) < (1e-5 if dtype == torch.float32 else 1e-12)
+    states, train_states, messages, last_alone, sum_states, z, train_sum_states, train_z, train_messages, \
+        z_alone = got[2]
+    for other in (train_states, sum_states, train_sum_states):
+        assert torch.equal(states, other)
+    assert torch.equal(states[-1:], last_alone) and torch.equal(messages, train_messages)
+    assert torch.equal(z, train_z) and torch.equal(z[-1:], z_alone)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    want_states, want_z = reference.dagfm_propagate_with_sum(h0, p, None, "kernel")
+    assert rel_err(states, want_states) < tol and rel_err(z, want_z) < tol

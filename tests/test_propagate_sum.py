@@ -66,6 +66,42 @@ def test_float64_values_and_gradients_match_reference(device, kind, F, D, L, B, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("F,D,L,B", SHAPES)
+def test_inference_op_matches_reference_and_the_training_op(device, kind, F, D, L, B):
+    # Without a backward to feed, propagate_sum_fwd returns (states, z) and keeps no messages.
+    if kind == "kernel" and F > 64 and D > 1:
+        D = 1
+    h0, p, q = make_inputs(kind, B, F, D, L, device=device, seed=F * 100 + D * 10 + L)
+    s_ref, z_ref = reference.dagfm_propagate_with_sum(h0, p, q, kind)
+    s, z = torch.ops.dagfm_ext.propagate_sum_fwd(h0, p, q, kind)
+    assert s.shape == (B, L + 1, F) and z.shape == (B, F, D) and z.is_contiguous()
+    assert rel_err(s, s_ref) < 1e-10
+    assert rel_err(z, z_ref) < 1e-10
+    s_train, z_train, _ = torch.ops.dagfm_ext.propagate_sum_fwd_train(h0, p, q, kind)
+    assert rel_err(s_train, s_ref) < 1e-10 and rel_err(z_train, z_ref) < 1e-10
+    with torch.no_grad():
+        s_pub, z_pub = dagfm_ext.dagfm_propagate_with_sum(h0, p, q, kind)
+    torch.testing.assert_close(s_pub, s, rtol=0, atol=0)
+    torch.testing.assert_close(z_pub, z, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B", [17, 40, 100, 600])
+def test_float32_z_at_tile_and_lane_boundaries(kind, B):
+    # Whole and partial 16-sample lane groups, whole and partial 48-row tiles; 600: the kernel
+    # interaction's BLAS forward. D = 16 runs the vector loops.
+    F, D, L = 21, 16, 3
+    h0, p, q = make_inputs(kind, B, F, D, L, seed=B)
+    s_ref, z_ref = reference.dagfm_propagate_with_sum(h0, p, q, kind)
+    cast = [t.float() if t is not None else None for t in (h0, p, q)]
+    for states, z in (torch.ops.dagfm_ext.propagate_sum_fwd(*cast, kind),
+                      torch.ops.dagfm_ext.propagate_sum_fwd_train(*cast, kind)[:2]):
+        assert rel_err(states.double(), s_ref) < 1e-5
+        assert rel_err(z.double(), z_ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kept", [True, False])
 def test_backward_op_with_and_without_the_kept_messages(device, kind, kept):
     # The backward recomputes the messages when not given them; grad_sum enters both paths.
@@ -110,6 +146,7 @@ def test_opcheck(device, kind):
     B, F, D, L = 5, 4, 3, 2
     h0, p, q = make_inputs(kind, B, F, D, L, device=device)
     torch.library.opcheck(torch.ops.dagfm_ext.propagate_sum_fwd_train.default, (h0, p, q, kind))
+    torch.library.opcheck(torch.ops.dagfm_ext.propagate_sum_fwd.default, (h0, p, q, kind))
     _, _, saved = torch.ops.dagfm_ext.propagate_sum_fwd_train(h0, p, q, kind)
     gs = make_grad_states(B, F, L, device=device)
     gz = random_like_z(B, F, D, torch.float64, device)
@@ -183,13 +220,28 @@ def test_dagfm_plus_compiled_training_step(device, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_dagfm_plus_export(device, kind):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_dagfm_plus_export(device, kind, grad):
+    # With gradients on the program carries the training op; under no_grad (inference, serving)
+    # the op that keeps no messages.
     torch.manual_seed(13)
     m = DAGFMPlus(5, 4, 2, kind, mlp=(8,)).to(device).eval()
     emb = torch.randn(16, 5, 4, device=device)
     batch = torch.export.Dim("batch")
-    exported = torch.export.export(m, (emb,), dynamic_shapes={"emb": {0: batch}})
-    assert any("dagfm_ext.propagate_sum_fwd_train" in str(n.target) for n in exported.graph.nodes)
+    with torch.set_grad_enabled(grad):
+        exported = torch.export.export(m, (emb,), dynamic_shapes={"emb": {0: batch}})
+    op = "dagfm_ext.propagate_sum_fwd_train.default" if grad else "dagfm_ext.propagate_sum_fwd.default"
+    assert any(str(n.target) == op for n in exported.graph.nodes)
     other = torch.randn(7, 5, 4, device=device)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(other), m(other))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_dagfm_plus_inference_compiles(device, kind):
+    torch.manual_seed(14)
+    m = DAGFMPlus(5, 4, 2, kind, mlp=(8,)).to(device).eval()
+    emb = torch.randn(16, 5, 4, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m, fullgraph=True)(emb), m(emb))

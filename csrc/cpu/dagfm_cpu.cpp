@@ -1,4 +1,5 @@
-// Fused CPU kernels for dagfm_ext::propagate_fwd / propagate_fwd_train / propagate_bwd.
+// Fused CPU kernels for dagfm_ext::propagate_fwd / propagate_fwd_train / propagate_bwd and the
+// propagate_sum_fwd / propagate_sum_fwd_train pair (the same tiles, also summing z = h^0 + ... + h^L).
 //
 // Forward (every interaction): tiles of consecutive samples run through all L layers in a small
 // per-thread workspace (tile.h); the register-blocked loops (vec.h) read the weights in their own
@@ -67,8 +68,9 @@ namespace {
 // Below this embedding size the backward's tile loops beat BLAS calls on tiny (D-wide) blocks.
 constexpr int kBlasMinEmbedDim = 8;
 // Samples per tile: each weight loaded serves the tile's samples (in register blocks of 2 to 24)
-// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2.
-constexpr int kForwardTileRows = 24;
+// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2; a multiple of the 16
+// lanes of the outer interaction's lane groups (no padded lanes in a whole tile).
+constexpr int kForwardTileRows = 48;
 constexpr int kBackwardRowTile = 32;
 // Work below which a second thread costs more (wake-up, a cold cache) than it saves.
 constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
@@ -312,39 +314,44 @@ void backward_range_isa(const PropagateBackwardParams<T>& pr, int64_t b0, int64_
 }
 
 // Kernel interaction, layer t (1-based) for the target fields [j0, j1) of the whole batch: the
-// messages, the next states (with layer 1, those of h0 too) and, where asked, the saved messages
-// of those fields. The states sum as in forward_tile, so that both paths give the same bits.
+// next states (with layer 1, those of h0 too) and, where asked, the saved messages and the sum z of
+// those fields. The states sum as in forward_tile (row_sums), so that both paths give the same bits.
 template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void kernel_columns(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h, int j0, int j1,
-                             T* saved) {
+DAGFM_HD void kernel_columns(const PropagateParams<T>& pr, int t, const T* h_prev, T* h, int j0, int j1, T* saved) {
   const int F = pr.num_fields, L = pr.depth, S = int(pr.batch);
   const int64_t FD = int64_t(F) * kD, states_row = int64_t(L + 1) * F;
-  cpu::kernel_layer_columns<T, kBytes, kRegs, kD>(pr.p + (t - 1) * pr.layer_weight_numel(), pr.h0, h_prev, a, h,
-                                                  F, S, j0, j1);
-  for (int s = 0; s < S; ++s) {
-    if (t == 1)
-      for (int j = j0; j < j1; ++j) pr.states[s * states_row + j] = sum(pr.h0 + s * FD + int64_t(j) * kD, kD);
-    for (int j = j0; j < j1; ++j) pr.states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * kD, kD);
-    if (saved != nullptr)
-      std::copy(a + s * FD + int64_t(j0) * kD, a + s * FD + int64_t(j1) * kD,
-                saved + (int64_t(s) * L + t - 1) * FD + int64_t(j0) * kD);
+  cpu::LayerOut<T> out;
+  out.h = h;
+  out.a = saved == nullptr ? nullptr : saved + int64_t(t - 1) * FD;
+  out.a_row = L * FD;
+  out.z = pr.sum_out;
+  out.z_first = t == 1;
+  cpu::kernel_layer_columns<T, kBytes, kRegs, kD>(pr.p + (t - 1) * pr.layer_weight_numel(), pr.h0, h_prev, out, F,
+                                                  S, j0, j1);
+  constexpr int kVB = cpu::row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    for (int s = 0; s < S; ++s) {
+      T* row = pr.states + s * states_row + j0;
+      if (t == 1) cpu::row_sums<T, kVB, kD>(pr.h0 + s * FD + int64_t(j0) * kD, j1 - j0, row);
+      cpu::row_sums<T, kVB, kD>(h + s * FD + int64_t(j0) * kD, j1 - j0, row + int64_t(t) * F);
+    }
   }
 }
 
 template <typename T, int kD>
-void kernel_columns_generic(const PropagateParams<T>&, int, const T*, T*, T*, int, int, T*) {
+void kernel_columns_generic(const PropagateParams<T>&, int, const T*, T*, int, int, T*) {
   TORCH_CHECK(false, "kernel_columns: no vector loops in this build");  // never taken: see column_split_threads
 }
 #if DAGFM_X86_DISPATCH
 template <typename T, int kD>
-DAGFM_TARGET_AVX2 void kernel_columns_avx2(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h, int j0,
+DAGFM_TARGET_AVX2 void kernel_columns_avx2(const PropagateParams<T>& pr, int t, const T* h_prev, T* h, int j0,
                                            int j1, T* saved) {
-  kernel_columns<T, 32, 12, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+  kernel_columns<T, 32, 12, kD>(pr, t, h_prev, h, j0, j1, saved);
 }
 template <typename T, int kD>
-DAGFM_TARGET_AVX512 void kernel_columns_avx512(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h,
+DAGFM_TARGET_AVX512 void kernel_columns_avx512(const PropagateParams<T>& pr, int t, const T* h_prev, T* h,
                                                int j0, int j1, T* saved) {
-  kernel_columns<T, 64, 24, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+  kernel_columns<T, 64, 24, kD>(pr, t, h_prev, h, j0, j1, saved);
 }
 #endif
 
@@ -362,12 +369,12 @@ bool kernel_columns_available(int D) {
 }
 
 template <typename T, int kD>
-void kernel_columns_isa(const PropagateParams<T>& pr, int t, const T* h_prev, T* a, T* h, int j0, int j1, T* saved) {
+void kernel_columns_isa(const PropagateParams<T>& pr, int t, const T* h_prev, T* h, int j0, int j1, T* saved) {
 #if DAGFM_X86_DISPATCH
-  if (cpu_isa() == CpuIsa::Avx512) return kernel_columns_avx512<T, kD>(pr, t, h_prev, a, h, j0, j1, saved);
-  if (cpu_isa() == CpuIsa::Avx2) return kernel_columns_avx2<T, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+  if (cpu_isa() == CpuIsa::Avx512) return kernel_columns_avx512<T, kD>(pr, t, h_prev, h, j0, j1, saved);
+  if (cpu_isa() == CpuIsa::Avx2) return kernel_columns_avx2<T, kD>(pr, t, h_prev, h, j0, j1, saved);
 #endif
-  kernel_columns_generic<T, kD>(pr, t, h_prev, a, h, j0, j1, saved);
+  kernel_columns_generic<T, kD>(pr, t, h_prev, h, j0, j1, saved);
 }
 
 // A per-thread scratch buffer that only grows: no allocation (and no page faults) per call.
@@ -407,7 +414,8 @@ void forward_rows(const PropagateParams<T>& pr, T* saved = nullptr) {
 // per layer, since layer t reads all of h^(t-1).
 template <typename T>
 int column_split_threads(const PropagateParams<T>& pr) {
-  if (pr.interaction != Interaction::Kernel || pr.batch > kColumnSplitMaxBatch || at::in_parallel_region())
+  if (pr.interaction != Interaction::Kernel || pr.depth == 0 || pr.batch > kColumnSplitMaxBatch ||
+      at::in_parallel_region())
     return 0;
   const int64_t edges = int64_t(pr.num_fields) * (pr.num_fields + 1) / 2;
   const int64_t layer_bytes = edges * pr.embed_dim * pr.embed_dim * int64_t(sizeof(T));
@@ -429,9 +437,8 @@ void forward_kernel_columns(const PropagateParams<T>& pr, int threads, T* saved)
     while (j < F && int64_t(j) * (j + 1) / 2 < total * k / threads) ++j;
     bounds[k] = std::max(bounds[k - 1], j);
   }
-  T* ws = thread_workspace<T>(3 * BFD);
+  T* ws = thread_workspace<T>(2 * BFD);
   T* hbuf[2] = {ws, ws + BFD};
-  T* a = ws + 2 * BFD;
   const T* h_prev = pr.h0;
   for (int t = 1; t <= L; ++t) {
     T* h = hbuf[t & 1];
@@ -439,7 +446,7 @@ void forward_kernel_columns(const PropagateParams<T>& pr, int threads, T* saved)
       for (int64_t k = k0; k < k1; ++k)
         if (bounds[k] < bounds[k + 1])
           with_static_embed_dim(D, [&]<int kD>() {
-            kernel_columns_isa<T, kD>(pr, t, h_prev, a, h, bounds[k], bounds[k + 1], saved);
+            kernel_columns_isa<T, kD>(pr, t, h_prev, h, bounds[k], bounds[k + 1], saved);
           });
     });
     h_prev = h;
@@ -550,12 +557,18 @@ void forward_kernel_blas(const PropagateParams<T>& pr, T* saved) {
       const int rows = int(std::min(kBlasTileRows, pr.batch - r0));
       const T* h0 = pr.h0 + r0 * FD;
       T* states = pr.states + r0 * states_row;
+      T* z = pr.sum_out == nullptr ? nullptr : pr.sum_out + r0 * FD;
       write_states(h0, rows, states);
+      if (z != nullptr) std::copy(h0, h0 + rows * FD, z);
       const T* h_prev = h0;
       for (int t = 1; t <= L; ++t) {
         T* h = hb[t & 1];
         kernel_layer_product(h_prev, w.get() + (t - 1) * FD * FD, rows, F, D, a);
         hadamard_row(h0, a, rows * FD, h);
+        if (z != nullptr) {
+          DAGFM_SIMD
+          for (int64_t k = 0; k < rows * FD; ++k) z[k] += h[k];
+        }
         if (saved != nullptr)
           for (int r = 0; r < rows; ++r)
             std::copy(a + r * FD, a + (r + 1) * FD, saved + ((r0 + r) * L + (t - 1)) * FD);
@@ -727,6 +740,39 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
   return {states, saved};
 }
 
+// The propagation with the D-vector sum z = h^0 + ... + h^L (B, F, D) accumulated in the tiles:
+// (states, z) for inference, plus the kept messages for training.
+std::tuple<at::Tensor, at::Tensor> propagate_sum_fwd_cpu(const at::Tensor& h0, const at::Tensor& p,
+                                                         const std::optional<at::Tensor>& q,
+                                                         c10::string_view interaction) {
+  const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
+  at::Tensor states = empty_states(args);
+  at::Tensor z = at::empty_like(args.h0);
+  if (args.batch == 0) return {states, z};
+  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_cpu", [&] {
+    auto params = make_params<scalar_t>(args, states);
+    params.sum_out = z.data_ptr<scalar_t>();
+    forward(params);
+  });
+  return {states, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_sum_fwd_train_cpu(const at::Tensor& h0, const at::Tensor& p,
+                                                                           const std::optional<at::Tensor>& q,
+                                                                           c10::string_view interaction) {
+  const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
+  at::Tensor states = empty_states(args);
+  at::Tensor z = at::empty_like(args.h0);
+  at::Tensor saved = at::empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
+  if (args.batch == 0) return {states, z, saved};
+  AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_train_cpu", [&] {
+    auto params = make_params<scalar_t>(args, states);
+    params.sum_out = z.data_ptr<scalar_t>();
+    forward(params, saved.data_ptr<scalar_t>());
+  });
+  return {states, z, saved};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
     const at::Tensor& grad_states, const at::Tensor& h0, const at::Tensor& p,
     const std::optional<at::Tensor>& q, c10::string_view interaction,
@@ -769,4 +815,6 @@ TORCH_LIBRARY_IMPL(dagfm_ext, CPU, m) {
   m.impl("propagate_fwd", &dagfm::propagate_fwd_cpu);
   m.impl("propagate_fwd_train", &dagfm::propagate_fwd_train_cpu);
   m.impl("propagate_bwd", &dagfm::propagate_bwd_cpu);
+  m.impl("propagate_sum_fwd", &dagfm::propagate_sum_fwd_cpu);
+  m.impl("propagate_sum_fwd_train", &dagfm::propagate_sum_fwd_train_cpu);
 }

@@ -45,12 +45,12 @@ DAGFM_HD void over_samples(int S, Block&& block) {
 template <typename T, int kBytes, int kD>
 constexpr bool kernel_columns_vectorized() { return row_vector_bytes<T, kBytes, kD>() > 0; }
 
-// Kernel interaction, one layer for the target fields [j_begin, j_end) of S samples: a_j and
-// h_j = h0_j * a_j (only where kernel_columns_vectorized). Each a_j sums over (i, d) in the same
-// order whatever the block shape, the column range or the batch.
+// Kernel interaction, one layer for the target fields [j_begin, j_end) of S samples into `out`
+// (h_j = h0_j * a_j; a_j and z_j when asked; only where kernel_columns_vectorized). Each a_j sums
+// over (i, d) in the same order whatever the block shape, the column range or the batch.
 template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void kernel_layer_columns(const T* p, const T* h0, const T* h_prev, T* a, T* h, int F, int S,
-                                   int j_begin, int j_end) {
+DAGFM_HD void kernel_layer_columns(const T* p, const T* h0, const T* h_prev, const LayerOut<T>& out, int F,
+                                   int S, int j_begin, int j_end) {
 #ifdef DAGFM_CPU_VECTORS
   constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
   if constexpr (kVB > 0) {
@@ -67,18 +67,19 @@ DAGFM_HD void kernel_layer_columns(const T* p, const T* h0, const T* h_prev, T* 
       int j0 = j_begin;
       const int wide_begin = j_end - (j_end - j_begin) / kJb * kJb;
       if constexpr (kJb > 2)
-        for (; j0 + 2 <= wide_begin; j0 += 2) kernel_forward_block<T, kVB, kD, kMb, 2>(p, h0, h_prev, a, h, F, j0, s0);
-      for (; j0 < wide_begin; ++j0) kernel_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, a, h, F, j0, s0);
-      for (; j0 < j_end; j0 += kJb) kernel_forward_block<T, kVB, kD, kMb, kJb>(p, h0, h_prev, a, h, F, j0, s0);
+        for (; j0 + 2 <= wide_begin; j0 += 2) kernel_forward_block<T, kVB, kD, kMb, 2>(p, h0, h_prev, out, F, j0, s0);
+      for (; j0 < wide_begin; ++j0) kernel_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, out, F, j0, s0);
+      for (; j0 < j_end; j0 += kJb) kernel_forward_block<T, kVB, kD, kMb, kJb>(p, h0, h_prev, out, F, j0, s0);
     });
   }
 #endif
 }
 
-// One layer forward for the tile: a = messages into every field, h = h0 * a.
+// One layer forward for the tile into `out` (h = h0 * a; a and z when asked). a_scratch (S*F*D
+// elements) holds the messages of the portable loops when out.a does not.
 template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const T* h0,
-                                 const T* h_prev, T* a, T* h, int F, int D, int S) {
+DAGFM_HD void layer_forward_out(Interaction kind, const T* p, const T* q, const T* h0, const T* h_prev,
+                                const LayerOut<T>& out, int F, int D, int S, T* a_scratch) {
 #ifdef DAGFM_CPU_VECTORS
   constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
   if constexpr (kVB > 0) {
@@ -89,25 +90,44 @@ DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const
     if (kind == Interaction::Inner) {
       constexpr int kJ = kCols / kV > 1 ? kCols / kV : 1;
       constexpr int kM = kRegs / (kJ * kV) > 1 ? kRegs / (kJ * kV) : 1;
-      over_samples<kM>(S, [&]<int kMb>(int s0) {
+      over_samples<kM>(S, [&]<int kMb>(int s0) __attribute__((always_inline)) {
+        // The odd fields first: the first fields have the fewest sources.
         int j0 = 0;
-        for (; j0 + kJ <= F; j0 += kJ) inner_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, a, h, F, j0, s0);
-        for (; j0 < F; ++j0) inner_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, a, h, F, j0, s0);
+        for (; j0 < F % kJ; ++j0) inner_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, out, F, j0, s0);
+        for (; j0 < F; j0 += kJ) inner_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, out, F, j0, s0);
       });
       return;
     }
     if (kind == Interaction::Kernel) {
-      kernel_layer_columns<T, kBytes, kRegs, kD>(p, h0, h_prev, a, h, F, S, 0, F);
+      kernel_layer_columns<T, kBytes, kRegs, kD>(p, h0, h_prev, out, F, S, 0, F);
       return;
     }
     constexpr int kM = kRegs / (3 * kV) > 1 ? kRegs / (3 * kV) : 1;
-    over_samples<kM>(S, [&]<int kMb>(int s0) {
-      for (int j = 0; j < F; ++j) outer_forward_block<T, kVB, kD, kMb>(p, q, h0, h_prev, a, h, F, j, s0);
+    over_samples<kM>(S, [&]<int kMb>(int s0) __attribute__((always_inline)) {
+      for (int j = 0; j < F; ++j) outer_forward_block<T, kVB, kD, kMb>(p, q, h0, h_prev, out, F, j, s0);
     });
     return;
   }
 #endif
-  layer_forward<T, T, kD>(kind, p, q, h0, h_prev, a, h, F, D, S);
+  const int64_t FD = int64_t(F) * D, SFD = S * FD;
+  T* a = out.a != nullptr && out.a_row == FD ? out.a : a_scratch;
+  layer_forward<T, T, kD>(kind, p, q, h0, h_prev, a, out.h, F, D, S);
+  if (out.a != nullptr && a != out.a)
+    for (int s = 0; s < S; ++s)
+      for (int64_t k = 0; k < FD; ++k) out.a[s * out.a_row + k] = a[s * FD + k];
+  if (out.z != nullptr)
+    for (int64_t k = 0; k < SFD; ++k) out.z[k] = (out.z_first ? h0[k] : out.z[k]) + out.h[k];
+}
+
+// One layer forward for the tile: a = messages into every field, h = h0 * a.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const T* h0,
+                                 const T* h_prev, T* a, T* h, int F, int D, int S) {
+  LayerOut<T> out;
+  out.h = h;
+  out.a = a;
+  out.a_row = int64_t(F) * D;
+  layer_forward_out<T, kBytes, kRegs, kD>(kind, p, q, h0, h_prev, out, F, D, S, a);
 }
 
 // Whether the outer interaction runs with samples in lanes: a vector of samples per group, the
@@ -115,6 +135,13 @@ DAGFM_HD void layer_forward_tile(Interaction kind, const T* p, const T* q, const
 template <typename T, int kBytes, int kRegs, int kD>
 constexpr bool outer_in_lanes() {
   return (std::is_same_v<T, float> || std::is_same_v<T, double>) && kBytes == 64 && kRegs >= 24 && kD > 0 && kD <= 16;
+}
+
+// The same for the forward, which also runs in lanes on AVX2 (h_i and a_j in register chunks).
+template <typename T, int kBytes, int kRegs, int kD>
+constexpr bool outer_forward_in_lanes() {
+  return (std::is_same_v<T, float> || std::is_same_v<T, double>) && kD > 0 && kD <= 16 &&
+         ((kBytes == 64 && kRegs >= 24) || (kBytes == 32 && kD % 4 == 0));
 }
 
 // Scratch of the outer backward in lanes, in elements: h and alpha transposed, the edge dots.
@@ -187,13 +214,15 @@ DAGFM_HD void layer_backward_tile(Interaction kind, const T* p, const T* q, cons
                            grad_q, F, D, S);
 }
 
-// Workspace of forward_tile, in elements: two state buffers and the messages, or the three
-// (F, D) x 16-lane buffers of outer_forward_lanes.
-DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) { return (3 * int64_t(S) + 48) * F * D; }
+// Workspace of forward_tile, in elements: two state buffers, the messages and the state sums of
+// S samples, or outer_forward_lanes' buffers (16 lanes at most).
+DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) {
+  const int64_t rows = (3 * int64_t(S) * D + S) * F, lanes = (5 * int64_t(F) * D + int64_t(F) * F) * 16;
+  return rows > lanes ? rows : lanes;
+}
 
-
-// Forward of samples [b, b + S): states (and, when saved != nullptr, the messages a^1..a^L laid
-// out (B, L, F, D)) written to the outputs of pr.
+// Forward of samples [b, b + S): states, and when asked the messages a^1..a^L (saved, laid out
+// (B, L, F, D)) and the sum z = h^0 + ... + h^L (pr.sum_out, (B, F, D)).
 template <typename T, int kBytes, int kRegs, int kD>
 DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws, T* saved) {
   const int F = pr.num_fields, D = kD > 0 ? kD : pr.embed_dim, L = pr.depth;
@@ -201,42 +230,58 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
   const int64_t layer_numel = pr.layer_weight_numel(), q_layer_numel = FD * F;
   const T* h0 = pr.h0 + b * FD;
   T* states = pr.states + b * states_row;
-  T* hbuf[2] = {ws, ws + SFD};
-  T* a = ws + 2 * SFD;
-  auto write_states = [&](const T* h, int t) {
-    for (int s = 0; s < S; ++s)
-      for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * D, D);
-  };
+  T* z = pr.sum_out == nullptr ? nullptr : pr.sum_out + b * FD;
 #ifdef DAGFM_CPU_VECTORS
-  if constexpr (outer_in_lanes<T, kBytes, kRegs, kD>()) {
+  if constexpr (outer_forward_in_lanes<T, kBytes, kRegs, kD>()) {
     constexpr int kW = Vec<T, kBytes>::lanes;
+    // Register chunks: all of h_i and a_j with AVX-512's 32 registers; AVX2's 16 hold 4 + 8 partial
+    // dots, or 8 accumulators.
+    constexpr int kDot = kBytes == 64 ? kD : 4, kAcc = kBytes == 64 ? kD : kD < 8 ? kD : 8;
     // Half a vector of samples or more: lanes beat horizontal sums despite the padding.
     if (pr.interaction == Interaction::Outer && 2 * S >= kW) {
       for (int g = 0; g < S; g += kW) {
         const int n = S - g < kW ? S - g : kW;
-        for (int64_t k = 0; k < FD; ++k)
-          for (int lane = 0; lane < kW; ++lane) ws[k * kW + lane] = lane < n ? h0[(g + lane) * FD + k] : T(0);
-        outer_forward_lanes<T, kBytes, kD>(pr.p, pr.q, ws, F, L, n, states + g * states_row, states_row,
-                                           saved == nullptr ? nullptr : saved + (b + g) * L * FD);
+        outer_forward_lanes<T, kBytes, kD, kDot, kAcc>(
+            pr.p, pr.q, h0 + g * FD, n, F, L, ws, states + g * states_row, states_row,
+            saved == nullptr ? nullptr : saved + (b + g) * L * FD, z == nullptr ? nullptr : z + g * FD);
       }
       return;
     }
   }
 #endif
+  T* hbuf[2] = {ws, ws + SFD};
+  T* a = ws + 2 * SFD;
+  T* sums = ws + 3 * SFD;
+  auto write_states = [&](const T* h, int t) __attribute__((always_inline)) {
+#ifdef DAGFM_CPU_VECTORS
+    constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+    if constexpr (kVB > 0) {
+      // Transposed sums of whole rows, then each sample's F values to its row of the states.
+      row_sums<T, kVB, kD>(h, int64_t(S) * F, sums);
+      for (int s = 0; s < S; ++s)
+        for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sums[s * F + j];
+      return;
+    }
+#endif
+    for (int s = 0; s < S; ++s)
+      for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * D, D);
+  };
   write_states(h0, 0);
+  if (z != nullptr && L == 0)
+    for (int64_t k = 0; k < SFD; ++k) z[k] = h0[k];
   const T* h_prev = h0;
   for (int t = 1; t <= L; ++t) {
-    T* h = hbuf[t & 1];
-    layer_forward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
-                                             pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel,
-                                             h0, h_prev, a, h, F, D, S);
-    write_states(h, t);
-    if (saved != nullptr)
-      for (int s = 0; s < S; ++s) {
-        T* dst = saved + ((b + s) * L + t - 1) * FD;
-        for (int64_t k = 0; k < FD; ++k) dst[k] = a[s * FD + k];
-      }
-    h_prev = h;
+    LayerOut<T> out;
+    out.h = hbuf[t & 1];
+    out.a = saved == nullptr ? nullptr : saved + (b * L + t - 1) * FD;
+    out.a_row = L * FD;
+    out.z = z;
+    out.z_first = t == 1;
+    layer_forward_out<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
+                                            pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
+                                            h_prev, out, F, D, S, a);
+    write_states(out.h, t);
+    h_prev = out.h;
   }
 }
 
