@@ -57,14 +57,13 @@ DAGFM_HD void broadcast_deltas(const T* grad_states, int t, T* out, int F, int D
     for (int s = 0; s < S; ++s) {
       const T* g = grad_states + s * states_row + int64_t(t) * F;
       T* o = out + s * FD;
+      // Plain loops: with `omp simd` over d, GCC writes each field with a scatter.
       if (grad_sum == nullptr) {
         for (int j = 0; j < F; ++j)
-          DAGFM_SIMD
           for (int d = 0; d < kD; ++d) o[j * kD + d] = g[j];
       } else {
         const T* z = grad_sum + s * FD;
         for (int j = 0; j < F; ++j)
-          DAGFM_SIMD
           for (int d = 0; d < kD; ++d) o[j * kD + d] = g[j] + z[j * kD + d];
       }
     }
@@ -136,7 +135,6 @@ DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_
         const T* g = grad_states + s * states_row + int64_t(t - 1) * F + j0;
         T* dp = delta_prev + o;
         for (int jj = 0; jj < kJb; ++jj)
-          DAGFM_SIMD
           for (int d = 0; d < kD; ++d) dp[jj * kD + d] = g[jj];
         if (grad_sum != nullptr) {
           const T* z = grad_sum + o;
