@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -32,6 +33,7 @@
 
 #include "../dagfm_math.h"
 #include "../ops.h"
+#include "backward_tile.h"
 #include "tile.h"
 
 // Fortran BLAS as exported by the BLAS that torch links (MKL on x86 wheels). Declared weak so a
@@ -377,12 +379,23 @@ void kernel_columns_isa(const PropagateParams<T>& pr, int t, const T* h_prev, T*
   kernel_columns_generic<T, kD>(pr, t, h_prev, h, j0, j1, saved);
 }
 
+// Buffers the tile loops read are cache-line aligned: they load whole 64-byte vectors, and one
+// that straddles two lines costs two loads. A buffer holds kLineElems<T> spare elements for it.
+constexpr uintptr_t kCacheLine = 64;
+template <typename T>
+constexpr int64_t kLineElems = int64_t(kCacheLine / sizeof(T));
+
+template <typename T>
+T* line_aligned(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + kCacheLine - 1) & ~(kCacheLine - 1));
+}
+
 // A per-thread scratch buffer that only grows: no allocation (and no page faults) per call.
 template <typename T>
 T* thread_workspace(int64_t numel) {
   thread_local std::vector<T> buf;
-  if (int64_t(buf.size()) < numel) buf.resize(numel);
-  return buf.data();
+  if (int64_t(buf.size()) < numel + kLineElems<T>) buf.resize(numel + kLineElems<T>);
+  return line_aligned(buf.data());
 }
 
 // Units of `unit_flops` each per thread, so that every thread gets at least kMinFlopsPerThread.
@@ -461,24 +474,28 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
   const ChunkPlan plan = plan_gradient_chunks(pr.batch, (wnum + qnum) * int64_t(sizeof(T)));
   // One chunk accumulates straight into the (zeroed) outputs.
   const bool direct = plan.num_chunks == 1;
-  std::vector<T> partial_p, partial_q;
+  std::vector<T> partial_p_buf, partial_q_buf;
+  T* partial_p = nullptr;
+  T* partial_q = nullptr;
   if (!direct) {
-    partial_p.assign(plan.num_chunks * wnum, T(0));
-    partial_q.assign(plan.num_chunks * qnum, T(0));
+    partial_p_buf.assign(plan.num_chunks * wnum + kLineElems<T>, T(0));
+    partial_q_buf.assign(plan.num_chunks * qnum + kLineElems<T>, T(0));
+    partial_p = line_aligned(partial_p_buf.data());
+    partial_q = line_aligned(partial_q_buf.data());
   }
   const int64_t grain = grain_for(3 * per_row_flops(pr) * plan.chunk_rows);
   at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
     T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile) + cpu::outer_lanes_scratch_numel(F, D));
     for (int64_t c = c0; c < c1; ++c) {
-      T* gp = direct ? pr.grad_p : partial_p.data() + c * wnum;
-      T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q.data() + c * qnum;
+      T* gp = direct ? pr.grad_p : partial_p + c * wnum;
+      T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q + c * qnum;
       const int64_t b0 = c * plan.chunk_rows, b1 = std::min(pr.batch, b0 + plan.chunk_rows);
       with_static_embed_dim(D, [&]<int kD>() { backward_range_isa<T, kD>(pr, b0, b1, gp, gq, ws, saved); });
     }
   });
   if (!direct) {
-    reduce_partials(partial_p.data(), plan.num_chunks, wnum, pr.grad_p);
-    if (qnum) reduce_partials(partial_q.data(), plan.num_chunks, qnum, pr.grad_q);
+    reduce_partials(partial_p, plan.num_chunks, wnum, pr.grad_p);
+    if (qnum) reduce_partials(partial_q, plan.num_chunks, qnum, pr.grad_q);
   }
 }
 

@@ -144,76 +144,6 @@ constexpr bool outer_forward_in_lanes() {
          ((kBytes == 64 && kRegs >= 24) || (kBytes == 32 && kD % 4 == 0));
 }
 
-// Scratch of the outer backward in lanes, in elements: h and alpha transposed, the edge dots.
-DAGFM_HD int64_t outer_lanes_scratch_numel(int F, int D) { return 2 * (int64_t(F) * D + int64_t(F) * F) * 16; }
-
-// One layer backward for the tile; arguments as dagfm_math.h's layer_backward, plus `scratch`
-// (outer_lanes_scratch_numel elements).
-template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void layer_backward_tile(Interaction kind, const T* p, const T* q, const T* h0,
-                                  const T* h_prev, const T* a, const T* delta, T* delta_prev,
-                                  T* alpha, T* grad_h0, T* grad_p, T* grad_q, int F, int D, int S,
-                                  T* scratch) {
-#ifdef DAGFM_CPU_VECTORS
-  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
-  if constexpr (kVB > 0) {
-    if (kind != Interaction::Kernel) {
-      const int64_t n = int64_t(S) * F * kD;
-      DAGFM_SIMD
-      for (int64_t k = 0; k < n; ++k) {
-        alpha[k] = delta[k] * h0[k];
-        grad_h0[k] += delta[k] * a[k];
-      }
-      constexpr int kV = kD / Vec<T, kVB>::lanes;
-      if constexpr (outer_in_lanes<T, kBytes, kRegs, kD>()) {
-        constexpr int kW = Vec<T, kBytes>::lanes;
-        if (kind == Interaction::Outer && 2 * S >= kW) {
-          const int64_t FD = int64_t(F) * kD;
-          T* hT = scratch;
-          T* aT = hT + FD * kW;
-          T* C = aT + FD * kW;
-          T* R = C + int64_t(F) * F * kW;
-          for (int g = 0; g < S; g += kW) {
-            const int n = S - g < kW ? S - g : kW;
-            for (int64_t k = 0; k < FD; ++k)
-              for (int lane = 0; lane < kW; ++lane) {
-                hT[k * kW + lane] = lane < n ? h_prev[(g + lane) * FD + k] : T(0);
-                aT[k * kW + lane] = lane < n ? alpha[(g + lane) * FD + k] : T(0);
-              }
-            outer_edge_dots_lanes<T, kBytes, kD>(p, q, hT, aT, C, R, F);
-            if (n == kW) {
-              outer_backward_rows<T, kVB, kD, kW>(p, h_prev, alpha, C, R, delta_prev, grad_p, grad_q, F, g, 0, kW);
-            } else {
-              for (int lane = 0; lane < n; ++lane)
-                outer_backward_rows<T, kVB, kD, 1>(p, h_prev, alpha, C, R, delta_prev, grad_p, grad_q, F, g + lane,
-                                                   lane, kW);
-            }
-          }
-          return;
-        }
-      }
-      // h_i and delta_prev_i of each sample stay in registers across j, next to the edge's
-      // weights and gradients: kB samples per block (inner), 1 (outer).
-      if (kind == Interaction::Inner) {
-        constexpr int kFit = ((kRegs >= 24 ? 32 : 16) - 3 * kV) / (2 * kV);
-        constexpr int kB = kFit > 8 ? 8 : kFit > 1 ? kFit : 1;
-        int s0 = 0;
-        for (; s0 + kB <= S; s0 += kB)
-          backward_block<T, kVB, kD, kB, false>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
-        for (; s0 < S; ++s0)
-          backward_block<T, kVB, kD, 1, false>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
-      } else {
-        for (int s0 = 0; s0 < S; ++s0)
-          backward_block<T, kVB, kD, 1, true>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s0);
-      }
-      return;
-    }
-  }
-#endif
-  layer_backward<T, T, kD>(kind, p, q, h0, h_prev, a, delta, delta_prev, alpha, grad_h0, grad_p,
-                           grad_q, F, D, S);
-}
-
 // Workspace of forward_tile, in elements: two state buffers, the messages and the state sums of
 // S samples, or outer_forward_lanes' buffers (16 lanes at most).
 DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) {
@@ -283,58 +213,6 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
     write_states(out.h, t);
     h_prev = out.h;
   }
-}
-
-// Backward of samples [b, b + S) into grad_h0 (its rows of pr.grad_h0) and the caller's weight
-// gradient partials grad_p / grad_q; ws holds tile_workspace_numel(F, D, L, S) elements, scratch
-// outer_lanes_scratch_numel(F, D).
-// saved: the forward's messages, or nullptr to recompute them.
-template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int S, T* grad_p,
-                            T* grad_q, T* ws, const T* saved, T* scratch) {
-  const int F = pr.num_fields, D = kD > 0 ? kD : pr.embed_dim, L = pr.depth;
-  const int64_t FD = int64_t(F) * D, SFD = S * FD;
-  const int64_t layer_numel = pr.layer_weight_numel(), q_layer_numel = FD * F;
-  auto H = [&](int t) { return ws + t * SFD; };
-  auto A = [&](int t) { return ws + (L + t) * SFD; };
-  const T* h0 = pr.h0 + b * FD;
-  for (int64_t k = 0; k < SFD; ++k) H(0)[k] = h0[k];
-  for (int t = 1; t <= L; ++t) {
-    if (saved != nullptr) {
-      for (int s = 0; s < S; ++s) {
-        const T* src = saved + ((b + s) * L + t - 1) * FD;
-        for (int64_t k = 0; k < FD; ++k) {
-          A(t)[s * FD + k] = src[k];
-          H(t)[s * FD + k] = h0[s * FD + k] * src[k];
-        }
-      }
-    } else {
-      layer_forward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
-                                               pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel,
-                                               h0, H(t - 1), A(t), H(t), F, D, S);
-    }
-  }
-  T* delta = ws + (2 * L + 1) * SFD;
-  T* delta_prev = delta + SFD;
-  T* alpha = delta_prev + SFD;
-  T* grad_h0 = pr.grad_h0 + b * FD;
-  const T* grad_states = pr.grad_states + b * int64_t(L + 1) * F;
-  const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;  // dLoss/dz, every layer
-  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = T(0);
-  broadcast_grad_states(grad_states, L, delta, F, D, L, S, grad_sum);
-  for (int t = L; t >= 1; --t) {
-    broadcast_grad_states(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
-    layer_backward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
-                                       pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
-                                       H(t - 1), A(t), delta, delta_prev, alpha, grad_h0,
-                                       grad_p + (t - 1) * layer_numel,
-                                       grad_q == nullptr ? nullptr : grad_q + (t - 1) * q_layer_numel, F, D, S,
-                                       scratch);
-    T* tmp = delta;
-    delta = delta_prev;
-    delta_prev = tmp;
-  }
-  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
 }
 
 }  // namespace cpu

@@ -1,0 +1,292 @@
+// One tile of S consecutive samples back through all L layers on the CPU: the register blocks of
+// backward_blocks.h where the embedding size fits whole vectors, the portable loops of
+// dagfm_math.h elsewhere. Template arguments as in tile.h.
+#pragma once
+
+#include <cstdint>
+
+#include "../dagfm_math.h"
+#include "../dagfm_params.h"
+#include "backward_blocks.h"
+#include "tile.h"
+
+namespace dagfm {
+namespace cpu {
+
+// Runs block<kJb>(j0) over the fields [0, F): the F % kJ leftover fields first, in halving blocks
+// (there the triangle has the fewest sources), then blocks of kJ. The blocks must be lambdas marked
+// always_inline: an outlined lambda would lose the caller's target instruction set.
+template <int kJ, typename Block>
+DAGFM_HD void over_fields(int F, Block&& block) {
+  static_assert((kJ & (kJ - 1)) == 0, "kJ: a power of two");
+  int j0 = 0;
+  if constexpr (kJ > 1) {
+    over_fields<kJ / 2>(F % kJ, block);
+    j0 = F % kJ;
+  }
+  for (; j0 < F; j0 += kJ) block.template operator()<kJ>(j0);
+}
+
+// Scratch of the outer backward in lanes, in elements: h and alpha transposed, the edge dots.
+DAGFM_HD int64_t outer_lanes_scratch_numel(int F, int D) { return 2 * (int64_t(F) * D + int64_t(F) * F) * 16; }
+
+// Target fields per inner backward register block (see inner_backward_block): a power of two
+// sized to the vector registers (32 on AVX-512, 16 on AVX2); 0 where the portable loops run.
+template <typename T, int kBytes, int kRegs, int kD>
+constexpr int inner_backward_fields() {
+#ifdef DAGFM_CPU_VECTORS
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    constexpr int kV = kD / Vec<T, kVB>::lanes;
+    constexpr int kVecRegs = kRegs >= 24 ? 32 : 16;
+    return kVecRegs / 4 / kV > 1 ? kVecRegs / 4 / kV : 1;
+  }
+#endif
+  return 0;
+}
+
+// Start of delta^t for the tile: G[t, j] broadcast over the values of field j, plus the sum's
+// gradient where there is one; dagfm_math.h's broadcast_grad_states with the embedding size fixed
+// at compile time (one vector store per field) where it is.
+template <typename T, int kD>
+DAGFM_HD void broadcast_deltas(const T* grad_states, int t, T* out, int F, int D, int L, int S, const T* grad_sum) {
+  if constexpr (kD == 0) {
+    broadcast_grad_states(grad_states, t, out, F, D, L, S, grad_sum);
+  } else {
+    const int64_t FD = int64_t(F) * kD, states_row = int64_t(L + 1) * F;
+    for (int s = 0; s < S; ++s) {
+      const T* g = grad_states + s * states_row + int64_t(t) * F;
+      T* o = out + s * FD;
+      // Plain loops: with `omp simd` over d, GCC writes each field with a scatter.
+      if (grad_sum == nullptr) {
+        for (int j = 0; j < F; ++j)
+          for (int d = 0; d < kD; ++d) o[j * kD + d] = g[j];
+      } else {
+        const T* z = grad_sum + s * FD;
+        for (int j = 0; j < F; ++j)
+          for (int d = 0; d < kD; ++d) o[j * kD + d] = g[j] + z[j * kD + d];
+      }
+    }
+  }
+}
+
+#ifdef DAGFM_CPU_VECTORS
+// The inner interaction's layers t = L..1 for the tile with the register blocks of
+// inner_backward_block. Per layer, h^{t-1} = h0 * a^{t-1} is rebuilt into h_buf in one pass; then
+// per block of target fields [j0, j0 + kJb), one pass over the block's rows writes
+// alpha_j = delta_j * h0_j (into `alpha`, kept in L1), adds delta_j * a^t_j to grad_h0_j and starts
+// delta^{t-1}_j from G[t-1, j] (the blocks run in increasing j0, so a source i first appears in the
+// block holding j = i, after that start). message(t): a^t of the tile's first sample, samples
+// message_stride apart. ws: 3 (S, F, D) buffers.
+template <typename T, int kBytes, int kRegs, int kD, typename Message>
+DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_t b, int S, T* grad_p,
+                                    Message&& message, int64_t message_stride, T* ws, T* h_buf) {
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  constexpr int kV = kD / Vec<T, kVB>::lanes;
+  // kB samples per step: the vector registers left after the block's weights and gradients.
+  constexpr int kJ = inner_backward_fields<T, kBytes, kRegs, kD>();
+  constexpr int kVecRegs = kRegs >= 24 ? 32 : 16;
+  constexpr int kFit = (kVecRegs - 4 - 2 * kJ * kV) / (2 * kV);
+  constexpr int kB = kFit > 4 ? 4 : kFit > 1 ? kFit : 1;
+  const int F = pr.num_fields, L = pr.depth;
+  const int64_t FD = int64_t(F) * kD, SFD = S * FD, states_row = int64_t(L + 1) * F;
+  const int64_t layer_numel = pr.layer_weight_numel();
+  const T* h0 = pr.h0 + b * FD;
+  const T* grad_states = pr.grad_states + b * states_row;
+  const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;
+  T* grad_h0 = pr.grad_h0 + b * FD;
+  T* delta = ws;
+  T* delta_prev = ws + SFD;
+  T* alpha = ws + 2 * SFD;
+  broadcast_deltas<T, kD>(grad_states, L, delta, F, kD, L, S, grad_sum);
+  for (int t = L; t >= 1; --t) {
+    const T* a = message(t);
+    const T* a_prev = t > 1 ? message(t - 1) : nullptr;
+    const T* h_prev = t > 1 ? h_buf : h0;
+    // Whole rows: the messages' first reads from memory stream best in long runs.
+    if (a_prev != nullptr)
+      for (int s = 0; s < S; ++s) {
+        const T* ap = a_prev + s * message_stride;
+        DAGFM_SIMD
+        for (int64_t k = 0; k < FD; ++k) h_buf[s * FD + k] = h0[s * FD + k] * ap[k];
+      }
+    over_fields<kJ>(F, [&]<int kJb>(int j0) __attribute__((always_inline)) {
+      constexpr int kN = kJb * kD;
+      for (int s = 0; s < S; ++s) {
+        const int64_t o = s * FD + int64_t(j0) * kD;
+        const T* as = a + s * message_stride + int64_t(j0) * kD;
+        const T* dl = delta + o;
+        const T* x = h0 + o;
+        T* al = alpha + int64_t(s) * kN;
+        T* gh = grad_h0 + o;
+        if (t == L) {
+          DAGFM_SIMD
+          for (int k = 0; k < kN; ++k) {
+            al[k] = dl[k] * x[k];
+            gh[k] = dl[k] * as[k];
+          }
+        } else {
+          DAGFM_SIMD
+          for (int k = 0; k < kN; ++k) {
+            al[k] = dl[k] * x[k];
+            gh[k] += dl[k] * as[k];
+          }
+        }
+        const T* g = grad_states + s * states_row + int64_t(t - 1) * F + j0;
+        T* dp = delta_prev + o;
+        for (int jj = 0; jj < kJb; ++jj)
+          for (int d = 0; d < kD; ++d) dp[jj * kD + d] = g[jj];
+        if (grad_sum != nullptr) {
+          const T* z = grad_sum + o;
+          DAGFM_SIMD
+          for (int k = 0; k < kN; ++k) dp[k] += z[k];
+        }
+      }
+      inner_backward_block<T, kVB, kD, kJb, kB>(pr.p + (t - 1) * layer_numel, h_prev, alpha, delta_prev,
+                                                 grad_p + (t - 1) * layer_numel, F, j0, S);
+    });
+    T* tmp = delta;
+    delta = delta_prev;
+    delta_prev = tmp;
+  }
+  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
+}
+#endif
+
+// One layer backward for the tile (outer, or the portable loops); arguments as dagfm_math.h's
+// layer_backward, plus a_stride (the distance between two samples' rows of `a`: F*D, or L*F*D where
+// a points into the kept messages; the portable loops take F*D only), `scratch`
+// (outer_lanes_scratch_numel elements) and `first_layer` (the first layer of the backward, t = L:
+// the vector loops then write grad_h0 instead of adding to it; the portable loops always add).
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void layer_backward_tile(Interaction kind, const T* p, const T* q, const T* h0,
+                                  const T* h_prev, const T* a, int64_t a_stride, const T* delta,
+                                  T* delta_prev, T* alpha, T* grad_h0, T* grad_p, T* grad_q, int F,
+                                  int D, int S, T* scratch, bool first_layer) {
+#ifdef DAGFM_CPU_VECTORS
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    const int64_t FD = int64_t(F) * kD;
+    if (kind == Interaction::Outer) {
+      for (int s = 0; s < S; ++s) {
+        const T* as = a + s * a_stride;
+        const int64_t o = s * FD;
+        T* gh = grad_h0 + o;
+        DAGFM_SIMD
+        for (int64_t k = 0; k < FD; ++k) {
+          alpha[o + k] = delta[o + k] * h0[o + k];
+          gh[k] = (first_layer ? T(0) : gh[k]) + delta[o + k] * as[k];
+        }
+      }
+      if constexpr (outer_in_lanes<T, kBytes, kRegs, kD>()) {
+        constexpr int kW = Vec<T, kBytes>::lanes;
+        if (2 * S >= kW) {
+          T* hT = scratch;
+          T* aT = hT + FD * kW;
+          T* C = aT + FD * kW;
+          T* R = C + int64_t(F) * F * kW;
+          for (int g = 0; g < S; g += kW) {
+            const int n = S - g < kW ? S - g : kW;
+            samples_to_lanes<T, kBytes>(h_prev + g * FD, FD, n, FD, hT);
+            samples_to_lanes<T, kBytes>(alpha + g * FD, FD, n, FD, aT);
+            outer_edge_dots_lanes<T, kBytes, kD>(p, q, hT, aT, C, R, F);
+            outer_backward_lanes<T, kVB, kD, kW>(p, h_prev, alpha, C, R, delta_prev, grad_p, grad_q, F, g, n);
+          }
+          return;
+        }
+      }
+      // h_i and delta_prev_i of the sample stay in registers across j, next to the edge's
+      // weights and gradients.
+      for (int s = 0; s < S; ++s)
+        outer_backward_sample<T, kVB, kD>(p, q, h_prev, alpha, delta_prev, grad_p, grad_q, F, s);
+      return;
+    }
+  }
+#endif
+  layer_backward<T, T, kD>(kind, p, q, h0, h_prev, a, delta, delta_prev, alpha, grad_h0, grad_p,
+                           grad_q, F, D, S);
+}
+
+// Backward of samples [b, b + S) into grad_h0 (its rows of pr.grad_h0) and the caller's weight
+// gradient partials grad_p / grad_q; ws holds tile_workspace_numel(F, D, L, S) elements, scratch
+// outer_lanes_scratch_numel(F, D).
+// saved: the forward's messages, or nullptr to recompute them. The vector loops read them in place
+// and rebuild one h^{t-1} = h0 * a^{t-1} per layer; the portable loops take copies.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int S, T* grad_p,
+                            T* grad_q, T* ws, const T* saved, T* scratch) {
+  const int F = pr.num_fields, D = kD > 0 ? kD : pr.embed_dim, L = pr.depth;
+  const int64_t FD = int64_t(F) * D, SFD = S * FD;
+  const int64_t layer_numel = pr.layer_weight_numel(), q_layer_numel = FD * F;
+  auto H = [&](int t) { return ws + t * SFD; };
+  auto A = [&](int t) { return ws + (L + t) * SFD; };
+  const T* h0 = pr.h0 + b * FD;
+  constexpr bool kVectorLayers = row_vector_bytes<T, kBytes, kD>() > 0;
+  const bool in_place = saved != nullptr && kVectorLayers && pr.interaction != Interaction::Kernel;
+  if (!in_place) {
+    for (int64_t k = 0; k < SFD; ++k) H(0)[k] = h0[k];
+    for (int t = 1; t <= L; ++t) {
+      if (saved != nullptr) {
+        for (int s = 0; s < S; ++s) {
+          const T* src = saved + ((b + s) * L + t - 1) * FD;
+          for (int64_t k = 0; k < FD; ++k) {
+            A(t)[s * FD + k] = src[k];
+            H(t)[s * FD + k] = h0[s * FD + k] * src[k];
+          }
+        }
+      } else {
+        layer_forward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
+                                                 pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel,
+                                                 h0, H(t - 1), A(t), H(t), F, D, S);
+      }
+    }
+  }
+  // The kept message a^t of the tile's first sample, and h^{t-1}.
+  auto message = [&](int t) -> const T* { return in_place ? saved + (b * L + t - 1) * FD : A(t); };
+  const int64_t message_stride = in_place ? L * FD : FD;
+#ifdef DAGFM_CPU_VECTORS
+  if constexpr (kVectorLayers) {
+    if (pr.interaction == Interaction::Inner) {
+      // h^{t-1} rebuilt where h^0's copy was (the recomputed forward, if any, is done with it).
+      inner_backward_layers<T, kBytes, kRegs, kD>(pr, b, S, grad_p, message, message_stride, ws + (2 * L + 1) * SFD,
+                                                  H(0));
+      return;
+    }
+  }
+#endif
+  auto state = [&](int t) -> const T* {
+    if (!in_place || t == 0) return in_place ? h0 : H(t);
+    T* h = H(1);
+    for (int s = 0; s < S; ++s) {
+      const T* as = message(t) + s * message_stride;
+      DAGFM_SIMD
+      for (int64_t k = 0; k < FD; ++k) h[s * FD + k] = h0[s * FD + k] * as[k];
+    }
+    return h;
+  };
+  T* delta = ws + (2 * L + 1) * SFD;
+  T* delta_prev = delta + SFD;
+  T* alpha = delta_prev + SFD;
+  T* grad_h0 = pr.grad_h0 + b * FD;
+  const T* grad_states = pr.grad_states + b * int64_t(L + 1) * F;
+  const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;  // dLoss/dz, every layer
+  if (!kVectorLayers || pr.interaction == Interaction::Kernel)
+    for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = T(0);
+  broadcast_deltas<T, kD>(grad_states, L, delta, F, D, L, S, grad_sum);
+  for (int t = L; t >= 1; --t) {
+    broadcast_deltas<T, kD>(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
+    layer_backward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
+                                              pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
+                                              state(t - 1), message(t), message_stride, delta, delta_prev,
+                                              alpha, grad_h0, grad_p + (t - 1) * layer_numel,
+                                              grad_q == nullptr ? nullptr : grad_q + (t - 1) * q_layer_numel, F, D,
+                                              S, scratch, t == L);
+    T* tmp = delta;
+    delta = delta_prev;
+    delta_prev = tmp;
+  }
+  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
+}
+
+}  // namespace cpu
+}  // namespace dagfm
