@@ -2,9 +2,6 @@
 // delta_prev for one layer of a tile of samples.
 #pragma once
 
-#include <cstddef>
-#include <utility>
-
 #include "vec.h"
 
 #ifdef DAGFM_CPU_VECTORS
@@ -90,58 +87,6 @@ DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
   // (j0, j0 + kJ) only the fields >= i (the edges below the diagonal are never read).
   for (int i = 0; i <= j0; ++i) source(i, 0);
   for (int i = j0 + 1; i < j0 + kJ; ++i) source(i, i - j0);
-}
-
-// Lane index of the transpose stage that swaps the off-diagonal h x h blocks (see transpose_rows):
-// the first output row takes its columns c with (c & h) from the partner row (column c - h), the
-// second its columns c without h from the first row (column c + h). Indices >= N pick the partner.
-template <int N, int h, bool kFirst>
-constexpr int transpose_lane(int c) {
-  return kFirst ? ((c & h) ? N + (c ^ h) : c) : ((c & h) ? N + c : (c | h));
-}
-
-template <int N, int h, bool kFirst, typename V, std::size_t... I>
-DAGFM_HD V transpose_shuffle(const V& a, const V& b, std::index_sequence<I...>) {
-  return __builtin_shufflevector(a, b, transpose_lane<N, h, kFirst>(int(I))...);
-}
-
-// Transposes the N x N matrix held in rows r[0..N) of N lanes: log2(N) stages of two-source
-// shuffles, each swapping the off-diagonal blocks of every 2h x 2h block.
-template <int N, typename V>
-DAGFM_HD void transpose_rows(V (&r)[N]) {
-  auto stage = [&]<int h>() __attribute__((always_inline)) {
-    DAGFM_UNROLL
-    for (int r0 = 0; r0 < N; ++r0)
-      if ((r0 & h) == 0) {
-        const V a = r[r0], b = r[r0 | h];
-        r[r0] = transpose_shuffle<N, h, true>(a, b, std::make_index_sequence<N>());
-        r[r0 | h] = transpose_shuffle<N, h, false>(a, b, std::make_index_sequence<N>());
-      }
-  };
-  if constexpr (N >= 16) stage.template operator()<8>();
-  if constexpr (N >= 8) stage.template operator()<4>();
-  if constexpr (N >= 4) stage.template operator()<2>();
-  if constexpr (N >= 2) stage.template operator()<1>();
-}
-
-// Up to one vector of samples into lanes: out[k][lane] = rows[lane * stride + k] for k < FD, lanes
-// >= n zero. Whole kW x kW blocks by register transposes, the last FD % kW values one by one.
-template <typename T, int kBytes>
-DAGFM_HD void samples_to_lanes(const T* DAGFM_RESTRICT rows, int64_t stride, int n, int64_t FD,
-                               T* DAGFM_RESTRICT out) {
-  using V = typename Vec<T, kBytes>::type;
-  constexpr int kW = Vec<T, kBytes>::lanes;
-  int64_t k0 = 0;
-  for (; k0 + kW <= FD; k0 += kW) {
-    V r[kW];
-    DAGFM_UNROLL
-    for (int lane = 0; lane < kW; ++lane) r[lane] = lane < n ? vload<V>(rows + lane * stride + k0) : V{};
-    transpose_rows<kW>(r);
-    DAGFM_UNROLL
-    for (int k = 0; k < kW; ++k) vstore(out + (k0 + k) * kW, r[k]);
-  }
-  for (; k0 < FD; ++k0)
-    for (int lane = 0; lane < kW; ++lane) out[k0 * kW + lane] = lane < n ? rows[lane * stride + k0] : T(0);
 }
 
 // Outer backward, first half, for up to one vector of samples in lanes: C[i][j] = <p_ij, h_i> and

@@ -187,8 +187,8 @@ DAGFM_HD void layer_backward_tile(Interaction kind, const T* p, const T* q, cons
           T* R = C + int64_t(F) * F * kW;
           for (int g = 0; g < S; g += kW) {
             const int n = S - g < kW ? S - g : kW;
-            samples_to_lanes<T, kBytes>(h_prev + g * FD, FD, n, FD, hT);
-            samples_to_lanes<T, kBytes>(alpha + g * FD, FD, n, FD, aT);
+            rows_to_lanes<T, kBytes>(h_prev + g * FD, FD, n, FD, hT);
+            rows_to_lanes<T, kBytes>(alpha + g * FD, FD, n, FD, aT);
             outer_edge_dots_lanes<T, kBytes, kD>(p, q, hT, aT, C, R, F);
             outer_backward_lanes<T, kVB, kD, kW>(p, h_prev, alpha, C, R, delta_prev, grad_p, grad_q, F, g, n);
           }
