@@ -129,7 +129,9 @@ def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tupl
 
 def _has_hex(data: memoryview) -> bool:
     whole = data.obj  # the bytes the piece was cut from, from their start
-    return any(whole.find(p.encode(), 0, len(data)) >= 0 for p in (HEX_PREFIX.lower(), HEX_PREFIX.upper()))
+    # A search for one byte is a memchr; "0" alone is everywhere in hexadecimal tokens.
+    return any(whole.find(p[1].encode(), 0, len(data)) >= 0 and whole.find(p.encode(), 0, len(data)) >= 0
+               for p in (HEX_PREFIX.lower(), HEX_PREFIX.upper()))
 
 
 def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor, ahead: int, work):
