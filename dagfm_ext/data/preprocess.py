@@ -1,18 +1,27 @@
 """Columnar preprocessing: raw files -> encoded int32 rows, float32 labels and the schema.
 
 Pass 1 reads each file in chunks (``chunks.py``: pyarrow's CSV parser in worker threads, each
-column dictionary-encoded while it is parsed, the next chunks parsed while this one is counted). Per
-chunk it keeps on disk the per-row dictionary indices (column after column), the labels and each
-field's dictionary turned into tokens, and adds the token counts to per-field totals. Once every
-count is known each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it
-(count >= min_count, ordered by (-count, token)). The lookup then maps the chunks' token
-dictionaries to vocabulary ids in groups of chunks holding at least as many tokens as the
-vocabularies, so each vocabulary's hash table is built once per group rather than once per chunk
-(work proportional to the data, however large the vocabularies). Pass 2 encodes the chunks on all
-cores (numpy's gathers and the file I/O release the GIL), grouping each chunk's rows by split so
-that each split is one contiguous range of the output.
-Memory: a few chunks, the count tables (distinct tokens) and one byte per row for the split.
-Only the distinct values of a chunk ever reach Python (integer bucketing, derived fields).
+string column dictionary-encoded while it is parsed, each integer column parsed as int64 and
+bucketed). The worker that parsed a chunk also makes its labels, its per-row dictionary indices
+(column after column, uint16 when the dictionaries allow) and each field's tokens and token counts
+(``_count_chunk``); the consuming thread only appends them to the spill files in file order and
+adds the counts to per-field totals, so it never holds the parsing back. Once every count is known
+each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it (count >= min_count,
+ordered by (-count, token)). The lookup then maps the chunks' token dictionaries to vocabulary ids
+in groups of chunks holding at least as many tokens as the vocabularies, so each vocabulary's hash
+table is built once per group rather than once per chunk (work proportional to the data, however
+large the vocabularies). Pass 2 encodes the chunks on all cores (numpy's gathers and the file I/O
+release the GIL), grouping each chunk's rows by split so that each split is one contiguous range
+of the output.
+
+Why this shape: the parse is most of the time, and hashing the values is most of the parse, so
+each value is hashed once, in the parser, and only the distinct values of a chunk ever reach
+Python (integer bucketing, derived fields, counting). Integers skip the hashing: parsing int64 and
+bucketing from a table costs less than hashing the same column as strings. Two passes, because an
+id needs the counts of the whole file; the dictionary indices are spilled to disk in between so
+memory is a few chunks, the count tables (distinct tokens) and one byte per row for the split,
+not the file. Chunks of a few MiB: smaller ones parse a little faster per byte (cache) but give
+more dictionary entries, so more tokens to count and look up, and more Python per row.
 """
 from __future__ import annotations
 
@@ -225,6 +234,7 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
             file_rows.append(n - rows_before)
             if file_rows[-1] == 0:
                 raise DataFormatError(f"{src.path}: no data rows")
+    layout = pool.submit(_split_layout, sources, file_rows, n, seed)  # meanwhile: the vocabularies
     vocabs = list(pool.map(lambda i: counts[i].vocabulary(fmt.fields[i].min_count), range(len(fmt.fields))))
     del counts, memos
     specs = [(c.field_spec(max_len=c.max_len or field_max[i]), vocabs[i]) for i, c in enumerate(fmt.fields)]
@@ -232,7 +242,7 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
     # The Python dictionaries are the largest copy of the vocabularies: made last, except for the
     # 'multi' fields, whose lookup encodes each raw value with them.
     _python_vocabularies([(s, v) for s, v in specs if s.kind == "multi"])
-    split_of, ranges = _split_layout(sources, file_rows, n, seed)
+    split_of, ranges = layout.result()
     lookup_at = _write_lookups(out, specs, chunks, pool)
     sources_of = [src_names[1:].index(c.source) for c in fmt.fields]
     _encode(out, schema, sources_of, chunks, lookup_at, split_of, ranges, pool)
