@@ -1,6 +1,7 @@
 """The columnar preprocessing and its cache: encodings identical to the row-by-row reader,
 malformed rows named by file and line, a cache keyed on the file and the options, and a build
 killed mid-way that leaves nothing a later run would use."""
+import json
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from criteo_oracle import load_criteo_rows
 from dagfm_ext.cli import main
-from dagfm_ext.data import DataFormatError, load_criteo
+from dagfm_ext.data import DataFormatError, load_criteo, load_dataset
 from dagfm_ext.data import preprocess
 from dagfm_ext.data.cache import open_entry
 from dagfm_ext.data.int_buckets import integer_codes
@@ -165,6 +166,26 @@ def test_integer_codes_are_the_row_by_row_buckets():
                     zip(v, valid if valid is not None else [True] * len(v))]
             assert [tokens.to_pylist()[c] for c in codes] == want
             np.testing.assert_array_equal(counts, np.bincount(codes, minlength=len(tokens)))
+
+
+@pytest.mark.parametrize("past_inner_line_end", [-3, 0, 1, 4])
+def test_quoted_line_end_across_a_chunk_boundary(tmp_path, monkeypatch, past_inner_line_end):
+    """A quoted CSV field holding a line end, a chunk's bytes ending near it (before it: a
+    control): the chunk ends at the record before, and the encoding is that of a single chunk."""
+    value = 'two\nlines, ""quoted""'
+    rows = [[str(i % 2), f"u{i % 3}", f'"{value}"' if i == 50 else f"c{i % 4}"] for i in range(120)]
+    text = "clicked,user,city\n" + "".join(",".join(r) + "\n" for r in rows)
+    (tmp_path / "clicks.csv").write_text(text)
+    (tmp_path / "spec.json").write_text(json.dumps({"format": "csv", "files": "clicks.csv", "label": "clicked",
+                                                    "fields": [{"name": "user"}, {"name": "city"}]}))
+    whole = load_dataset(f"spec:{tmp_path / 'spec.json'}", cache_dir=tmp_path / "whole")
+    inner, header = text.index("two\n") + 3, text.index("\n") + 1
+    monkeypatch.setattr(preprocess, "CHUNK_BYTES", inner + 1 - header + past_inner_line_end)
+    chunked = load_dataset(f"spec:{tmp_path / 'spec.json'}", cache_dir=tmp_path / "chunked")
+    assert chunked.schema.to_dict() == whole.schema.to_dict()
+    assert 'two\nlines, "quoted"' in chunked.schema.fields[1].vocab
+    np.testing.assert_array_equal(chunked.rows_in_source_order(), whole.rows_in_source_order())
+    np.testing.assert_array_equal(np.sort(chunked.y), np.sort(whole.y))
 
 
 def test_preprocess_command_errors(tmp_path, capsys):

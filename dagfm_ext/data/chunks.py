@@ -104,6 +104,22 @@ def _in_order(work: Callable, items: Iterable, pool: ThreadPoolExecutor, ahead: 
         yield pending.popleft().result()
 
 
+def _records_end(buf: bytes, quoted: bool) -> int:
+    """Where the last whole record in ``buf`` ends (0: none does). In a quoted file a line end
+    inside a quoted field ends no record: a line end is outside the quotes when an even number of
+    quote characters precede it, since a chunk starts outside any (a quoted field's own quotes,
+    doubled ones included, come in pairs)."""
+    cut = buf.rfind(b"\n") + 1
+    if not quoted:
+        return cut
+    quotes = buf.count(b'"', 0, cut)
+    while cut and quotes % 2:
+        end = cut
+        cut = buf.rfind(b"\n", 0, end - 1) + 1
+        quotes -= buf.count(b'"', cut, end)
+    return cut
+
+
 def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tuple[Optional[memoryview], int]]:
     """(whole lines, or None for a header or an empty tail; bytes consumed) through the file."""
     with open(path, "rb") as f:
@@ -115,11 +131,11 @@ def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tupl
         while pos < size:
             f.seek(pos)
             buf = f.read(want)
-            # Whole lines only: the chunk ends after its last line end (or at the end of the file);
-            # the partial line is read again with the next chunk, so nothing is copied.
-            cut = len(buf) if pos + len(buf) >= size else buf.rfind(b"\n") + 1
+            # Whole records only: the chunk ends after its last record (or at the end of the file);
+            # the partial one is read again with the next chunk, so nothing is copied.
+            cut = len(buf) if pos + len(buf) >= size else _records_end(buf, fmt.quoted)
             if cut == 0:
-                want *= 2  # one line longer than a chunk
+                want *= 2  # one record longer than a chunk
                 continue
             data = memoryview(buf)[:cut]
             yield (None if cut < 4096 and not bytes(data).strip(b"\r\n") else data), cut
@@ -146,7 +162,7 @@ def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPool
     plain = pacsv.ConvertOptions(column_types=as_strings, include_columns=fmt.sources, strings_can_be_null=False,
                                  quoted_strings_can_be_null=False, null_values=[])
     parse = pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char='"' if fmt.quoted else False,
-                               double_quote=fmt.quoted, ignore_empty_lines=True)
+                               double_quote=fmt.quoted, newlines_in_values=fmt.quoted, ignore_empty_lines=True)
 
     def read(data, convert):
         # One block per chunk: one dictionary per column; the chunks themselves run in parallel.
