@@ -72,7 +72,8 @@ def _integer_chunk(col: pa.ChunkedArray) -> ColumnChunk:
     return ColumnChunk(*integer_codes(values, valid), bucketed=True)
 
 
-def _column_chunks(table: pa.Table, names: Sequence[str], parsed_integers: Sequence[str] = ()) -> Dict[str, ColumnChunk]:
+def _column_chunks(table: pa.Table, names: Sequence[str],
+                   parsed_integers: Sequence[str] = ()) -> Dict[str, ColumnChunk]:
     table = table.unify_dictionaries()
     out = {}
     for name in names:

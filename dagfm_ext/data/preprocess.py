@@ -68,7 +68,7 @@ class _Chunk:
 
 
 @dataclass
-class _Counted:
+class _CountedChunk:
     """What a worker thread makes of one parsed chunk (see ``_count_chunk``)."""
     labels: np.ndarray  # float32, one a row
     codes: np.ndarray  # (source columns, rows): each row's dictionary index in each column
@@ -150,7 +150,7 @@ def _multi_counts(column, dictionary: pa.Array, counts: np.ndarray):
     return pa.array(tokens, pa.string()), np.asarray(weights, np.int64), longest
 
 
-def _count_chunk(fmt: TableFormat, memos: List[dict], counted: bool, cols: dict, rows: int) -> _Counted:
+def _count_chunk(fmt: TableFormat, memos: List[dict], counted: bool, cols: dict, rows: int) -> _CountedChunk:
     """Labels, dictionary indices, tokens and token counts of one chunk; runs in a worker."""
     labels = cols[fmt.label]
     lab_values = labels.dictionary.to_pylist()
@@ -176,7 +176,7 @@ def _count_chunk(fmt: TableFormat, memos: List[dict], counted: bool, cols: dict,
     codes = np.empty((len(sources), rows), np.int32 if wide else np.uint16)
     for j, s in enumerate(sources):  # column after column: pass 2 gathers each contiguously
         codes[j] = cols[s].indices
-    return _Counted(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices], codes, tokens, counts,
+    return _CountedChunk(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices], codes, tokens, counts,
                     longest)
 
 
