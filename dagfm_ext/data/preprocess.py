@@ -94,9 +94,7 @@ class _Counts:
         """Tokens and their counts (all > 0)."""
         self.pending.append((values, counts))
         self.pending_rows += len(counts)
-        # Each merge hashes the table again: letting pending grow to a few times the table keeps
-        # that to a fraction of the tokens, and memory to a few times the distinct tokens.
-        if self.pending_rows > max(3 * len(self.values), 1 << 18):
+        if self.pending_rows > max(len(self.values), 1 << 18):  # pending: at most the table itself, or small
             self._merge()
 
     def _merge(self) -> None:
