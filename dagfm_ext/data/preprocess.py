@@ -21,7 +21,7 @@ bucketing from a table costs less than hashing the same column as strings. Two p
 id needs the counts of the whole file; the dictionary indices are spilled to disk in between so
 memory is a few chunks, the count tables (distinct tokens) and one byte per row for the split,
 not the file. Chunks of a few MiB: smaller ones parse a little faster per byte (cache) but give
-more dictionary entries, so more tokens to count and look up, and more Python per row.
+more dictionary entries, so more tokens to count and look up, and more Python work per byte.
 """
 from __future__ import annotations
 
