@@ -1,6 +1,8 @@
 """The columnar preprocessing and its cache: encodings identical to the row-by-row reader,
 malformed rows named by file and line, a cache keyed on the file and the options, and a build
 killed mid-way that leaves nothing a later run would use."""
+import json
+import math
 import os
 import signal
 import subprocess
@@ -14,9 +16,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from criteo_oracle import load_criteo_rows
 from dagfm_ext.cli import main
-from dagfm_ext.data import DataFormatError, load_criteo
+from dagfm_ext.data import DataFormatError, load_criteo, load_dataset
 from dagfm_ext.data import preprocess
 from dagfm_ext.data.cache import open_entry
+from dagfm_ext.data.int_buckets import integer_codes
+from dagfm_ext.data.schema import criteo_int_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -33,7 +37,10 @@ def assert_same_encoding(fast, oracle):
 
 # A value pool with heavy repeats (some tokens pass min_count, some stay rare), odd but legal
 # integers, and missing values.
-INTS = st.sampled_from(["", "", "0", "1", "2", "3", "-1", "-7", "15", "100", "99999", "+4", " 8"])
+# Integers span the parser's int64 path (table, binary search, far negatives) and the values only
+# Python's int reads (a sign, spaces, beyond int64).
+INTS = st.sampled_from(["", "", "0", "1", "2", "3", "-1", "-7", "15", "100", "99999", "+4", " 8", "007", "-64", "-65",
+                        "65535", "65536", "-1000000000000", "9223372036854775807", "9223372036854775808", "1_000"])
 CATS = st.sampled_from(["", "a", "a", "b", "c", "Z", "0x1f", "é", "a b", "long-token-1", "x\"y", "68fd1e64"])
 
 
@@ -132,6 +139,53 @@ def test_malformed_row_in_a_later_chunk_is_named(tmp_path, monkeypatch):
     with pytest.raises(DataFormatError, match="no data rows"):
         load_criteo(path, cache_dir=tmp_path / "cache")
 
+
+
+@pytest.mark.parametrize("value", ["0x10", " 0X1f"])
+def test_integer_that_python_rejects_is_named(tmp_path, value):
+    """Arrow's integer parser reads hexadecimal; the row-by-row reader rejects it, and so must the
+    fast path (and name the line)."""
+    good = "\t".join(["0"] + ["1"] * 13 + ["a"] * 26)
+    path = tmp_path / "c.tsv"
+    path.write_text("\n".join([good, "\t".join(["1"] + ["1"] * 12 + [value] + ["a"] * 26), good]) + "\n")
+    with pytest.raises(DataFormatError, match=rf"c.tsv:2: I13: expected an integer or empty, got '{value}'"):
+        load_criteo(path, cache_dir=tmp_path / "cache")
+
+
+def test_integer_codes_are_the_row_by_row_buckets():
+    """The parsed-integer path's tokens are ``criteo_int_bucket``'s, at the table's edges, at each
+    bucket's threshold and beyond int64's middle, with and without missing values."""
+    table, negative = 1 << 16, 64
+    near_thresholds = [int(math.exp(math.sqrt(b - 2))) + d for b in range(4, 80) for d in (-1, 0, 1)]
+    values = np.array([-negative, -negative + 1, -1, 0, 1, 2, 3, table - 1, table, table + 1, 2**62, 2**63 - 1]
+                      + near_thresholds, np.int64)
+    for v in (values, np.append(values, [-negative - 1, -2**63])):
+        for valid in (None, np.arange(len(v)) % 3 > 0):
+            codes, tokens, counts = integer_codes(v, valid)
+            want = [str(criteo_int_bucket(int(x))) if valid is None or ok else "" for x, ok in
+                    zip(v, valid if valid is not None else [True] * len(v))]
+            assert [tokens.to_pylist()[c] for c in codes] == want
+            np.testing.assert_array_equal(counts, np.bincount(codes, minlength=len(tokens)))
+
+
+@pytest.mark.parametrize("past_inner_line_end", [-3, 0, 1, 4])
+def test_quoted_line_end_across_a_chunk_boundary(tmp_path, monkeypatch, past_inner_line_end):
+    """A quoted CSV field holding a line end, a chunk's bytes ending near it (before it: a
+    control): the chunk ends at the record before, and the encoding is that of a single chunk."""
+    value = 'two\nlines, ""quoted""'
+    rows = [[str(i % 2), f"u{i % 3}", f'"{value}"' if i == 50 else f"c{i % 4}"] for i in range(120)]
+    text = "clicked,user,city\n" + "".join(",".join(r) + "\n" for r in rows)
+    (tmp_path / "clicks.csv").write_text(text)
+    (tmp_path / "spec.json").write_text(json.dumps({"format": "csv", "files": "clicks.csv", "label": "clicked",
+                                                    "fields": [{"name": "user"}, {"name": "city"}]}))
+    whole = load_dataset(f"spec:{tmp_path / 'spec.json'}", cache_dir=tmp_path / "whole")
+    inner, header = text.index("two\n") + 3, text.index("\n") + 1
+    monkeypatch.setattr(preprocess, "CHUNK_BYTES", inner + 1 - header + past_inner_line_end)
+    chunked = load_dataset(f"spec:{tmp_path / 'spec.json'}", cache_dir=tmp_path / "chunked")
+    assert chunked.schema.to_dict() == whole.schema.to_dict()
+    assert 'two\nlines, "quoted"' in chunked.schema.fields[1].vocab
+    np.testing.assert_array_equal(chunked.rows_in_source_order(), whole.rows_in_source_order())
+    np.testing.assert_array_equal(np.sort(chunked.y), np.sort(whole.y))
 
 
 def test_preprocess_command_errors(tmp_path, capsys):

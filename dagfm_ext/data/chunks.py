@@ -4,8 +4,15 @@ A delimited file is cut at line ends into chunks of about ``chunk_bytes``; each 
 pyarrow's CSV reader in a worker thread (Arrow releases the GIL), every column dictionary-encoded
 while it is parsed, so several chunks are parsed at once while the consumer works on an earlier
 one. A Parquet file is read by row groups and encoded the same way. The per-row dictionary
-indices, the dictionary (as strings) and how often each entry occurs are all made in the workers:
-only the distinct values of a chunk are left for Python.
+indices, the dictionary (as strings) and how often each entry occurs are all made in the workers,
+and so is whatever the caller does next with a chunk (``work``): only the distinct values of a
+chunk are left for Python, and the consumer's thread only keeps the results in order.
+
+Integer columns (``TableFormat.integer_sources``) are parsed as int64 rather than hashed as
+strings, and bucketed at once (``int_buckets.integer_codes``): cheaper than a dictionary, with the
+same tokens. A chunk where that parse fails, or that holds a hexadecimal literal (which Arrow reads
+and Python's ``int`` rejects), is parsed again with every column as strings, so its values go
+through ``integer_token`` and a malformed one is reported as the row-by-row reader reports it.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .formats import TableFormat, locate_error, read_header
+from .int_buckets import HEX_PREFIX, integer_codes
 from .schema import DataFormatError
 
 __all__ = ["ColumnChunk", "read_chunks", "parse_workers"]
@@ -29,10 +37,12 @@ __all__ = ["ColumnChunk", "read_chunks", "parse_workers"]
 
 @dataclass
 class ColumnChunk:
-    """One column of a chunk: each row's entry in ``dictionary`` (strings) and each entry's count."""
+    """One column of a chunk: each row's entry in ``dictionary`` (strings) and each entry's count.
+    ``bucketed``: the dictionary holds ``integer_token``'s tokens, not raw values."""
     indices: np.ndarray
     dictionary: pa.Array
     counts: np.ndarray
+    bucketed: bool = False
 
 
 def parse_workers() -> int:
@@ -52,11 +62,25 @@ def _to_strings(dictionary: pa.Array) -> pa.Array:
                         pa.string())
 
 
-def _column_chunks(table: pa.Table, names: Sequence[str]) -> Dict[str, ColumnChunk]:
+def _integer_chunk(col: pa.ChunkedArray) -> ColumnChunk:
+    col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    values = np.frombuffer(col.buffers()[1], np.int64, len(col), 8 * col.offset)
+    valid = None
+    if col.null_count:
+        bits = np.frombuffer(col.buffers()[0], np.uint8)
+        valid = np.unpackbits(bits, count=col.offset + len(col), bitorder="little")[col.offset:].view(bool)
+    return ColumnChunk(*integer_codes(values, valid), bucketed=True)
+
+
+def _column_chunks(table: pa.Table, names: Sequence[str],
+                   parsed_integers: Sequence[str] = ()) -> Dict[str, ColumnChunk]:
     table = table.unify_dictionaries()
     out = {}
     for name in names:
         col = table.column(name)
+        if name in parsed_integers:
+            out[name] = _integer_chunk(col)
+            continue
         if not pa.types.is_dictionary(col.type):  # Parquet: encode here
             col = pc.fill_null(col.cast(pa.string()), "").dictionary_encode()
         pieces = [c.indices.to_numpy(zero_copy_only=False) for c in col.chunks]
@@ -81,6 +105,22 @@ def _in_order(work: Callable, items: Iterable, pool: ThreadPoolExecutor, ahead: 
         yield pending.popleft().result()
 
 
+def _records_end(buf: bytes, quoted: bool) -> int:
+    """Where the last whole record in ``buf`` ends (0: none does). In a quoted file a line end
+    inside a quoted field ends no record: a line end is outside the quotes when an even number of
+    quote characters precede it, since a chunk starts outside any (a quoted field's own quotes,
+    doubled ones included, come in pairs)."""
+    cut = buf.rfind(b"\n") + 1
+    if not quoted:
+        return cut
+    quotes = buf.count(b'"', 0, cut)
+    while cut and quotes % 2:
+        end = cut
+        cut = buf.rfind(b"\n", 0, end - 1) + 1
+        quotes -= buf.count(b'"', cut, end)
+    return cut
+
+
 def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tuple[Optional[memoryview], int]]:
     """(whole lines, or None for a header or an empty tail; bytes consumed) through the file."""
     with open(path, "rb") as f:
@@ -92,11 +132,11 @@ def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tupl
         while pos < size:
             f.seek(pos)
             buf = f.read(want)
-            # Whole lines only: the chunk ends after its last line end (or at the end of the file);
-            # the partial line is read again with the next chunk, so nothing is copied.
-            cut = len(buf) if pos + len(buf) >= size else buf.rfind(b"\n") + 1
+            # Whole records only: the chunk ends after its last record (or at the end of the file);
+            # the partial one is read again with the next chunk, so nothing is copied.
+            cut = len(buf) if pos + len(buf) >= size else _records_end(buf, fmt.quoted)
             if cut == 0:
-                want *= 2  # one line longer than a chunk
+                want *= 2  # one record longer than a chunk
                 continue
             data = memoryview(buf)[:cut]
             yield (None if cut < 4096 and not bytes(data).strip(b"\r\n") else data), cut
@@ -104,34 +144,59 @@ def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tupl
             want = chunk_bytes
 
 
-def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor, ahead: int):
+def _has_hex(data: memoryview) -> bool:
+    whole = data.obj  # the bytes the piece was cut from, from their start
+    # A search for one byte is a memchr; "0" alone is everywhere in hexadecimal tokens.
+    return any(whole.find(p[1].encode(), 0, len(data)) >= 0 and whole.find(p.encode(), 0, len(data)) >= 0
+               for p in (HEX_PREFIX.lower(), HEX_PREFIX.upper()))
+
+
+def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor, ahead: int, work):
     names = read_header(path, fmt)
     binary_dict = pa.dictionary(pa.int32(), pa.binary())
-    convert = pacsv.ConvertOptions(column_types={c: binary_dict for c in fmt.sources}, include_columns=fmt.sources,
-                                   strings_can_be_null=False, quoted_strings_can_be_null=False, null_values=[])
+    as_strings = {c: binary_dict for c in fmt.sources}
+    integers = fmt.integer_sources
+    # Strings (and dictionaries of them) are never null; only an empty integer is.
+    typed = pacsv.ConvertOptions(column_types={**as_strings, **{c: pa.int64() for c in integers}},
+                                 include_columns=fmt.sources, strings_can_be_null=False,
+                                 quoted_strings_can_be_null=False, null_values=[""])
+    plain = pacsv.ConvertOptions(column_types=as_strings, include_columns=fmt.sources, strings_can_be_null=False,
+                                 quoted_strings_can_be_null=False, null_values=[])
     parse = pacsv.ParseOptions(delimiter=fmt.delimiter, quote_char='"' if fmt.quoted else False,
-                               double_quote=fmt.quoted, ignore_empty_lines=True)
+                               double_quote=fmt.quoted, newlines_in_values=fmt.quoted, ignore_empty_lines=True)
+
+    def read(data, convert):
+        # One block per chunk: one dictionary per column; the chunks themselves run in parallel.
+        options = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(data) + 1)
+        return pacsv.read_csv(pa.py_buffer(data), read_options=options, parse_options=parse, convert_options=convert)
 
     def encode(piece):
         data, nbytes = piece
         if data is None:
             return None, 0, nbytes
-        # One block per chunk: one dictionary per column; the chunks themselves run in parallel.
-        read = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(data) + 1)
-        try:
-            table = pacsv.read_csv(pa.py_buffer(data), read_options=read, parse_options=parse,
-                                   convert_options=convert)
-        except pa.ArrowInvalid as e:
-            return e, 0, nbytes
-        return _column_chunks(table, fmt.sources), table.num_rows, nbytes
+        table = None
+        if integers and not _has_hex(data):
+            try:
+                table, parsed = read(data, typed), integers
+            except pa.ArrowInvalid:
+                pass  # a malformed (or unusual) integer, or a malformed row: read as strings
+        if table is None:
+            try:
+                table, parsed = read(data, plain), ()
+            except pa.ArrowInvalid as e:
+                return e, 0, nbytes
+        if table.num_rows == 0:
+            return None, 0, nbytes
+        return work(_column_chunks(table, fmt.sources, parsed), table.num_rows), table.num_rows, nbytes
 
-    for columns, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes), pool, ahead):
-        if isinstance(columns, pa.ArrowInvalid):
-            raise locate_error(path, fmt) or DataFormatError(f"{path}: {columns}") from None
-        yield columns, rows, nbytes
+    for result, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes), pool, ahead):
+        if isinstance(result, pa.ArrowInvalid):
+            raise locate_error(path, fmt) or DataFormatError(f"{path}: {result}") from None
+        yield result, rows, nbytes
 
 
-def _parquet_chunks(path: Path, fmt: TableFormat, pool: ThreadPoolExecutor, ahead: int, chunk_rows: int = 1 << 16):
+def _parquet_chunks(path: Path, fmt: TableFormat, pool: ThreadPoolExecutor, ahead: int, work,
+                    chunk_rows: int = 1 << 16):
     file = pq.ParquetFile(path)
     missing = [c for c in fmt.sources if c not in file.schema_arrow.names]
     if missing:
@@ -143,17 +208,17 @@ def _parquet_chunks(path: Path, fmt: TableFormat, pool: ThreadPoolExecutor, ahea
         label = batch.column(fmt.label)
         if pa.types.is_floating(label.type) or pa.types.is_boolean(label.type):
             batch = batch.set_column(batch.schema.get_field_index(fmt.label), fmt.label, label.cast(pa.int64()))
-        return _column_chunks(pa.Table.from_batches([batch]), fmt.sources), batch.num_rows, \
+        return work(_column_chunks(pa.Table.from_batches([batch]), fmt.sources), batch.num_rows), batch.num_rows, \
             int(size * batch.num_rows / rows)
 
     yield from _in_order(encode, file.iter_batches(batch_size=chunk_rows, columns=fmt.sources), pool, ahead)
 
 
-def read_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor,
-                ahead: int) -> Iterator[Tuple[Optional[Dict[str, ColumnChunk]], int, int]]:
-    """(the format's source columns, or None where a piece holds no rows; rows; bytes consumed)
-    for each chunk of a file, in file order; the chunks are parsed in ``pool``, up to ``ahead``
-    of them at once."""
+def read_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPoolExecutor, ahead: int,
+                work: Callable[[Dict[str, ColumnChunk], int], Any]) -> Iterator[Tuple[Any, int, int]]:
+    """(``work(the format's source columns, rows)``, or None where a piece holds no rows; rows;
+    bytes consumed) for each chunk of a file, in file order; the chunks are parsed and worked on
+    in ``pool``, up to ``ahead`` of them at once. An exception ``work`` raises reaches the caller."""
     if fmt.parquet:
-        return _parquet_chunks(path, fmt, pool, ahead)
-    return _csv_chunks(path, fmt, chunk_bytes, pool, ahead)
+        return _parquet_chunks(path, fmt, pool, ahead, work)
+    return _csv_chunks(path, fmt, chunk_bytes, pool, ahead, work)

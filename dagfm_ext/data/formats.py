@@ -85,6 +85,13 @@ class TableFormat:
                 out.append(c.source)
         return out
 
+    @property
+    def integer_sources(self) -> List[str]:
+        """The raw columns every field of which is an integer bucketed by ``integer_token``: the
+        parser may read them as int64."""
+        return [s for s in self.sources[1:]
+                if all(c.derive is integer_token for c in self.fields if c.source == s)]
+
     def describe(self) -> dict:
         return {"name": self.name, "label": self.label, "delimiter": self.delimiter, "columns": self.columns,
                 "quoted": self.quoted, "user_field": self.user_field, "fields": [c.describe() for c in self.fields]}

@@ -1,26 +1,36 @@
 """Columnar preprocessing: raw files -> encoded int32 rows, float32 labels and the schema.
 
 Pass 1 reads each file in chunks (``chunks.py``: pyarrow's CSV parser in worker threads, each
-column dictionary-encoded while it is parsed, the next chunks parsed while this one is counted). Per
-chunk it keeps on disk the per-row dictionary indices (column after column), the labels and each
-field's dictionary turned into tokens, and adds the token counts to per-field totals. Once every
-count is known each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it
-(count >= min_count, ordered by (-count, token)). The lookup then maps the chunks' token
-dictionaries to vocabulary ids in groups of chunks holding at least as many tokens as the
-vocabularies, so each vocabulary's hash table is built once per group rather than once per chunk
-(work proportional to the data, however large the vocabularies). Pass 2 encodes the chunks on all
-cores (numpy's gathers and the file I/O release the GIL), grouping each chunk's rows by split so
-that each split is one contiguous range of the output.
-Memory: a few chunks, the count tables (distinct tokens) and one byte per row for the split.
-Only the distinct values of a chunk ever reach Python (integer bucketing, derived fields).
+string column dictionary-encoded while it is parsed, each integer column parsed as int64 and
+bucketed). The worker that parsed a chunk also makes its labels, its per-row dictionary indices
+(column after column, uint16 when the dictionaries allow) and each field's tokens and token counts
+(``_count_chunk``); the consuming thread only appends them to the spill files in file order and
+adds the counts to per-field totals, so it never holds the parsing back. Once every count is known
+each field's vocabulary is fixed exactly as ``FieldSpec.build_vocab`` does it (count >= min_count,
+ordered by (-count, token)). The lookup then maps the chunks' token dictionaries to vocabulary ids
+in groups of chunks holding at least as many tokens as the vocabularies, so each vocabulary's hash
+table is built once per group rather than once per chunk (work proportional to the data, however
+large the vocabularies). Pass 2 encodes the chunks on all cores (numpy's gathers and the file I/O
+release the GIL), grouping each chunk's rows by split so that each split is one contiguous range
+of the output.
+
+Why this shape: the parse is most of the time, and hashing the values is most of the parse, so
+each value is hashed once, in the parser, and only the distinct values of a chunk ever reach
+Python (integer bucketing, derived fields, counting). Integers skip the hashing: parsing int64 and
+bucketing from a table costs less than hashing the same column as strings. Two passes, because an
+id needs the counts of the whole file; the dictionary indices are spilled to disk in between so
+memory is a few chunks, the count tables (distinct tokens) and one byte per row for the split,
+not the file. Chunks of a few MiB: smaller ones parse a little faster per byte (cache) but give
+more dictionary entries, so more tokens to count and look up, and more Python work per byte.
 """
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +63,22 @@ class _Chunk:
     start: int  # its first row among all the sources' rows
     rows: int
     sizes: List[int]  # each field's dictionary size
+    codes_at: int  # where its dictionary indices start in codes.tmp, in bytes
+    codes_dtype: np.dtype  # uint16 when every dictionary has at most 2**16 entries
+
+
+@dataclass
+class _CountedChunk:
+    """What a worker thread makes of one parsed chunk (see ``_count_chunk``)."""
+    labels: np.ndarray  # float32, one a row
+    codes: np.ndarray  # (source columns, rows): each row's dictionary index in each column
+    tokens: List[pa.Array]  # each field's token of each dictionary entry
+    counts: List[Optional[Tuple[pa.Array, np.ndarray]]]  # each field's (token, count) pairs, count > 0
+    longest: List[int]  # each field's longest list of tokens (1 unless 'multi')
+
+
+class _Malformed(Exception):
+    """A malformed value in a chunk: the file is scanned row by row to name its line."""
 
 
 class _Counts:
@@ -65,9 +91,7 @@ class _Counts:
         self.pending_rows = 0
 
     def add(self, values: pa.Array, counts: np.ndarray) -> None:
-        keep = counts > 0
-        if not keep.all():
-            values, counts = values.filter(pa.array(keep)), counts[keep]
+        """Tokens and their counts (all > 0)."""
         self.pending.append((values, counts))
         self.pending_rows += len(counts)
         if self.pending_rows > max(len(self.values), 1 << 18):  # pending: at most the table itself, or small
@@ -107,15 +131,51 @@ def _tokens(column, dictionary: pa.Array, memo: dict) -> pa.Array:
     return pa.array([memo[v] for v in values], pa.string())
 
 
-def _multi_counts(column, dictionary: pa.Array, counts: np.ndarray, field_max: List[int], i: int):
-    tokens, weights = [], []
+def _present(values: pa.Array, counts: np.ndarray) -> Tuple[pa.Array, np.ndarray]:
+    keep = counts > 0
+    return (values, counts) if keep.all() else (values.filter(pa.array(keep)), counts[keep])
+
+
+def _multi_counts(column, dictionary: pa.Array, counts: np.ndarray):
+    """(tokens, their counts, the longest list) of a 'multi' field's raw lists."""
+    tokens, weights, longest = [], [], 1
     for raw, c in zip(dictionary.to_pylist(), counts.tolist()):
         if c:
             parts = raw.split(column.sep)
-            field_max[i] = max(field_max[i], len(parts))
+            longest = max(longest, len(parts))
             tokens += parts
             weights += [c] * len(parts)
-    return pa.array(tokens, pa.string()), np.asarray(weights, np.int64)
+    return pa.array(tokens, pa.string()), np.asarray(weights, np.int64), longest
+
+
+def _count_chunk(fmt: TableFormat, memos: List[dict], counted: bool, cols: dict, rows: int) -> _CountedChunk:
+    """Labels, dictionary indices, tokens and token counts of one chunk; runs in a worker."""
+    labels = cols[fmt.label]
+    lab_values = labels.dictionary.to_pylist()
+    if any(v not in ("0", "1") for v in lab_values):
+        raise _Malformed(fmt.label)
+    tokens, counts, longest = [], [], []
+    try:
+        for i, c in enumerate(fmt.fields):
+            col = cols[c.source]
+            field_tokens = col.dictionary if col.bucketed else _tokens(c, col.dictionary, memos[i])
+            tokens.append(field_tokens)
+            if c.kind == "multi":
+                values, weights, most = _multi_counts(c, field_tokens, col.counts)
+                counts.append((values, weights) if counted else None)
+                longest.append(most)
+            else:
+                counts.append(_present(field_tokens, col.counts) if counted else None)
+                longest.append(1)
+    except ValueError as e:
+        raise _Malformed(str(e)) from None
+    sources = fmt.sources[1:]
+    wide = any(len(cols[s].dictionary) > 1 << 16 for s in sources)
+    codes = np.empty((len(sources), rows), np.int32 if wide else np.uint16)
+    for j, s in enumerate(sources):  # column after column: pass 2 gathers each contiguously
+        codes[j] = cols[s].indices
+    return _CountedChunk(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices], codes, tokens, counts,
+                    longest)
 
 
 def _lookup(spec, tokens: pa.Array, vocab: pa.Array) -> np.ndarray:
@@ -145,43 +205,36 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
     chunks: List[_Chunk] = []
     file_rows: List[int] = []
     n = 0
+    workers = parse_workers()
     with open(out / "codes.tmp", "wb") as codes_f, open(out / "labels.tmp", "wb") as labels_f, \
             pa.ipc.new_stream(out / "tokens.tmp", _TOKENS) as spill:
         for src in sources:
-            counted = src.split in (None, "train")
-            rows_before = n
-            for cols, rows, nbytes in read_chunks(src.path, fmt, CHUNK_BYTES, pool, parse_workers()):
-                if not rows:
+            work = functools.partial(_count_chunk, fmt, memos, src.split in (None, "train"))
+            rows_before, consumed = n, 0
+            try:
+                for part, rows, nbytes in read_chunks(src.path, fmt, CHUNK_BYTES, pool, 2 * workers, work):
+                    consumed += nbytes
                     if progress:
-                        progress(nbytes, 0)
-                    continue
-                labels = cols[fmt.label]
-                lab_values = labels.dictionary.to_pylist()
-                sizes = []
-                try:
-                    if any(v not in ("0", "1") for v in lab_values):
-                        raise ValueError(fmt.label)
-                    for i, c in enumerate(fmt.fields):
-                        col = cols[c.source]
-                        tokens = _tokens(c, col.dictionary, memos[i])
+                        progress(nbytes, rows)
+                    if part is None:
+                        continue
+                    for i, (tokens, pairs) in enumerate(zip(part.tokens, part.counts)):
                         spill.write_batch(pa.record_batch([tokens], schema=_TOKENS))
-                        sizes.append(len(tokens))
-                        if counted:
-                            counts[i].add(*(_multi_counts(c, tokens, col.counts, field_max, i) if c.kind == "multi"
-                                            else (tokens, col.counts)))
-                except ValueError:
-                    raise locate_error(src.path, fmt) or DataFormatError(
-                        f"{src.path}: a malformed value in the chunk that ends at byte {nbytes}") from None
-                labels_f.write(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices])
-                for s in src_names[1:]:  # column after column: pass 2 gathers each contiguously
-                    codes_f.write(cols[s].indices)
-                chunks.append(_Chunk(n, rows, sizes))
-                n += rows
-                if progress:
-                    progress(nbytes, rows)
+                        if pairs is not None:
+                            counts[i].add(*pairs)
+                    field_max = [max(a, b) for a, b in zip(field_max, part.longest)]
+                    chunks.append(_Chunk(n, rows, [len(t) for t in part.tokens], codes_f.tell(),
+                                         part.codes.dtype))
+                    labels_f.write(part.labels)
+                    codes_f.write(part.codes)
+                    n += rows
+            except _Malformed:
+                raise locate_error(src.path, fmt) or DataFormatError(
+                    f"{src.path}: a malformed value after byte {consumed}") from None
             file_rows.append(n - rows_before)
             if file_rows[-1] == 0:
                 raise DataFormatError(f"{src.path}: no data rows")
+    layout = pool.submit(_split_layout, sources, file_rows, n, seed)  # meanwhile: the vocabularies
     vocabs = list(pool.map(lambda i: counts[i].vocabulary(fmt.fields[i].min_count), range(len(fmt.fields))))
     del counts, memos
     specs = [(c.field_spec(max_len=c.max_len or field_max[i]), vocabs[i]) for i, c in enumerate(fmt.fields)]
@@ -189,7 +242,7 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
     # The Python dictionaries are the largest copy of the vocabularies: made last, except for the
     # 'multi' fields, whose lookup encodes each raw value with them.
     _python_vocabularies([(s, v) for s, v in specs if s.kind == "multi"])
-    split_of, ranges = _split_layout(sources, file_rows, n, seed)
+    split_of, ranges = layout.result()
     lookup_at = _write_lookups(out, specs, chunks, pool)
     sources_of = [src_names[1:].index(c.source) for c in fmt.fields]
     _encode(out, schema, sources_of, chunks, lookup_at, split_of, ranges, pool)
@@ -249,9 +302,9 @@ def _write_lookups(out: Path, specs, chunks: List[_Chunk], pool: ThreadPoolExecu
 
 
 def _pread(fd: int, dtype, count: int, offset: int) -> np.ndarray:
-    """``count`` items of ``dtype`` from ``offset`` (counted in items)."""
+    """``count`` items of ``dtype`` from byte ``offset``."""
     size = np.dtype(dtype).itemsize
-    data = os.pread(fd, size * count, size * offset)
+    data = os.pread(fd, size * count, offset)
     if len(data) != size * count:
         raise OSError(f"short read of a temporary preprocessing file ({len(data)} of {size * count} bytes)")
     return np.frombuffer(data, dtype)
@@ -283,9 +336,9 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
     def encode(k: int) -> None:
         chunk = chunks[k]
         rows = chunk.rows
-        local = _pread(codes_fd, np.int32, ncols * rows, ncols * chunk.start).reshape(ncols, rows)
-        labels = _pread(labels_fd, np.float32, rows, chunk.start)
-        lookup = _pread(lookup_fd, np.int32, lookup_at[k + 1] - lookup_at[k], lookup_at[k])
+        local = _pread(codes_fd, chunk.codes_dtype, ncols * rows, chunk.codes_at).reshape(ncols, rows)
+        labels = _pread(labels_fd, np.float32, rows, 4 * chunk.start)
+        lookup = _pread(lookup_fd, np.int32, lookup_at[k + 1] - lookup_at[k], 4 * lookup_at[k])
         part = split_of[chunk.start:chunk.start + rows]
         order = np.argsort(part, kind="stable")  # this chunk's rows grouped by split, in file order
         seg = np.cumsum([0] + [size * w for size, w in zip(chunk.sizes, widths)]).tolist()
