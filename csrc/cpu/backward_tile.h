@@ -10,6 +10,12 @@
 #include "backward_blocks.h"
 #include "tile.h"
 
+// The vector loops below are always inlined: no vector crosses an ABI boundary.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace dagfm {
 namespace cpu {
 
@@ -71,18 +77,32 @@ DAGFM_HD void broadcast_deltas(const T* grad_states, int t, T* out, int F, int D
 }
 
 #ifdef DAGFM_CPU_VECTORS
+// Work of the inner backward's register blocks in one layer, in source steps times block width:
+// the sum over blocks of (j0 + kJb) * kJb.
+template <int kJ>
+int64_t inner_backward_work(int F) {
+  int64_t work = 0;
+  over_fields<kJ>(F, [&]<int kJb>(int j0) __attribute__((always_inline)) { work += int64_t(j0 + kJb) * kJb; });
+  return work;
+}
+
 // The inner interaction's layers t = L..1 for the tile with the register blocks of
-// inner_backward_block. Per layer, h^{t-1} = h0 * a^{t-1} is rebuilt into h_buf in one pass; then
-// per block of target fields [j0, j0 + kJb), one pass over the block's rows writes
-// alpha_j = delta_j * h0_j (into `alpha`, kept in L1), adds delta_j * a^t_j to grad_h0_j and starts
-// delta^{t-1}_j from G[t-1, j] (the blocks run in increasing j0, so a source i first appears in the
-// block holding j = i, after that start). message(t): a^t of the tile's first sample, samples
-// message_stride apart. ws: 3 (S, F, D) buffers.
+// inner_backward_block. Per block of target fields [j0, j0 + kJb), in increasing j0, one pass over
+// the block's rows writes alpha_j = delta_j * h0_j (into `alpha`, kept in L1), adds
+// delta_j * a^t_j to grad_h0_j (delta^L from the states' gradient directly) and rebuilds
+// h^{t-1}_j = h0_j * a^{t-1}_j into h_buf (the block reads sources i < j0 + kJb only, all rebuilt
+// by then); the block then starts delta^{t-1} of its fields. message(t): a^t of the tile's first
+// sample, samples message_stride apart; next_messages: the next tile's a^1 in the kept messages, or
+// nullptr. ws: 3 (S, F, D) buffers. While a layer's blocks run, the lines the next layer (or the
+// next tile) first reads from memory are prefetched: a^{t-2} of this tile; in layers 2 and 1, the
+// next tile's a^L, h0, grad_h0, a^{L-1} and the gradients it starts from.
 template <typename T, int kBytes, int kRegs, int kD, typename Message>
 DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_t b, int S, T* grad_p,
-                                    Message&& message, int64_t message_stride, T* ws, T* h_buf) {
+                                    Message&& message, int64_t message_stride, const T* next_messages, T* ws,
+                                    T* h_buf) {
   constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
-  constexpr int kV = kD / Vec<T, kVB>::lanes;
+  using V = typename Vec<T, kVB>::type;
+  constexpr int kW = Vec<T, kVB>::lanes, kV = kD / kW;
   // kB samples per step: the vector registers left after the block's weights and gradients.
   constexpr int kJ = inner_backward_fields<T, kBytes, kRegs, kD>();
   constexpr int kVecRegs = kRegs >= 24 ? 32 : 16;
@@ -98,52 +118,68 @@ DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_
   T* delta = ws;
   T* delta_prev = ws + SFD;
   T* alpha = ws + 2 * SFD;
-  broadcast_deltas<T, kD>(grad_states, L, delta, F, kD, L, S, grad_sum);
+  const int64_t work = inner_backward_work<kJ>(F);
+  const int64_t row_bytes = FD * int64_t(sizeof(T)), next = b + S;
+  const int64_t next_rows = next + S <= pr.batch ? S : pr.batch - next;
+  const int64_t message_bytes = message_stride * int64_t(sizeof(T));
+  LinePrefetcher prefetch;
   for (int t = L; t >= 1; --t) {
     const T* a = message(t);
     const T* a_prev = t > 1 ? message(t - 1) : nullptr;
     const T* h_prev = t > 1 ? h_buf : h0;
-    // Whole rows: the messages' first reads from memory stream best in long runs.
-    if (a_prev != nullptr)
-      for (int s = 0; s < S; ++s) {
-        const T* ap = a_prev + s * message_stride;
-        DAGFM_SIMD
-        for (int64_t k = 0; k < FD; ++k) h_buf[s * FD + k] = h0[s * FD + k] * ap[k];
+    prefetch.clear();
+    if (t > 2) prefetch.add(message(t - 2), S, row_bytes, message_bytes, false);
+    // The next tile's first reads: half of them during layer 2, the rest during layer 1.
+    const int half = t == 2 ? 0 : L == 1 ? 2 : 1;
+    if (t <= 2 && next_rows > 0) {
+      const int64_t block_bytes = next_rows * row_bytes;
+      if (half != 1) {
+        if (next_messages != nullptr) prefetch.add(next_messages + (L - 1) * FD, next_rows, row_bytes, message_bytes, false);
+        prefetch.add(pr.h0 + next * FD, 1, block_bytes, 0, false);
       }
+      if (half != 0) {
+        prefetch.add(pr.grad_h0 + next * FD, 1, block_bytes, 0, true);
+        if (next_messages != nullptr && L > 1)
+          prefetch.add(next_messages + (L - 2) * FD, next_rows, row_bytes, message_bytes, false);
+        prefetch.add(pr.grad_states + next * states_row, 1, next_rows * states_row * int64_t(sizeof(T)), 0, false);
+        if (pr.grad_sum != nullptr) prefetch.add(pr.grad_sum + next * FD, 1, block_bytes, 0, false);
+      }
+    }
+    prefetch.pace(work);
     over_fields<kJ>(F, [&]<int kJb>(int j0) __attribute__((always_inline)) {
-      constexpr int kN = kJb * kD;
-      for (int s = 0; s < S; ++s) {
-        const int64_t o = s * FD + int64_t(j0) * kD;
-        const T* as = a + s * message_stride + int64_t(j0) * kD;
-        const T* dl = delta + o;
-        const T* x = h0 + o;
-        T* al = alpha + int64_t(s) * kN;
-        T* gh = grad_h0 + o;
-        if (t == L) {
-          DAGFM_SIMD
-          for (int k = 0; k < kN; ++k) {
-            al[k] = dl[k] * x[k];
-            gh[k] = dl[k] * as[k];
-          }
-        } else {
-          DAGFM_SIMD
-          for (int k = 0; k < kN; ++k) {
-            al[k] = dl[k] * x[k];
-            gh[k] += dl[k] * as[k];
-          }
+      // kLast: t == L, delta^L = G[L] (+ dLoss/dz) and grad_h0's first write; kRebuild: t > 1.
+      auto rows = [&]<bool kLast, bool kRebuild>() __attribute__((always_inline)) {
+        for (int s = 0; s < S; ++s) {
+          const T* g = grad_states + s * states_row + int64_t(L) * F + j0;
+          DAGFM_UNROLL
+          for (int jj = 0; jj < kJb; ++jj)
+            DAGFM_UNROLL
+            for (int v = 0; v < kV; ++v) {
+              const int64_t col = int64_t(j0 + jj) * kD + v * kW, o = s * FD + col;
+              V d;
+              if constexpr (kLast) {
+                d = V{} + g[jj];
+                if (grad_sum != nullptr) d += vload<V>(grad_sum + o);
+              } else {
+                d = vload<V>(delta + o);
+              }
+              const V x = vload<V>(h0 + o), am = vload<V>(a + s * message_stride + col);
+              vstore(alpha + (s * kJb + jj) * kD + v * kW, d * x);
+              vstore(grad_h0 + o, kLast ? d * am : vload<V>(grad_h0 + o) + d * am);
+              if constexpr (kRebuild) vstore(h_buf + o, x * vload<V>(a_prev + s * message_stride + col));
+            }
         }
-        const T* g = grad_states + s * states_row + int64_t(t - 1) * F + j0;
-        T* dp = delta_prev + o;
-        for (int jj = 0; jj < kJb; ++jj)
-          for (int d = 0; d < kD; ++d) dp[jj * kD + d] = g[jj];
-        if (grad_sum != nullptr) {
-          const T* z = grad_sum + o;
-          DAGFM_SIMD
-          for (int k = 0; k < kN; ++k) dp[k] += z[k];
-        }
+      };
+      if (t == L) {
+        if (t > 1) rows.template operator()<true, true>();
+        else rows.template operator()<true, false>();
+      } else {
+        if (t > 1) rows.template operator()<false, true>();
+        else rows.template operator()<false, false>();
       }
       inner_backward_block<T, kVB, kD, kJb, kB>(pr.p + (t - 1) * layer_numel, h_prev, alpha, delta_prev,
-                                                 grad_p + (t - 1) * layer_numel, F, j0, S);
+                                                 grad_p + (t - 1) * layer_numel, grad_states + int64_t(t - 1) * F,
+                                                 states_row, grad_sum, F, j0, S, prefetch);
     });
     T* tmp = delta;
     delta = delta_prev;
@@ -248,8 +284,9 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
   if constexpr (kVectorLayers) {
     if (pr.interaction == Interaction::Inner) {
       // h^{t-1} rebuilt where h^0's copy was (the recomputed forward, if any, is done with it).
-      inner_backward_layers<T, kBytes, kRegs, kD>(pr, b, S, grad_p, message, message_stride, ws + (2 * L + 1) * SFD,
-                                                  H(0));
+      const T* next_messages = in_place ? saved + (b + S) * L * FD : nullptr;
+      inner_backward_layers<T, kBytes, kRegs, kD>(pr, b, S, grad_p, message, message_stride, next_messages,
+                                                  ws + (2 * L + 1) * SFD, H(0));
       return;
     }
   }
@@ -290,3 +327,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
 
 }  // namespace cpu
 }  // namespace dagfm
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
