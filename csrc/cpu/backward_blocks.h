@@ -160,11 +160,11 @@ DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
 // R[i][j] = <q_ij, alpha_j> for every edge, each an (F, F) array of vectors (lane = sample).
 // hT, aT: h_prev and alpha transposed, (F, kD) vectors. The kD vectors of h_i (for C) or alpha_j
 // (for R) stay in registers while kE edges at a time take p_ij[d] (q_ij[d]) broadcast: one load
-// per FMA.
+// per FMA. Each source or target steps `prefetch` by its edge count.
 template <typename T, int kBytes, int kD>
 DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
                                     const T* DAGFM_RESTRICT hT, const T* DAGFM_RESTRICT aT,
-                                    T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F) {
+                                    T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F, LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kW = Vec<T, kBytes>::lanes, kE = 8;
   // out[edge(e)] = sum_d w[edge(e)][d] * x[d] for the edges e of [e0, e1), kE at a time.
@@ -186,11 +186,13 @@ DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RE
   };
   V x[kD];
   for (int i = 0; i < F; ++i) {
+    prefetch.step(F - i);
     DAGFM_UNROLL
     for (int d = 0; d < kD; ++d) x[d] = vload<V>(hT + (int64_t(i) * kD + d) * kW);
     dots(x, p, C, i, F, [&](int j) __attribute__((always_inline)) { return int64_t(i) * F + j; });
   }
   for (int j = 0; j < F; ++j) {
+    prefetch.step(j + 1);
     DAGFM_UNROLL
     for (int d = 0; d < kD; ++d) x[d] = vload<V>(aT + (int64_t(j) * kD + d) * kW);
     dots(x, q, R, 0, j + 1, [&](int i) __attribute__((always_inline)) { return int64_t(i) * F + j; });
@@ -200,14 +202,18 @@ DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RE
 // Outer backward, second half, for the n <= kW samples from s0 whose dot products sit in the lanes
 // of C / R (kW per edge), rows of kD values in vectors of kBytes:
 //   dP_ij += sum_s R_ij[s] h_s,i   (per source i: the kW rows h_s,i in registers, kE edges at a time)
-//   delta_prev_s,i += sum_j R_ij[s] p_ij   (per source i: the kW rows delta_prev_s,i in registers)
+//   delta_prev_s,i = G[t-1, i] (+ dLoss/dz_i) + sum_j R_ij[s] p_ij   (per source i: the kW rows in
+//     registers; grad_prev: the states' gradient row t-1 of sample 0, samples states_row apart;
+//     grad_sum: rows of F*kD, or nullptr)
 //   dQ_ij += sum_s C_ij[s] alpha_s,j   (per target j: the kW rows alpha_s,j in registers)
-// each FMA with one broadcast load.
+// each FMA with one broadcast load. Each source or target steps `prefetch` by its edge count.
 template <typename T, int kBytes, int kD, int kW>
 DAGFM_HD void outer_backward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h_prev,
                                    const T* DAGFM_RESTRICT alpha, const T* DAGFM_RESTRICT C,
                                    const T* DAGFM_RESTRICT R, T* DAGFM_RESTRICT delta_prev,
-                                   T* DAGFM_RESTRICT grad_p, T* DAGFM_RESTRICT grad_q, int F, int s0, int n) {
+                                   const T* DAGFM_RESTRICT grad_prev, int64_t states_row,
+                                   const T* DAGFM_RESTRICT grad_sum, T* DAGFM_RESTRICT grad_p,
+                                   T* DAGFM_RESTRICT grad_q, int F, int s0, int n, LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kWR = Vec<T, kBytes>::lanes, kV = kD / kWR, kE = 8 / kV;
   const int64_t FD = int64_t(F) * kD;
@@ -246,10 +252,21 @@ DAGFM_HD void outer_backward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
   };
   V x[kW][kV];
   for (int i = 0; i < F; ++i) {
+    prefetch.step(F - i);
     auto edge = [&](int j) __attribute__((always_inline)) { return int64_t(i) * F + j; };
     load_rows(x, h_prev + int64_t(i) * kD);
     weight_grads(x, R, grad_p, i, F, edge);
-    load_rows(x, delta_prev + int64_t(i) * kD);
+    // delta_prev_i starts from G[t-1, i] (+ dLoss/dz_i); every source is visited once.
+    DAGFM_UNROLL
+    for (int s = 0; s < kW; ++s)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        x[s][v] = V{};
+        if (s < n) {
+          x[s][v] += grad_prev[(s0 + s) * states_row + i];
+          if (grad_sum != nullptr) x[s][v] += vload<V>(grad_sum + (s0 + s) * FD + int64_t(i) * kD + v * kWR);
+        }
+      }
     for (int j = i; j < F; ++j) {
       V w[kV];
       DAGFM_UNROLL
@@ -266,6 +283,7 @@ DAGFM_HD void outer_backward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
         if (s < n) vstore(delta_prev + (s0 + s) * FD + int64_t(i) * kD + v * kWR, x[s][v]);
   }
   for (int j = 0; j < F; ++j) {
+    prefetch.step(j + 1);
     load_rows(x, alpha + int64_t(j) * kD);
     weight_grads(x, C, grad_q, 0, j + 1, [&](int i) __attribute__((always_inline)) { return int64_t(i) * F + j; });
   }
