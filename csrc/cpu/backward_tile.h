@@ -52,28 +52,33 @@ constexpr int inner_backward_fields() {
 }
 
 // Start of delta^t for the tile: G[t, j] broadcast over the values of field j, plus the sum's
-// gradient where there is one; dagfm_math.h's broadcast_grad_states with the embedding size fixed
-// at compile time (one vector store per field) where it is.
-template <typename T, int kD>
+// gradient where there is one; dagfm_math.h's broadcast_grad_states, in whole vectors where rows of
+// kD values split into them.
+template <typename T, int kBytes, int kD>
 DAGFM_HD void broadcast_deltas(const T* grad_states, int t, T* out, int F, int D, int L, int S, const T* grad_sum) {
-  if constexpr (kD == 0) {
-    broadcast_grad_states(grad_states, t, out, F, D, L, S, grad_sum);
-  } else {
+#ifdef DAGFM_CPU_VECTORS
+  constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+  if constexpr (kVB > 0) {
+    using V = typename Vec<T, kVB>::type;
+    constexpr int kW = Vec<T, kVB>::lanes;
     const int64_t FD = int64_t(F) * kD, states_row = int64_t(L + 1) * F;
     for (int s = 0; s < S; ++s) {
       const T* g = grad_states + s * states_row + int64_t(t) * F;
+      const T* z = grad_sum == nullptr ? nullptr : grad_sum + s * FD;
       T* o = out + s * FD;
-      // Plain loops: with `omp simd` over d, GCC writes each field with a scatter.
-      if (grad_sum == nullptr) {
-        for (int j = 0; j < F; ++j)
-          for (int d = 0; d < kD; ++d) o[j * kD + d] = g[j];
-      } else {
-        const T* z = grad_sum + s * FD;
-        for (int j = 0; j < F; ++j)
-          for (int d = 0; d < kD; ++d) o[j * kD + d] = g[j] + z[j * kD + d];
+      for (int j = 0; j < F; ++j) {
+        const V gj = V{} + g[j];  // 0 + x: GCC builds x - 0 one lane at a time
+        DAGFM_UNROLL
+        for (int k = 0; k < kD; k += kW) {
+          const int64_t c = int64_t(j) * kD + k;
+          vstore(o + c, z == nullptr ? gj : gj + vload<V>(z + c));
+        }
       }
     }
+    return;
   }
+#endif
+  broadcast_grad_states(grad_states, t, out, F, D, L, S, grad_sum);
 }
 
 #ifdef DAGFM_CPU_VECTORS
@@ -395,9 +400,9 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
   const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;  // dLoss/dz, every layer
   if (!kVectorLayers || pr.interaction == Interaction::Kernel)
     for (int64_t k = 0; k < SFD; ++k) grad_h0[k] = T(0);
-  broadcast_deltas<T, kD>(grad_states, L, delta, F, D, L, S, grad_sum);
+  broadcast_deltas<T, kBytes, kD>(grad_states, L, delta, F, D, L, S, grad_sum);
   for (int t = L; t >= 1; --t) {
-    broadcast_deltas<T, kD>(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
+    broadcast_deltas<T, kBytes, kD>(grad_states, t - 1, delta_prev, F, D, L, S, grad_sum);
     layer_backward_tile<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
                                               pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
                                               state(t - 1), message(t), message_stride, delta, delta_prev,
