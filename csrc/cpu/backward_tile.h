@@ -144,6 +144,33 @@ DAGFM_HD void layer_rows_at(int t, int L, const LayerRows<T>& r, int j0, int nj,
   }
 }
 
+// A backward tile's rows of the inputs and of grad_h0 (samples [b, b + S), rows of F*kD) and its
+// work buffers in ws: delta, delta_prev and alpha, (S, F, kD) each.
+template <typename T>
+struct TileRows {
+  const T* h0;
+  const T* grad_states;
+  const T* grad_sum;
+  T* grad_h0;
+  T* delta_prev;
+  T* alpha;
+  int64_t numel;
+};
+
+template <typename T>
+DAGFM_HD TileRows<T> tile_rows(const PropagateBackwardParams<T>& pr, int64_t b, int S, int kD, T* ws) {
+  const int64_t FD = int64_t(pr.num_fields) * kD, SFD = S * FD;
+  return TileRows<T>{pr.h0 + b * FD, pr.grad_states + b * int64_t(pr.depth + 1) * pr.num_fields,
+                     pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD, pr.grad_h0 + b * FD, ws + SFD,
+                     ws + 2 * SFD, SFD};
+}
+
+// grad_h0 += delta^0 (the gradient reaching h^0 itself), after the last layer.
+template <typename T>
+DAGFM_HD void finish_grad_h0(const TileRows<T>& tile, const T* delta) {
+  for (int64_t k = 0; k < tile.numel; ++k) tile.grad_h0[k] += delta[k];
+}
+
 // What a backward tile first reads from memory after layer t's register blocks, for `prefetch`
 // to fetch while they run: a^{t-2} of this tile (read by layer t-1); in layers 2 and 1, the next
 // tile's a^L and h0, then its grad_h0, a^{L-1} and the gradients it starts from. message(t): a^t of
@@ -204,15 +231,10 @@ DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_
   constexpr int kFit = (kVecRegs - 4 - 2 * kJ * kV) / (2 * kV);
   constexpr int kB = kFit > 4 ? 4 : kFit > 1 ? kFit : 1;
   const int F = pr.num_fields, L = pr.depth;
-  const int64_t FD = int64_t(F) * kD, SFD = S * FD, states_row = int64_t(L + 1) * F;
-  const int64_t layer_numel = pr.layer_weight_numel();
-  const T* h0 = pr.h0 + b * FD;
-  const T* grad_states = pr.grad_states + b * states_row;
-  const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;
-  T* grad_h0 = pr.grad_h0 + b * FD;
-  T* delta = ws;
-  T* delta_prev = ws + SFD;
-  T* alpha = ws + 2 * SFD;
+  const int64_t FD = int64_t(F) * kD, states_row = int64_t(L + 1) * F;
+  const TileRows<T> tile = tile_rows(pr, b, S, kD, ws);
+  const T *h0 = tile.h0, *grad_states = tile.grad_states;
+  T *delta = ws, *delta_prev = tile.delta_prev;
   const int64_t work = inner_backward_work<kJ>(F);
   LinePrefetcher prefetch;
   for (int t = L; t >= 1; --t) {
@@ -222,19 +244,21 @@ DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_
     plan_next_reads(prefetch, pr, b, S, t, message, message_stride, next_messages);
     prefetch.pace(work);
     const LayerRows<T> rows{h0, delta, a, a_prev, message_stride, grad_states + int64_t(L) * F, states_row,
-                            grad_sum, grad_h0, h_buf, FD, S};
+                            tile.grad_sum, tile.grad_h0, h_buf, FD, S};
+    const int64_t layer = (t - 1) * pr.layer_weight_numel();
     over_fields<kJ>(F, [&]<int kJb>(int j0) __attribute__((always_inline)) {
-      layer_rows_at<T, kVB, kD>(t, L, rows, j0, kJb, alpha, kJb * kD);
-      inner_backward_block<T, kVB, kD, kJb, kB>(pr.p + (t - 1) * layer_numel, h_prev, alpha, delta_prev,
-                                                 grad_p + (t - 1) * layer_numel, grad_states + int64_t(t - 1) * F,
-                                                 states_row, grad_sum, F, j0, S, prefetch);
+      layer_rows_at<T, kVB, kD>(t, L, rows, j0, kJb, tile.alpha, kJb * kD);
+      inner_backward_block<T, kVB, kD, kJb, kB>(pr.p + layer, h_prev, tile.alpha, delta_prev, grad_p + layer,
+                                                 grad_states + int64_t(t - 1) * F, states_row, tile.grad_sum, F,
+                                                 j0, S, prefetch);
     });
     T* tmp = delta;
     delta = delta_prev;
     delta_prev = tmp;
   }
-  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
+  finish_grad_h0(tile, delta);
 }
+
 // The outer interaction's layers t = L..1 for the tile, samples in lanes (outer_in_lanes, S >= kW / 2):
 // per layer one pass over the rows (layer_rows: alpha, grad_h0, h^{t-1} into h_buf), then per
 // group of kW samples the rows of h^{t-1} and alpha into lanes, every edge's dot products and the
@@ -248,15 +272,9 @@ DAGFM_HD void outer_backward_layers(const PropagateBackwardParams<T>& pr, int64_
   constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
   constexpr int kW = Vec<T, kBytes>::lanes;
   const int F = pr.num_fields, L = pr.depth;
-  const int64_t FD = int64_t(F) * kD, SFD = S * FD, states_row = int64_t(L + 1) * F;
-  const int64_t layer_numel = pr.layer_weight_numel();
-  const T* h0 = pr.h0 + b * FD;
-  const T* grad_states = pr.grad_states + b * states_row;
-  const T* grad_sum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD;
-  T* grad_h0 = pr.grad_h0 + b * FD;
-  T* delta = ws;
-  T* delta_prev = ws + SFD;
-  T* alpha = ws + 2 * SFD;
+  const TileRows<T> tile = tile_rows(pr, b, S, kD, ws);
+  const int64_t FD = int64_t(F) * kD, states_row = int64_t(L + 1) * F, layer = FD * F;
+  T *delta = ws, *delta_prev = tile.delta_prev;
   T* hT = scratch;
   T* aT = hT + FD * kW;
   T* C = aT + FD * kW;
@@ -266,27 +284,25 @@ DAGFM_HD void outer_backward_layers(const PropagateBackwardParams<T>& pr, int64_
   for (int t = L; t >= 1; --t) {
     plan_next_reads(prefetch, pr, b, S, t, message, message_stride, next_messages);
     prefetch.pace(4 * edges * groups);
-    const T* a_prev = t > 1 ? message(t - 1) : nullptr;
-    const T* h_prev = t > 1 ? h_buf : h0;
-    const LayerRows<T> rows{h0, delta, message(t), a_prev, message_stride, grad_states + int64_t(L) * F,
-                            states_row, grad_sum, grad_h0, h_buf, FD, S};
-    layer_rows_at<T, kVB, kD>(t, L, rows, 0, F, alpha, FD);
-    const T* p = pr.p + (t - 1) * layer_numel;
-    const T* q = pr.q + (t - 1) * layer_numel;
+    const T* h_prev = t > 1 ? h_buf : tile.h0;
+    const LayerRows<T> rows{tile.h0, delta, message(t), t > 1 ? message(t - 1) : nullptr, message_stride,
+                            tile.grad_states + int64_t(L) * F, states_row, tile.grad_sum, tile.grad_h0, h_buf, FD, S};
+    layer_rows_at<T, kVB, kD>(t, L, rows, 0, F, tile.alpha, FD);
+    const int64_t off = (t - 1) * layer;
     for (int g = 0; g < S; g += kW) {
       const int n = S - g < kW ? S - g : kW;
       rows_to_lanes<T, kBytes>(h_prev + g * FD, FD, n, FD, hT);
-      rows_to_lanes<T, kBytes>(alpha + g * FD, FD, n, FD, aT);
-      outer_edge_dots_lanes<T, kBytes, kD>(p, q, hT, aT, C, R, F, prefetch);
-      outer_backward_lanes<T, kVB, kD, kW>(p, h_prev, alpha, C, R, delta_prev, grad_states + int64_t(t - 1) * F,
-                                           states_row, grad_sum, grad_p + (t - 1) * layer_numel,
-                                           grad_q + (t - 1) * layer_numel, F, g, n, prefetch);
+      rows_to_lanes<T, kBytes>(tile.alpha + g * FD, FD, n, FD, aT);
+      outer_edge_dots_lanes<T, kBytes, kD>(pr.p + off, pr.q + off, hT, aT, C, R, F, prefetch);
+      outer_backward_lanes<T, kVB, kD, kW>(pr.p + off, h_prev, tile.alpha, C, R, delta_prev,
+                                           tile.grad_states + int64_t(t - 1) * F, states_row, tile.grad_sum,
+                                           grad_p + off, grad_q + off, F, g, n, prefetch);
     }
     T* tmp = delta;
     delta = delta_prev;
     delta_prev = tmp;
   }
-  for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
+  finish_grad_h0(tile, delta);
 }
 #endif
 
