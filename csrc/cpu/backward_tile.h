@@ -145,7 +145,7 @@ DAGFM_HD void layer_rows_at(int t, int L, const LayerRows<T>& r, int j0, int nj,
 }
 
 // A backward tile's rows of the inputs and of grad_h0 (samples [b, b + S), rows of F*kD) and its
-// work buffers in ws: delta, delta_prev and alpha, (S, F, kD) each.
+// work buffers, (S, F, kD) each: delta at ws itself, then delta_prev and alpha.
 template <typename T>
 struct TileRows {
   const T* h0;
