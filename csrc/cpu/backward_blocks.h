@@ -22,19 +22,75 @@ DAGFM_HD void keep_in_register(V& v) {
 #endif
 }
 
+// Cache lines a tile reads next from memory (the kept messages, h0, grad_h0 to be written),
+// fetched into L2 a few at a time between register blocks: their first reads then overlap the
+// blocks' FMAs instead of stalling a pass of few operations per value. Regions are rows of
+// row_bytes, stride bytes apart; prefetching never faults, so a row past the batch is harmless.
+struct LinePrefetcher {
+  struct Rows {
+    const char* base;
+    int64_t rows, row_bytes, stride;
+    bool write;
+  };
+  static constexpr int kMaxRegions = 8;
+  static constexpr int64_t kLine = 64;
+  Rows regions[kMaxRegions];
+  int count = 0, region = 0;
+  int64_t row = 0, offset = 0;
+  // Lines owed, in units of 1/work lines: each unit of work adds `lines`.
+  int64_t lines = 0, work = 1, owed = 0;
+
+  DAGFM_HD void add(const void* base, int64_t rows, int64_t row_bytes, int64_t stride, bool write) {
+    if (base != nullptr && rows > 0 && count < kMaxRegions)
+      regions[count++] = Rows{static_cast<const char*>(base), rows, row_bytes, stride, write};
+  }
+  // Spreads what was added over calls of step() whose weights add up to total_work.
+  DAGFM_HD void pace(int64_t total_work) {
+    lines = 0;
+    for (int r = 0; r < count; ++r) lines += regions[r].rows * ((regions[r].row_bytes + kLine - 1) / kLine);
+    work = total_work > 0 ? total_work : 1;
+  }
+  DAGFM_HD void step(int64_t weight) {
+    owed += lines * weight;
+    for (; owed >= work && region < count; owed -= work) {
+      const Rows& r = regions[region];
+      const char* line = r.base + row * r.stride + offset;
+      if (r.write)
+        __builtin_prefetch(line, 1, 2);
+      else
+        __builtin_prefetch(line, 0, 2);
+      offset += kLine;
+      if (offset >= r.row_bytes) {
+        offset = 0;
+        if (++row == r.rows) {
+          row = 0;
+          ++region;
+        }
+      }
+    }
+  }
+  DAGFM_HD void clear() { count = region = 0, row = offset = owed = lines = 0, work = 1; }
+};
+
 // Inner backward for the target fields [j0, j0 + kJ) of a tile of S samples: for every source
 // i <= j, dP_ij += sum_s alpha_j h_i and delta_prev_i += P_ij alpha_j. The kJ weight-gradient
 // vectors of a source stay in registers across all S samples (one read-modify-write of grad_p per
 // tile), next to kB samples' h_i and delta_prev_i; the block's alpha (S, kJ, kD), written by the
-// caller, stays in L1 across the sources.
+// caller, stays in L1 across the sources. The block's own fields i >= j0 first appear as sources
+// here (the blocks run in increasing j0): their delta_prev_i starts from G[t-1, i] broadcast
+// (grad_prev: the tile's first sample's row t-1 of the states' gradient, samples states_row
+// apart) plus dLoss/dz_i where grad_sum is given (rows of F*kD).
 template <typename T, int kBytes, int kD, int kJ, int kB>
 DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h_prev,
                                    const T* DAGFM_RESTRICT alpha, T* DAGFM_RESTRICT delta_prev,
-                                   T* DAGFM_RESTRICT grad_p, int F, int j0, int S) {
+                                   T* DAGFM_RESTRICT grad_p, const T* DAGFM_RESTRICT grad_prev,
+                                   int64_t states_row, const T* DAGFM_RESTRICT grad_sum, int F, int j0, int S,
+                                   LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
   const int64_t FD = int64_t(F) * kD;
-  auto source = [&](int i, int first) __attribute__((always_inline)) {
+  auto source = [&]<bool kStart>(int i, int first) __attribute__((always_inline)) {
+    prefetch.step(kJ);
     const int64_t off = (int64_t(i) * F + j0) * kD;
     V wv[kJ][kV], gw[kJ][kV];
     DAGFM_UNROLL
@@ -44,15 +100,26 @@ DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
         wv[jj][v] = jj >= first ? vload<V>(p + off + jj * kD + v * kW) : V{};
         gw[jj][v] = V{};
       }
+    // Offsets from per-group pointers: the alpha offsets are constants (no index arithmetic per
+    // load, which int indices under -fwrapv would need).
     auto samples = [&]<int kM>(int s0) __attribute__((always_inline)) {
+      const int64_t row0 = s0 * FD + int64_t(i) * kD;
+      const T* hs = h_prev + row0;
+      T* ds = delta_prev + row0;
+      const T* as = alpha + int64_t(s0) * (kJ * kD);
       V hv[kM][kV], dv[kM][kV];
       DAGFM_UNROLL
       for (int m = 0; m < kM; ++m)
         DAGFM_UNROLL
         for (int v = 0; v < kV; ++v) {
-          const int64_t o = (s0 + m) * FD + int64_t(i) * kD + v * kW;
-          hv[m][v] = vload<V>(h_prev + o);
-          dv[m][v] = vload<V>(delta_prev + o);
+          hv[m][v] = vload<V>(hs + m * FD + v * kW);
+          if constexpr (kStart) {
+            // 0 + x, not x - 0: GCC builds the latter one lane at a time.
+            dv[m][v] = V{} + grad_prev[(s0 + m) * states_row + i];
+            if (grad_sum != nullptr) dv[m][v] += vload<V>(grad_sum + row0 + m * FD + v * kW);
+          } else {
+            dv[m][v] = vload<V>(ds + m * FD + v * kW);
+          }
         }
       DAGFM_UNROLL
       for (int jj = 0; jj < kJ; ++jj)
@@ -61,7 +128,7 @@ DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
           DAGFM_UNROLL
           for (int v = 0; v < kV; ++v)
             if (jj >= first) {
-              V al = vload<V>(alpha + ((s0 + m) * kJ + jj) * kD + v * kW);
+              V al = vload<V>(as + (m * kJ + jj) * kD + v * kW);
               keep_in_register(al);
               gw[jj][v] += al * hv[m][v];
               dv[m][v] += wv[jj][v] * al;
@@ -69,7 +136,7 @@ DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
       DAGFM_UNROLL
       for (int m = 0; m < kM; ++m)
         DAGFM_UNROLL
-        for (int v = 0; v < kV; ++v) vstore(delta_prev + (s0 + m) * FD + int64_t(i) * kD + v * kW, dv[m][v]);
+        for (int v = 0; v < kV; ++v) vstore(ds + m * FD + v * kW, dv[m][v]);
     };
     int s0 = 0;
     for (; s0 + kB <= S; s0 += kB) samples.template operator()<kB>(s0);
@@ -83,21 +150,21 @@ DAGFM_HD void inner_backward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
           vstore(g, vload<V>(g) + gw[jj][v]);
         }
   };
-  // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
-  // (j0, j0 + kJ) only the fields >= i (the edges below the diagonal are never read).
-  for (int i = 0; i <= j0; ++i) source(i, 0);
-  for (int i = j0 + 1; i < j0 + kJ; ++i) source(i, i - j0);
+  // Sources i < j0 reach every field of the block (the hot loop, no masking); i in
+  // [j0, j0 + kJ) only the fields >= i (the edges below the diagonal are never read).
+  for (int i = 0; i < j0; ++i) source.template operator()<false>(i, 0);
+  for (int i = j0; i < j0 + kJ; ++i) source.template operator()<true>(i, i - j0);
 }
 
 // Outer backward, first half, for up to one vector of samples in lanes: C[i][j] = <p_ij, h_i> and
 // R[i][j] = <q_ij, alpha_j> for every edge, each an (F, F) array of vectors (lane = sample).
 // hT, aT: h_prev and alpha transposed, (F, kD) vectors. The kD vectors of h_i (for C) or alpha_j
 // (for R) stay in registers while kE edges at a time take p_ij[d] (q_ij[d]) broadcast: one load
-// per FMA.
+// per FMA. Each source or target steps `prefetch` by its edge count.
 template <typename T, int kBytes, int kD>
 DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
                                     const T* DAGFM_RESTRICT hT, const T* DAGFM_RESTRICT aT,
-                                    T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F) {
+                                    T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F, LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kW = Vec<T, kBytes>::lanes, kE = 8;
   // out[edge(e)] = sum_d w[edge(e)][d] * x[d] for the edges e of [e0, e1), kE at a time.
@@ -119,11 +186,13 @@ DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RE
   };
   V x[kD];
   for (int i = 0; i < F; ++i) {
+    prefetch.step(F - i);
     DAGFM_UNROLL
     for (int d = 0; d < kD; ++d) x[d] = vload<V>(hT + (int64_t(i) * kD + d) * kW);
     dots(x, p, C, i, F, [&](int j) __attribute__((always_inline)) { return int64_t(i) * F + j; });
   }
   for (int j = 0; j < F; ++j) {
+    prefetch.step(j + 1);
     DAGFM_UNROLL
     for (int d = 0; d < kD; ++d) x[d] = vload<V>(aT + (int64_t(j) * kD + d) * kW);
     dots(x, q, R, 0, j + 1, [&](int i) __attribute__((always_inline)) { return int64_t(i) * F + j; });
@@ -133,14 +202,18 @@ DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RE
 // Outer backward, second half, for the n <= kW samples from s0 whose dot products sit in the lanes
 // of C / R (kW per edge), rows of kD values in vectors of kBytes:
 //   dP_ij += sum_s R_ij[s] h_s,i   (per source i: the kW rows h_s,i in registers, kE edges at a time)
-//   delta_prev_s,i += sum_j R_ij[s] p_ij   (per source i: the kW rows delta_prev_s,i in registers)
+//   delta_prev_s,i = G[t-1, i] (+ dLoss/dz_i) + sum_j R_ij[s] p_ij   (per source i: the kW rows in
+//     registers; grad_prev: the states' gradient row t-1 of sample 0, samples states_row apart;
+//     grad_sum: rows of F*kD, or nullptr)
 //   dQ_ij += sum_s C_ij[s] alpha_s,j   (per target j: the kW rows alpha_s,j in registers)
-// each FMA with one broadcast load.
+// each FMA with one broadcast load. Each source or target steps `prefetch` by its edge count.
 template <typename T, int kBytes, int kD, int kW>
 DAGFM_HD void outer_backward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h_prev,
                                    const T* DAGFM_RESTRICT alpha, const T* DAGFM_RESTRICT C,
                                    const T* DAGFM_RESTRICT R, T* DAGFM_RESTRICT delta_prev,
-                                   T* DAGFM_RESTRICT grad_p, T* DAGFM_RESTRICT grad_q, int F, int s0, int n) {
+                                   const T* DAGFM_RESTRICT grad_prev, int64_t states_row,
+                                   const T* DAGFM_RESTRICT grad_sum, T* DAGFM_RESTRICT grad_p,
+                                   T* DAGFM_RESTRICT grad_q, int F, int s0, int n, LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kWR = Vec<T, kBytes>::lanes, kV = kD / kWR, kE = 8 / kV;
   const int64_t FD = int64_t(F) * kD;
@@ -179,10 +252,21 @@ DAGFM_HD void outer_backward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
   };
   V x[kW][kV];
   for (int i = 0; i < F; ++i) {
+    prefetch.step(F - i);
     auto edge = [&](int j) __attribute__((always_inline)) { return int64_t(i) * F + j; };
     load_rows(x, h_prev + int64_t(i) * kD);
     weight_grads(x, R, grad_p, i, F, edge);
-    load_rows(x, delta_prev + int64_t(i) * kD);
+    // delta_prev_i starts from G[t-1, i] (+ dLoss/dz_i); every source is visited once.
+    DAGFM_UNROLL
+    for (int s = 0; s < kW; ++s)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        x[s][v] = V{};
+        if (s < n) {
+          x[s][v] += grad_prev[(s0 + s) * states_row + i];
+          if (grad_sum != nullptr) x[s][v] += vload<V>(grad_sum + (s0 + s) * FD + int64_t(i) * kD + v * kWR);
+        }
+      }
     for (int j = i; j < F; ++j) {
       V w[kV];
       DAGFM_UNROLL
@@ -199,6 +283,7 @@ DAGFM_HD void outer_backward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
         if (s < n) vstore(delta_prev + (s0 + s) * FD + int64_t(i) * kD + v * kWR, x[s][v]);
   }
   for (int j = 0; j < F; ++j) {
+    prefetch.step(j + 1);
     load_rows(x, alpha + int64_t(j) * kD);
     weight_grads(x, C, grad_q, 0, j + 1, [&](int i) __attribute__((always_inline)) { return int64_t(i) * F + j; });
   }
