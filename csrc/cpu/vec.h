@@ -219,6 +219,24 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
       }
 }
 
+// The weight vectors of edges (i, j0 + jj), jj < kJ, of one layer's (F, F, kD) weights w: zero
+// for jj < first (edges i > j, never read).
+template <typename T, int kBytes, int kD, int kJ, typename V>
+DAGFM_HD void load_edge_columns(const T* DAGFM_RESTRICT w, int F, int i, int j0, int first,
+                                V (&out)[kJ][kD / Vec<T, kBytes>::lanes]) {
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const T* row = w + (int64_t(i) * F + j0) * kD;
+  // The rows two sources ahead (a row is F*kD values apart): the hardware prefetcher does not
+  // follow that stride early enough. Prefetching never faults, past the end included.
+  DAGFM_UNROLL
+  for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row + 2 * int64_t(F) * kD) + c);
+  DAGFM_UNROLL
+  for (int jj = 0; jj < kJ; ++jj)
+    DAGFM_UNROLL
+    for (int v = 0; v < kV; ++v) out[jj][v] = jj >= first ? vload<V>(row + jj * kD + v * kW) : V{};
+}
+
 // Inner interaction, a_j = sum_{i<=j} p_ij * h_i for kM samples and kJ fields: per source field i,
 // kJ weight vectors and kM state vectors feed kM * kJ FMAs.
 template <typename T, int kBytes, int kD, int kM, int kJ>
@@ -231,18 +249,9 @@ DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   V acc[kM][kJ][kV];
   zero_all(acc);
   auto step = [&](int i, int first) __attribute__((always_inline)) {
-    const T* w = p + (int64_t(i) * F + j0) * kD;
     const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
-    // The weight rows two sources ahead (a row is F*kD values apart): the hardware prefetcher
-    // does not follow that stride early enough. Prefetching never faults, past the end included.
-    DAGFM_UNROLL
-    for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(w + 2 * int64_t(F) * kD) + c);
     V wv[kJ][kV];
-    DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= first ? vload<V>(w + jj * kD + v * kW) : V{};
+    load_edge_columns<T, kBytes, kD, kJ>(p, F, i, j0, first, wv);
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
@@ -311,16 +320,8 @@ DAGFM_HD void outer_messages_block(const T* DAGFM_RESTRICT q, const T* DAGFM_RES
   V acc[kM][kJ][kV];
   zero_all(acc);
   auto step = [&](int i, int first) __attribute__((always_inline)) {
-    const T* w = q + (int64_t(i) * F + j0) * kD;
-    // The rows two sources ahead, as in inner_forward_block.
-    DAGFM_UNROLL
-    for (int k = 0; k < kJ * kD * int(sizeof(T)); k += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(w + 2 * int64_t(F) * kD) + k);
     V qv[kJ][kV];
-    DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) qv[jj][v] = jj >= first ? vload<V>(w + jj * kD + v * kW) : V{};
+    load_edge_columns<T, kBytes, kD, kJ>(q, F, i, j0, first, qv);
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
