@@ -39,7 +39,9 @@ def _extension():
     elif sys.platform == "darwin":
         cxx_flags, link_flags = ["-O3", "-std=c++20"], []
     else:
-        cxx_flags, link_flags = ["-O3", "-std=c++20", "-fopenmp"], ["-fopenmp"]
+        # -fno-wrapv undoes the -fwrapv of Python's own compile flags: with wrapping int overflow
+        # the compiler may not widen the tile loops' int indices, and those loops run 7-20% slower.
+        cxx_flags, link_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-wrapv"], ["-fopenmp"]
     define_macros = []
     extra = {"cxx": cxx_flags}
     ext_cls = cpp_extension.CppExtension

@@ -6,8 +6,10 @@
 // embedding size fixed at compile time (0: any, portable loops).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
@@ -75,6 +77,15 @@ DAGFM_HD void kernel_layer_columns(const T* p, const T* h0, const T* h_prev, con
 #endif
 }
 
+// Per-thread buffer of the outer interaction's edge dots (layer_forward_tile's callers give no
+// workspace for them); it only grows, so no call allocates once warm.
+template <typename T>
+T* outer_dots_workspace(int64_t numel) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < numel) buf.resize(numel);
+  return buf.data();
+}
+
 // One layer forward for the tile into `out` (h = h0 * a; a and z when asked). a_scratch (S*F*D
 // elements) holds the messages of the portable loops when out.a does not.
 template <typename T, int kBytes, int kRegs, int kD>
@@ -102,9 +113,18 @@ DAGFM_HD void layer_forward_out(Interaction kind, const T* p, const T* q, const 
       kernel_layer_columns<T, kBytes, kRegs, kD>(p, h0, h_prev, out, F, S, 0, F);
       return;
     }
-    constexpr int kM = kRegs / (3 * kV) > 1 ? kRegs / (3 * kV) : 1;
+    // Outer: the edge dots of a block of samples, then their messages in blocks of fields as inner's.
+    constexpr int kJ = kCols / kV > 1 ? kCols / kV : 1;
+    constexpr int kM = kRegs / (kJ * kV) > 1 ? kRegs / (kJ * kV) : 1;
+    T* dots = outer_dots_workspace<T>(kM * F * outer_dots_row<T, kVB>(F));
     over_samples<kM>(S, [&]<int kMb>(int s0) __attribute__((always_inline)) {
-      for (int j = 0; j < F; ++j) outer_forward_block<T, kVB, kD, kMb>(p, q, h0, h_prev, out, F, j, s0);
+      outer_edge_dots<T, kVB, kD, kMb>(p, h_prev, F, s0, dots);
+      // At least 8 chains of dependent FMAs where the registers allow: few samples take more fields.
+      constexpr int kChains = (8 + kMb * kV - 1) / (kMb * kV), kMaxJ = kRegs / (kMb * kV);
+      constexpr int kJb = std::max(kJ, std::min(kChains, kMaxJ));
+      int j0 = 0;
+      for (; j0 < F % kJb; ++j0) outer_messages_block<T, kVB, kD, kMb, 1>(q, dots, h0, out, F, j0, s0);
+      for (; j0 < F; j0 += kJb) outer_messages_block<T, kVB, kD, kMb, kJb>(q, dots, h0, out, F, j0, s0);
     });
     return;
   }
@@ -144,10 +164,10 @@ constexpr bool outer_forward_in_lanes() {
          ((kBytes == 64 && kRegs >= 24) || (kBytes == 32 && kD % 4 == 0));
 }
 
-// Workspace of forward_tile, in elements: two state buffers, the messages and the state sums of
-// S samples, or outer_forward_lanes' buffers (16 lanes at most).
+// Workspace of forward_tile, in elements: two state buffers and the messages of S samples, or
+// outer_forward_lanes' buffers (16 lanes at most).
 DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) {
-  const int64_t rows = (3 * int64_t(S) * D + S) * F, lanes = (5 * int64_t(F) * D + int64_t(F) * F) * 16;
+  const int64_t rows = 3 * int64_t(S) * D * F, lanes = (5 * int64_t(F) * D + int64_t(F) * F) * 16;
   return rows > lanes ? rows : lanes;
 }
 
@@ -181,15 +201,12 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
 #endif
   T* hbuf[2] = {ws, ws + SFD};
   T* a = ws + 2 * SFD;
-  T* sums = ws + 3 * SFD;
   auto write_states = [&](const T* h, int t) __attribute__((always_inline)) {
 #ifdef DAGFM_CPU_VECTORS
     constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
     if constexpr (kVB > 0) {
-      // Transposed sums of whole rows, then each sample's F values to its row of the states.
-      row_sums<T, kVB, kD>(h, int64_t(S) * F, sums);
-      for (int s = 0; s < S; ++s)
-        for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sums[s * F + j];
+      // Transposed sums of whole rows, each sample's straight into its row of the states.
+      for (int s = 0; s < S; ++s) row_sums<T, kVB, kD>(h + s * FD, F, states + s * states_row + int64_t(t) * F);
       return;
     }
 #endif

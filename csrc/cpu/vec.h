@@ -219,6 +219,24 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
       }
 }
 
+// The weight vectors of edges (i, j0 + jj), jj < kJ, of one layer's (F, F, kD) weights w: zero
+// for jj < first (edges i > j, never read).
+template <typename T, int kBytes, int kD, int kJ, typename V>
+DAGFM_HD void load_edge_columns(const T* DAGFM_RESTRICT w, int F, int i, int j0, int first,
+                                V (&out)[kJ][kD / Vec<T, kBytes>::lanes]) {
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const T* row = w + (int64_t(i) * F + j0) * kD;
+  // The rows two sources ahead (a row is F*kD values apart): the hardware prefetcher does not
+  // follow that stride early enough. Prefetching never faults, past the end included.
+  DAGFM_UNROLL
+  for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row + 2 * int64_t(F) * kD) + c);
+  DAGFM_UNROLL
+  for (int jj = 0; jj < kJ; ++jj)
+    DAGFM_UNROLL
+    for (int v = 0; v < kV; ++v) out[jj][v] = jj >= first ? vload<V>(row + jj * kD + v * kW) : V{};
+}
+
 // Inner interaction, a_j = sum_{i<=j} p_ij * h_i for kM samples and kJ fields: per source field i,
 // kJ weight vectors and kM state vectors feed kM * kJ FMAs.
 template <typename T, int kBytes, int kD, int kM, int kJ>
@@ -231,18 +249,9 @@ DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   V acc[kM][kJ][kV];
   zero_all(acc);
   auto step = [&](int i, int first) __attribute__((always_inline)) {
-    const T* w = p + (int64_t(i) * F + j0) * kD;
     const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
-    // The weight rows two sources ahead (a row is F*kD values apart): the hardware prefetcher
-    // does not follow that stride early enough. Prefetching never faults, past the end included.
-    DAGFM_UNROLL
-    for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(w + 2 * int64_t(F) * kD) + c);
     V wv[kJ][kV];
-    DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= first ? vload<V>(w + jj * kD + v * kW) : V{};
+    load_edge_columns<T, kBytes, kD, kJ>(p, F, i, j0, first, wv);
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
@@ -260,40 +269,74 @@ DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
 }
 
-// Outer interaction, a_j = sum_{i<=j} <p_ij, h_i> q_ij, for kM samples and one field j.
+// Row pitch of outer_edge_dots' output: a row's last kW-wide store may start at j = F - 1.
+template <typename T, int kBytes>
+constexpr int64_t outer_dots_row(int F) {
+  return int64_t(F) + Vec<T, kBytes>::lanes;
+}
+
+// Outer interaction, the edge dots c_ij = <p_ij, h_i> (i <= j) of kM samples from s0, into
+// c[m][i][j] (rows outer_dots_row apart). Row i of p is contiguous over j, so kW consecutive targets
+// give kW products reduced together by one transposed sum, instead of a horizontal sum per dot.
 template <typename T, int kBytes, int kD, int kM>
-DAGFM_HD void outer_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q,
-                                  const T* DAGFM_RESTRICT h0, const T* DAGFM_RESTRICT h_prev,
-                                  const LayerOut<T>& out, int F, int j, int s0) {
+DAGFM_HD void outer_edge_dots(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h_prev, int F, int s0,
+                              T* DAGFM_RESTRICT c) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
-  const int64_t FD = int64_t(F) * kD;
-  V acc[kM][1][kV];
-  zero_all(acc);
-  for (int i = 0; i <= j; ++i) {
-    const int64_t off = (int64_t(i) * F + j) * kD;
-    V wv[kV], qv[kV];
-    DAGFM_UNROLL
-    for (int v = 0; v < kV; ++v) {
-      wv[v] = vload<V>(p + off + v * kW);
-      qv[v] = vload<V>(q + off + v * kW);
-    }
-    // The kM dot products first, so their reductions overlap.
-    T c[kM];
+  const int64_t FD = int64_t(F) * kD, row = outer_dots_row<T, kBytes>(F);
+  // The dots of targets [j0, j0 + n) for every sample; past the last field, zero rows never loaded.
+  auto group = [&]<bool kFull>(int i, int j0, int n) __attribute__((always_inline)) {
+    const T* w = p + int64_t(i) * FD + int64_t(j0) * kD;
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m) {
-      const T* hi = h_prev + (s0 + m) * FD + int64_t(i) * kD;
-      V prod = wv[0] * vload<V>(hi);
+      V hv[kV], prod[kW];
       DAGFM_UNROLL
-      for (int v = 1; v < kV; ++v) prod += wv[v] * vload<V>(hi + v * kW);
-      c[m] = lane_sum<T, kBytes>(prod);
+      for (int v = 0; v < kV; ++v) hv[v] = vload<V>(h_prev + (s0 + m) * FD + int64_t(i) * kD + v * kW);
+      DAGFM_UNROLL
+      for (int k = 0; k < kW; ++k) {
+        prod[k] = V{};
+        if (kFull || k < n)
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) prod[k] += vload<V>(w + k * kD + v * kW) * hv[v];
+      }
+      vstore(c + (m * int64_t(F) + i) * row + j0, transposed_sum<T, kBytes>(prod));
     }
+  };
+  for (int i = 0; i < F; ++i) {
+    int j0 = i;
+    for (; j0 + kW <= F; j0 += kW) group.template operator()<true>(i, j0, kW);
+    if (j0 < F) group.template operator()<false>(i, j0, F - j0);
+  }
+}
+
+// Outer interaction, a_j = sum_{i<=j} c_ij q_ij for kM samples and kJ fields from the dots of
+// outer_edge_dots: per source i, kJ vectors of q feed kM * kJ FMAs with broadcast dots.
+template <typename T, int kBytes, int kD, int kM, int kJ>
+DAGFM_HD void outer_messages_block(const T* DAGFM_RESTRICT q, const T* DAGFM_RESTRICT c,
+                                   const T* DAGFM_RESTRICT h0, const LayerOut<T>& out, int F, int j0, int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD, row = outer_dots_row<T, kBytes>(F);
+  V acc[kM][kJ][kV];
+  zero_all(acc);
+  auto step = [&](int i, int first) __attribute__((always_inline)) {
+    V qv[kJ][kV];
+    load_edge_columns<T, kBytes, kD, kJ>(q, F, i, j0, first, qv);
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) acc[m][0][v] += c[m] * qv[v];
-  }
-  store_messages<T, kBytes, kD, kM, 1>(acc, h0, out, FD, j, s0);
+      for (int jj = 0; jj < kJ; ++jj)
+        if (jj >= first) {
+          const T cij = c[(m * int64_t(F) + i) * row + j0 + jj];
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) acc[m][jj][v] += cij * qv[jj][v];
+        }
+  };
+  // As in inner_forward_block: sources i <= j0 reach every field of the block, the next ones only
+  // the fields >= i.
+  for (int i = 0; i <= j0; ++i) step(i, 0);
+  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
 }
 
 // Rows <-> lanes. kToLanes: column k of n <= kW rows (row_stride apart) becomes the vector at
