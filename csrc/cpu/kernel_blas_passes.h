@@ -77,14 +77,15 @@ struct BackwardTileRows {
   T* grad_h0;            // rows x FD
 };
 
-template <typename T, int kBytes, int kD>
-DAGFM_HD void backward_rows_pass(const BackwardTileRows<T>& tr, int t, const T* delta, T* alpha, T* h_prev) {
+// The conditions are template arguments so that the inner loops carry no per-element tests
+// (which compilers turn into masked vector code).
+template <typename T, int kD, bool kProduct, bool kSum, bool kFirst>
+DAGFM_HD void backward_rows_loop(const BackwardTileRows<T>& tr, int t, const T* delta, T* alpha, T* h_prev) {
   const int D = kD > 0 ? kD : tr.D;
   const int64_t FD = int64_t(tr.F) * D;
-  const bool has_product = t < tr.L, first = t == tr.L;
   for (int64_t r = 0; r < tr.rows; ++r) {
     const T* dr = delta + r * FD;
-    const T* gz = tr.grad_sum == nullptr ? nullptr : tr.grad_sum + r * FD;
+    const T* gz = tr.grad_sum + (kSum ? r * FD : 0);
     const T* g = tr.grad_states + (r * (tr.L + 1) + t) * tr.F;
     const T* h0r = tr.h0 + r * FD;
     const T* at = t == 0 ? nullptr : tr.saved + (r * tr.L + (t - 1)) * FD;
@@ -93,16 +94,25 @@ DAGFM_HD void backward_rows_pass(const BackwardTileRows<T>& tr, int t, const T* 
     for (int j = 0; j < tr.F; ++j) {
       const int64_t o = int64_t(j) * D;
       const T gj = g[j];
+      if (t == 0) {
+        DAGFM_SIMD
+        for (int e = 0; e < D; ++e) {
+          T d = gj;
+          if constexpr (kProduct) d += dr[o + e];
+          if constexpr (kSum) d += gz[o + e];
+          if constexpr (kFirst) gh[o + e] = d;
+          else gh[o + e] += d;
+        }
+        continue;
+      }
       DAGFM_SIMD
       for (int e = 0; e < D; ++e) {
-        const int64_t k = o + e;
-        const T d = (has_product ? dr[k] : T(0)) + gj + (gz != nullptr ? gz[k] : T(0));
-        if (t == 0) {
-          gh[k] = (first ? T(0) : gh[k]) + d;
-        } else {
-          al[k] = d * h0r[k];
-          gh[k] = (first ? T(0) : gh[k]) + d * at[k];
-        }
+        T d = gj;
+        if constexpr (kProduct) d += dr[o + e];
+        if constexpr (kSum) d += gz[o + e];
+        al[o + e] = d * h0r[o + e];
+        if constexpr (kFirst) gh[o + e] = d * at[o + e];
+        else gh[o + e] += d * at[o + e];
       }
     }
     if (t >= 2) {
@@ -110,6 +120,18 @@ DAGFM_HD void backward_rows_pass(const BackwardTileRows<T>& tr, int t, const T* 
       DAGFM_SIMD
       for (int64_t k = 0; k < FD; ++k) hp[k] = h0r[k] * at[k - FD];
     }
+  }
+}
+
+template <typename T, int kBytes, int kD>
+DAGFM_HD void backward_rows_pass(const BackwardTileRows<T>& tr, int t, const T* delta, T* alpha, T* h_prev) {
+  const bool product = t < tr.L, first = t == tr.L;
+  if (tr.grad_sum != nullptr) {
+    if (first) backward_rows_loop<T, kD, false, true, true>(tr, t, delta, alpha, h_prev);
+    else if (product) backward_rows_loop<T, kD, true, true, false>(tr, t, delta, alpha, h_prev);
+  } else {
+    if (first) backward_rows_loop<T, kD, false, false, true>(tr, t, delta, alpha, h_prev);
+    else if (product) backward_rows_loop<T, kD, true, false, false>(tr, t, delta, alpha, h_prev);
   }
 }
 
