@@ -1,6 +1,7 @@
-// The kernel interaction as BLAS products over field groups of the block-upper-triangular
-// weight, split at the diagonal so that no product multiplies a block below it: the forward at
-// large batches and the backward at D >= kBlasMinEmbedDim.
+// The kernel interaction as BLAS products over the block-upper-triangular weight, cut into
+// rectangles above the diagonal so that no product multiplies a block below it: the forward at
+// large batches and the backward at D >= kBlasMinEmbedDim. The passes between the products are in
+// kernel_blas_passes.h.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
 #include "blas.h"
+#include "kernel_blas_passes.h"
 #include "work_split.h"
 
 namespace dagfm {
@@ -21,16 +23,13 @@ namespace dagfm {
 constexpr int kBlasMinEmbedDim = 8;
 // Kernel interaction: from this batch size the forward runs as BLAS products on tiles of rows.
 constexpr int64_t kBlasForwardMinBatch = 512;
-constexpr int64_t kBlasTileRows = 64;
-// Rows per backward BLAS tile: a long inner dimension for the dW products, capped by its workspace.
-constexpr int64_t kBackwardTileRows = 256;
-constexpr int64_t kBackwardWorkspaceBytes = int64_t(8) << 20;
-
-template <typename T>
-void hadamard_row(const T* x, const T* y, int64_t n, T* out) {
-  DAGFM_SIMD
-  for (int64_t k = 0; k < n; ++k) out[k] = x[k] * y[k];
-}
+// Forward rows per tile: long products, while the tile's h, a and h0 stay in cache next to a layer's weight.
+constexpr int64_t kBlasTileRows = 128;
+// Rows per backward BLAS tile: long enough an inner dimension for the dW products, short enough
+// that the tile's alpha and h^{t-1} stay in cache next to a layer's weight and its gradient.
+constexpr int64_t kBackwardTileRows = 128;
+// Tiles that go down the layers together (their delta waits between the layers: a bounded buffer).
+constexpr int64_t kBackwardGroupTiles = 8;
 
 // Dense weight per layer: rows (i, d), columns (j, e), block (i, j) = W[i, j] for i <= j. The
 // blocks below the diagonal are left unset: no product reads them.
@@ -54,159 +53,182 @@ std::unique_ptr<T[]> pack_block_triangular(const T* w, int F, int D, int L) {
   return big;
 }
 
-// Field groups per BLAS call: wide enough for an efficient product; the triangle of blocks next
-// to the diagonal goes field by field.
-inline int fields_per_group(int D) { return std::max(1, 64 / D); }
+// The block upper triangle over fields [0, F) cut into dense products: the rectangle of sources
+// [f0, m) x targets [m, f1), then the halves [f0, m) and [m, f1) likewise, down to leaves of at most
+// kLeafFields fields. Every rectangle lies above the diagonal and the pieces cover each block i <= j
+// once, so nothing is multiplied twice or below the diagonal (Inf * 0 is NaN), and most of the
+// work runs in a few large products. Listed in pre-order: a rectangle comes before every piece
+// inside its target columns.
+constexpr int kLeafFields = 2;
 
-// a (rows x FD) = h_prev (rows x FD) @ W (block upper triangular), by column groups: the fields
-// before the group in one product, the diagonal triangle field by field (no block below the
-// diagonal is multiplied: Inf * 0 is NaN).
+struct FieldRect {
+  int i0, i1, j0, j1;  // sources [i0, i1) x targets [j0, j1), i1 <= j0 (a rectangle) or a leaf i0 == j0
+  bool leaf() const { return i0 == j0; }
+};
+
+inline void split_triangle(int f0, int f1, std::vector<FieldRect>& out) {
+  if (f1 - f0 <= kLeafFields) {
+    if (f1 > f0) out.push_back({f0, f1, f0, f1});
+    return;
+  }
+  const int m = (f0 + f1 + 1) / 2;
+  out.push_back({f0, m, m, f1});
+  split_triangle(f0, m, out);
+  split_triangle(m, f1, out);
+}
+
+inline std::vector<FieldRect> triangle_pieces(int F) {
+  std::vector<FieldRect> pieces;
+  split_triangle(0, F, pieces);
+  return pieces;
+}
+
+// a (rows x FD, row stride lda) = h_prev (rows x FD) @ W (block upper triangular, FD x FD). The
+// pieces with sources from field 0 are the first to write their columns (pre-order), so they set
+// them and the others add.
 template <typename T>
-void kernel_layer_product(const T* h_prev, const T* w, int rows, int F, int D, T* a) {
-  const int FD = F * D, G = fields_per_group(D);
-  for (int g0 = 0; g0 < F; g0 += G) {
-    const int g1 = std::min(F, g0 + G);
-    if (g0 > 0)
-      gemm_rowmajor<T>(false, false, rows, (g1 - g0) * D, g0 * D, h_prev, FD, w + g0 * D, FD, T(0), a + g0 * D, FD);
-    else
-      for (int r = 0; r < rows; ++r) std::fill_n(a + int64_t(r) * FD, g1 * D, T(0));
-    for (int j = g0; j < g1; ++j)
-      gemm_rowmajor<T>(false, false, rows, D, (j - g0 + 1) * D, h_prev + g0 * D, FD,
-                       w + int64_t(g0) * D * FD + j * D, FD, T(1), a + j * D, FD);
+void kernel_layer_product(const std::vector<FieldRect>& pieces, const T* h_prev, const T* w, int rows, int F,
+                          int D, T* a, int lda) {
+  const int FD = F * D;
+  for (const FieldRect& pc : pieces) {
+    const T beta = pc.i0 == 0 ? T(0) : T(1);
+    if (!pc.leaf()) {
+      gemm_rowmajor<T>(false, false, rows, (pc.j1 - pc.j0) * D, (pc.i1 - pc.i0) * D, h_prev + pc.i0 * D, FD,
+                       w + int64_t(pc.i0) * D * FD + pc.j0 * D, FD, beta, a + pc.j0 * D, lda);
+      continue;
+    }
+    // a leaf, target by target: a[:, j] (+)= h[:, i0..j] @ W[i0..j, j]
+    for (int j = pc.j0; j < pc.j1; ++j)
+      gemm_rowmajor<T>(false, false, rows, D, (j - pc.i0 + 1) * D, h_prev + pc.i0 * D, FD,
+                       w + int64_t(pc.i0) * D * FD + j * D, FD, beta, a + j * D, lda);
+  }
+}
+
+// dW (FD x FD, upper blocks) (+)= h_prev (rows x FD)^T @ alpha (rows x FD); beta 0 sets the blocks.
+template <typename T>
+void kernel_weight_grad_product(const std::vector<FieldRect>& pieces, const T* h_prev, const T* alpha, int rows,
+                                int F, int D, T beta, T* dw) {
+  const int FD = F * D;
+  for (const FieldRect& pc : pieces) {
+    if (!pc.leaf()) {
+      gemm_rowmajor<T>(true, false, (pc.i1 - pc.i0) * D, (pc.j1 - pc.j0) * D, rows, h_prev + pc.i0 * D, FD,
+                       alpha + pc.j0 * D, FD, beta, dw + int64_t(pc.i0) * D * FD + pc.j0 * D, FD);
+      continue;
+    }
+    for (int j = pc.j0; j < pc.j1; ++j)
+      gemm_rowmajor<T>(true, false, (j - pc.i0 + 1) * D, D, rows, h_prev + pc.i0 * D, FD, alpha + j * D, FD,
+                       beta, dw + int64_t(pc.i0) * D * FD + j * D, FD);
+  }
+}
+
+// delta (rows x FD) = alpha (rows x FD) @ W^T (W block upper triangular): source i gathers its
+// targets j >= i. The pieces with targets up to field F - 1 are the first to write their source
+// columns (pre-order), so they set them and the others add.
+template <typename T>
+void kernel_delta_product(const std::vector<FieldRect>& pieces, const T* alpha, const T* w, int rows, int F, int D,
+                          T* delta) {
+  const int FD = F * D;
+  for (const FieldRect& pc : pieces) {
+    const T beta = pc.j1 == F ? T(0) : T(1);
+    if (!pc.leaf()) {
+      gemm_rowmajor<T>(false, true, rows, (pc.i1 - pc.i0) * D, (pc.j1 - pc.j0) * D, alpha + pc.j0 * D, FD,
+                       w + int64_t(pc.i0) * D * FD + pc.j0 * D, FD, beta, delta + pc.i0 * D, FD);
+      continue;
+    }
+    // a leaf, source by source: delta[:, i] (+)= alpha[:, i..j1) @ W[i, i..j1)^T
+    for (int i = pc.i0; i < pc.i1; ++i)
+      gemm_rowmajor<T>(false, true, rows, D, (pc.j1 - i) * D, alpha + i * D, FD,
+                       w + int64_t(i) * D * FD + i * D, FD, beta, delta + i * D, FD);
   }
 }
 
 // Large batches of the kernel interaction: MKL's products beat the tile loops there, and packing
-// the weights once per call is a small share of the work. saved as in forward_rows.
+// the weights once per call is a small share of the work. saved as in forward_rows: the products
+// write the messages there directly.
 template <typename T>
 void forward_kernel_blas(const PropagateParams<T>& pr, T* saved) {
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
   const int64_t FD = int64_t(F) * D, states_row = int64_t(L + 1) * F;
   const std::unique_ptr<T[]> w = pack_block_triangular(pr.p, F, D, L);
+  const std::vector<FieldRect> pieces = triangle_pieces(F);
   const int64_t num_tiles = (pr.batch + kBlasTileRows - 1) / kBlasTileRows;
   at::parallel_for(0, num_tiles, grain_for(per_row_flops(pr) * kBlasTileRows), [&](int64_t tile0, int64_t tile1) {
     SingleThreadedBlas single;
     T* buf = thread_workspace<T>(3 * kBlasTileRows * FD);
     T* hb[2] = {buf, buf + kBlasTileRows * FD};
-    T* a = buf + 2 * kBlasTileRows * FD;
-    auto write_states = [&](const T* h, int64_t rows, T* states) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int j = 0; j < F; ++j) states[r * states_row + j] = sum(h + (r * F + j) * D, D);
-    };
+    T* a_buf = buf + 2 * kBlasTileRows * FD;
     for (int64_t tile = tile0; tile < tile1; ++tile) {
       const int64_t r0 = tile * kBlasTileRows;
-      const int rows = int(std::min(kBlasTileRows, pr.batch - r0));
-      const T* h0 = pr.h0 + r0 * FD;
-      T* states = pr.states + r0 * states_row;
-      T* z = pr.sum_out == nullptr ? nullptr : pr.sum_out + r0 * FD;
-      write_states(h0, rows, states);
-      if (z != nullptr) std::copy(h0, h0 + rows * FD, z);
-      const T* h_prev = h0;
+      const ForwardTileRows<T> tr{int(std::min(kBlasTileRows, pr.batch - r0)), F, D, states_row, pr.h0 + r0 * FD,
+                                  pr.states + r0 * states_row,
+                                  pr.sum_out == nullptr ? nullptr : pr.sum_out + r0 * FD};
+      run_pass<ForwardRowsPass<T>>(D, &tr, 0, tr.h0, FD, static_cast<T*>(nullptr));
+      const T* h_prev = tr.h0;
       for (int t = 1; t <= L; ++t) {
         T* h = hb[t & 1];
-        kernel_layer_product(h_prev, w.get() + (t - 1) * FD * FD, rows, F, D, a);
-        hadamard_row(h0, a, rows * FD, h);
-        if (z != nullptr) {
-          DAGFM_SIMD
-          for (int64_t k = 0; k < rows * FD; ++k) z[k] += h[k];
-        }
-        if (saved != nullptr)
-          for (int r = 0; r < rows; ++r)
-            std::copy(a + r * FD, a + (r + 1) * FD, saved + ((r0 + r) * L + (t - 1)) * FD);
-        write_states(h, rows, states + int64_t(t) * F);
+        T* a = saved == nullptr ? a_buf : saved + (r0 * L + (t - 1)) * FD;
+        const int64_t lda = saved == nullptr ? FD : L * FD;
+        kernel_layer_product(pieces, h_prev, w.get() + (t - 1) * FD * FD, tr.rows, F, D, a, int(lda));
+        run_pass<ForwardRowsPass<T>>(D, &tr, t, static_cast<const T*>(a), lda, h);
         h_prev = h;
       }
     }
   });
 }
 
-// saved (nullable): the forward's messages (B, L, F, D); without them the caller recomputes them.
+// saved: the forward's messages (B, L, F, D).
 template <typename T>
 void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) {
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
   const int64_t FD = int64_t(F) * D;
   const int64_t layer_big = FD * FD;
   const std::unique_ptr<T[]> w = pack_block_triangular(pr.p, F, D, L);
-  const ChunkPlan plan = plan_gradient_chunks(pr.batch, L * layer_big * int64_t(sizeof(T)));
-  std::vector<T> partials(plan.num_chunks * L * layer_big, T(0));
-  const int G = fields_per_group(D);
+  const std::vector<FieldRect> pieces = triangle_pieces(F);
+  // The chunks (fixed by the shapes, as in backward_rows) hold whole tiles of R rows.
+  ChunkPlan plan = plan_gradient_chunks(pr.batch, L * layer_big * int64_t(sizeof(T)));
+  const int64_t R = std::min(kBackwardTileRows, plan.chunk_rows);
+  plan.chunk_rows = (plan.chunk_rows + R - 1) / R * R;
+  plan.num_chunks = (pr.batch + plan.chunk_rows - 1) / plan.chunk_rows;
+  // Each chunk's first tile sets its partial's upper blocks (beta 0), and only those are read.
+  const std::unique_ptr<T[]> partials(new T[plan.num_chunks * L * layer_big]);
 
+  // A group of tiles goes down the layers one at a time, tile after tile: layer t's weight and
+  // its gradient (the products' large operands) stay in cache for the whole group, and only the
+  // group's delta (delta^{t-1} written over delta^t) waits between the layers.
+  const int64_t group_rows = std::min(plan.chunk_rows, kBackwardGroupTiles * R);
   at::parallel_for(0, plan.num_chunks, grain_for(3 * per_row_flops(pr) * plan.chunk_rows), [&](int64_t c0, int64_t c1) {
     SingleThreadedBlas single;
-    // Larger tiles give the dW products a longer inner dimension; cap the workspace per thread.
-    const int64_t R = std::clamp<int64_t>(kBackwardWorkspaceBytes / ((L + 4) * FD * int64_t(sizeof(T))), 8,
-                                          kBackwardTileRows);
-    // h^0..h^(L-1), delta, delta_prev, alpha, each R x FD.
-    T* buf = thread_workspace<T>((L + 3) * R * FD);
-    auto H = [&](int t) { return buf + t * R * FD; };
-    T* delta = buf + L * R * FD;
-    T* delta_prev = delta + R * FD;
-    T* alpha = delta_prev + R * FD;
+    // h^{t-1} and alpha of one tile, delta of the group.
+    T* buf = thread_workspace<T>((2 * R + group_rows) * FD);
+    T* h_prev = buf;
+    T* alpha = buf + R * FD;
+    T* delta_group = alpha + R * FD;
     for (int64_t c = c0; c < c1; ++c) {
-      T* dw = partials.data() + c * L * layer_big;
-      const int64_t c_end = std::min(pr.batch, (c + 1) * plan.chunk_rows);
-      for (int64_t r0 = c * plan.chunk_rows; r0 < c_end; r0 += R) {
-        const int rows = int(std::min(R, c_end - r0));
-        const int64_t n = rows * FD;
-        const T* h0 = pr.h0 + r0 * FD;
-        const T* gs = pr.grad_states + r0 * (L + 1) * F;
-        auto message = [&](int t) { return saved + (r0 * L + (t - 1)) * FD; };  // row r at + r * L * FD
-        std::copy(h0, h0 + n, H(0));
-        for (int t = 1; t < L; ++t)
-          for (int r = 0; r < rows; ++r)
-            hadamard_row(h0 + r * FD, message(t) + int64_t(r) * L * FD, FD, H(t) + r * FD);
-        const T* gsum = pr.grad_sum == nullptr ? nullptr : pr.grad_sum + r0 * FD;
-        auto broadcast_grad = [&](int t, T* out) {
-          for (int r = 0; r < rows; ++r)
-            for (int j = 0; j < F; ++j)
-              std::fill_n(out + (int64_t(r) * F + j) * D, D, gs[int64_t(r) * (L + 1) * F + int64_t(t) * F + j]);
-          if (gsum != nullptr)
-            for (int64_t k = 0; k < n; ++k) out[k] += gsum[k];
+      T* dw = partials.get() + c * L * layer_big;
+      const int64_t c_begin = c * plan.chunk_rows, c_end = std::min(pr.batch, (c + 1) * plan.chunk_rows);
+      for (int64_t g0 = c_begin; g0 < c_end; g0 += group_rows) {
+        const int64_t g1 = std::min(c_end, g0 + group_rows);
+        auto tile_rows = [&](int64_t r0) {
+          return BackwardTileRows<T>{int(std::min(R, g1 - r0)), F, D, L, pr.h0 + r0 * FD,
+                                     pr.grad_states + r0 * (L + 1) * F,
+                                     pr.grad_sum == nullptr ? nullptr : pr.grad_sum + r0 * FD, saved + r0 * L * FD,
+                                     pr.grad_h0 + r0 * FD};
         };
-        T* gh0 = pr.grad_h0 + r0 * FD;
-        std::fill(gh0, gh0 + n, T(0));
-        broadcast_grad(L, delta);
         for (int t = L; t >= 1; --t) {
-          const T* wt = w.get() + (t - 1) * layer_big;
-          T* dwt = dw + (t - 1) * layer_big;
-          for (int r = 0; r < rows; ++r) {
-            const T* at_ = message(t) + int64_t(r) * L * FD;
-            const T* h0r = h0 + r * FD;
-            T* dr = delta + r * FD;
-            T* al = alpha + r * FD;
-            T* g = gh0 + r * FD;
-            DAGFM_SIMD
-            for (int64_t k = 0; k < FD; ++k) {
-              al[k] = dr[k] * h0r[k];
-              g[k] += dr[k] * at_[k];
-            }
+          for (int64_t r0 = g0; r0 < g1; r0 += R) {
+            const BackwardTileRows<T> tr = tile_rows(r0);
+            T* delta = delta_group + (r0 - g0) * FD;
+            run_pass<BackwardRowsPass<T>>(D, &tr, t, static_cast<const T*>(delta), alpha, h_prev);
+            kernel_weight_grad_product(pieces, t == 1 ? tr.h0 : h_prev, alpha, tr.rows, F, D,
+                                       r0 == c_begin ? T(0) : T(1), dw + (t - 1) * layer_big);
+            kernel_delta_product(pieces, alpha, w.get() + (t - 1) * layer_big, tr.rows, F, D, delta);
           }
-          const T* hp = H(t - 1);
-          for (int g0 = 0; g0 < F; g0 += G) {
-            const int g1 = std::min(F, g0 + G);
-            // dW[fields < g0, group] += h^{t-1}[:, fields < g0]^T @ alpha[:, group]
-            gemm_rowmajor<T>(true, false, g0 * D, (g1 - g0) * D, rows, hp, int(FD), alpha + g0 * D, int(FD),
-                             T(1), dwt + g0 * D, int(FD));
-            // the diagonal triangle: dW[g0..j, j] += h^{t-1}[:, g0..j]^T @ alpha[:, j]
-            for (int j = g0; j < g1; ++j)
-              gemm_rowmajor<T>(true, false, (j - g0 + 1) * D, D, rows, hp + g0 * D, int(FD), alpha + j * D,
-                               int(FD), T(1), dwt + int64_t(g0) * D * FD + j * D, int(FD));
-          }
-          // delta^{t-1}[:, group] = G[t-1] + alpha[:, fields >= i] @ W[group, fields >= i]^T
-          broadcast_grad(t - 1, delta_prev);
-          for (int i0 = 0; i0 < F; i0 += G) {
-            const int i1 = std::min(F, i0 + G);
-            if (i1 < F)
-              gemm_rowmajor<T>(false, true, rows, (i1 - i0) * D, (F - i1) * D, alpha + i1 * D, int(FD),
-                               wt + int64_t(i0) * D * FD + i1 * D, int(FD), T(1), delta_prev + i0 * D, int(FD));
-            for (int i = i0; i < i1; ++i)
-              gemm_rowmajor<T>(false, true, rows, D, (i1 - i) * D, alpha + i * D, int(FD),
-                               wt + int64_t(i) * D * FD + i * D, int(FD), T(1), delta_prev + i * D, int(FD));
-          }
-          std::swap(delta, delta_prev);
         }
-        DAGFM_SIMD
-        for (int64_t k = 0; k < n; ++k) gh0[k] += delta[k];
+        for (int64_t r0 = g0; r0 < g1; r0 += R) {
+          const BackwardTileRows<T> tr = tile_rows(r0);
+          run_pass<BackwardRowsPass<T>>(D, &tr, 0, static_cast<const T*>(delta_group + (r0 - g0) * FD), alpha,
+                                        h_prev);
+        }
       }
     }
   });
@@ -222,7 +244,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
         const int64_t row = t * layer_big + (int64_t(i) * D + d) * FD;
         for (int j = i; j < F; ++j) {
           T* out = out_i + (int64_t(j) * D + d) * D;
-          const T* src = partials.data() + row + int64_t(j) * D;
+          const T* src = partials.get() + row + int64_t(j) * D;
           std::copy(src, src + D, out);
           for (int64_t c = 1; c < plan.num_chunks; ++c) {
             const T* part = src + c * L * layer_big;
