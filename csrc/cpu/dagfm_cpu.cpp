@@ -2,7 +2,7 @@
 // propagate_sum_fwd / propagate_sum_fwd_train pair (the same tiles, also summing z = h^0 + ... + h^L).
 //
 // Forward (every interaction): tiles of consecutive samples run through all L layers in a small
-// per-thread workspace (tile.h); the register-blocked loops (vec.h) read the weights in their own
+// per-thread workspace (tile.h); the register-blocked loops (forward_blocks.h) read the weights in their own
 // layout, so no call spends time re-laying them out, and edges i > j are never touched. The kernel
 // interaction at large batches: BLAS products over rectangles of the packed weight instead
 // (kernel_blas.h). Backward: the same tiles for inner / outer (backward_tile.h; kernel at small D);

@@ -1,5 +1,5 @@
 // One tile of S consecutive samples through all L layers on the CPU: the register-blocked loops of
-// vec.h where the embedding size fits whole vectors, the portable loops of dagfm_math.h elsewhere.
+// forward_blocks.h where the embedding size fits whole vectors, the portable loops of dagfm_math.h elsewhere.
 //
 // kBytes: vector width the caller's target allows (0: portable loops only); kRegs: accumulator
 // registers the blocks may use (24 of AVX-512's 32 vector registers, 12 of AVX2's 16); kD: the
@@ -13,7 +13,7 @@
 
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
-#include "vec.h"
+#include "forward_blocks.h"
 
 namespace dagfm {
 namespace cpu {

@@ -1,0 +1,327 @@
+// Register-blocked CPU loops of the forward (vector extensions as in vec.h): one layer's messages
+// a_j for a block of samples and target fields, per interaction, and the outer interaction with
+// samples in vector lanes. Each block keeps its accumulators in registers and loads every weight
+// vector once for several samples (and fields): the weights of a layer are the large operand, the
+// tile's states the small one.
+#pragma once
+
+#include <cstdint>
+
+namespace dagfm {
+namespace cpu {
+
+// Where one layer's forward writes for a tile: h (rows of F*D per sample) and, when given, the
+// messages a (rows a_row elements apart) and the running sum z of the h^t (rows of F*D):
+// z = h0 + h on the first layer, z += h on the others.
+template <typename T>
+struct LayerOut {
+  T* h = nullptr;
+  T* a = nullptr;
+  int64_t a_row = 0;
+  T* z = nullptr;
+  bool z_first = false;
+};
+
+}  // namespace cpu
+}  // namespace dagfm
+
+#include "vec.h"
+
+#ifdef DAGFM_CPU_VECTORS
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace dagfm {
+namespace cpu {
+
+template <int kM, int kJ, int kV, typename V>
+DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+}
+
+// Writes h_j = h0_j * a_j (and a_j, z_j as `out` asks) for the kM samples at s0 and fields
+// [j0, j0 + kJ).
+template <typename T, int kBytes, int kD, int kM, int kJ, typename V>
+DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const T* DAGFM_RESTRICT h0,
+                             const LayerOut<T>& out, int64_t FD, int j0, int s0) {
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  T* DAGFM_RESTRICT h_next = out.h;
+  T* DAGFM_RESTRICT a = out.a;
+  T* DAGFM_RESTRICT z = out.z;
+  const int64_t a_row = out.a_row;
+  const bool z_first = out.z_first;
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        const int64_t col = int64_t(j0 + jj) * kD + v * kW, o = (s0 + m) * FD + col;
+        const V x = vload<V>(h0 + o), h = x * acc[m][jj][v];
+        vstore(h_next + o, h);
+        if (a != nullptr) vstore(a + (s0 + m) * a_row + col, acc[m][jj][v]);
+        if (z != nullptr) vstore(z + o, (z_first ? x : vload<V>(z + o)) + h);
+      }
+}
+
+// The weight vectors of edges (i, j0 + jj), jj < kJ, of one layer's (F, F, kD) weights w: zero
+// for jj < first (edges i > j, never read).
+template <typename T, int kBytes, int kD, int kJ, typename V>
+DAGFM_HD void load_edge_columns(const T* DAGFM_RESTRICT w, int F, int i, int j0, int first,
+                                V (&out)[kJ][kD / Vec<T, kBytes>::lanes]) {
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const T* row = w + (int64_t(i) * F + j0) * kD;
+  // The rows two sources ahead (a row is F*kD values apart): the hardware prefetcher does not
+  // follow that stride early enough. Prefetching never faults, past the end included.
+  DAGFM_UNROLL
+  for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row + 2 * int64_t(F) * kD) + c);
+  DAGFM_UNROLL
+  for (int jj = 0; jj < kJ; ++jj)
+    DAGFM_UNROLL
+    for (int v = 0; v < kV; ++v) out[jj][v] = jj >= first ? vload<V>(row + jj * kD + v * kW) : V{};
+}
+
+// Inner interaction, a_j = sum_{i<=j} p_ij * h_i for kM samples and kJ fields: per source field i,
+// kJ weight vectors and kM state vectors feed kM * kJ FMAs.
+template <typename T, int kBytes, int kD, int kM, int kJ>
+DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h0,
+                                  const T* DAGFM_RESTRICT h_prev, const LayerOut<T>& out, int F, int j0,
+                                  int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD;
+  V acc[kM][kJ][kV];
+  zero_all(acc);
+  auto step = [&](int i, int first) __attribute__((always_inline)) {
+    const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
+    V wv[kJ][kV];
+    load_edge_columns<T, kBytes, kD, kJ>(p, F, i, j0, first, wv);
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        const V h = vload<V>(hi + m * FD + v * kW);
+        DAGFM_UNROLL
+        for (int jj = 0; jj < kJ; ++jj)
+          if (jj >= first) acc[m][jj][v] += wv[jj][v] * h;
+      }
+  };
+  // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
+  // (j0, j0 + kJ) only the fields >= i (never multiplied by a missing edge: Inf * 0 is NaN).
+  for (int i = 0; i <= j0; ++i) step(i, 0);
+  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
+}
+
+// Row pitch of outer_edge_dots' output: a row's last kW-wide store may start at j = F - 1.
+template <typename T, int kBytes>
+constexpr int64_t outer_dots_row(int F) {
+  return int64_t(F) + Vec<T, kBytes>::lanes;
+}
+
+// Outer interaction, the edge dots c_ij = <p_ij, h_i> (i <= j) of kM samples from s0, into
+// c[m][i][j] (rows outer_dots_row apart). Row i of p is contiguous over j, so kW consecutive targets
+// give kW products reduced together by one transposed sum, instead of a horizontal sum per dot.
+template <typename T, int kBytes, int kD, int kM>
+DAGFM_HD void outer_edge_dots(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h_prev, int F, int s0,
+                              T* DAGFM_RESTRICT c) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD, row = outer_dots_row<T, kBytes>(F);
+  // The dots of targets [j0, j0 + n) for every sample; past the last field, zero rows never loaded.
+  auto group = [&]<bool kFull>(int i, int j0, int n) __attribute__((always_inline)) {
+    const T* w = p + int64_t(i) * FD + int64_t(j0) * kD;
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m) {
+      V hv[kV], prod[kW];
+      DAGFM_UNROLL
+      for (int v = 0; v < kV; ++v) hv[v] = vload<V>(h_prev + (s0 + m) * FD + int64_t(i) * kD + v * kW);
+      DAGFM_UNROLL
+      for (int k = 0; k < kW; ++k) {
+        prod[k] = V{};
+        if (kFull || k < n)
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) prod[k] += vload<V>(w + k * kD + v * kW) * hv[v];
+      }
+      vstore(c + (m * int64_t(F) + i) * row + j0, transposed_sum<T, kBytes>(prod));
+    }
+  };
+  for (int i = 0; i < F; ++i) {
+    int j0 = i;
+    for (; j0 + kW <= F; j0 += kW) group.template operator()<true>(i, j0, kW);
+    if (j0 < F) group.template operator()<false>(i, j0, F - j0);
+  }
+}
+
+// Outer interaction, a_j = sum_{i<=j} c_ij q_ij for kM samples and kJ fields from the dots of
+// outer_edge_dots: per source i, kJ vectors of q feed kM * kJ FMAs with broadcast dots.
+template <typename T, int kBytes, int kD, int kM, int kJ>
+DAGFM_HD void outer_messages_block(const T* DAGFM_RESTRICT q, const T* DAGFM_RESTRICT c,
+                                   const T* DAGFM_RESTRICT h0, const LayerOut<T>& out, int F, int j0, int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  const int64_t FD = int64_t(F) * kD, row = outer_dots_row<T, kBytes>(F);
+  V acc[kM][kJ][kV];
+  zero_all(acc);
+  auto step = [&](int i, int first) __attribute__((always_inline)) {
+    V qv[kJ][kV];
+    load_edge_columns<T, kBytes, kD, kJ>(q, F, i, j0, first, qv);
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int jj = 0; jj < kJ; ++jj)
+        if (jj >= first) {
+          const T cij = c[(m * int64_t(F) + i) * row + j0 + jj];
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v) acc[m][jj][v] += cij * qv[jj][v];
+        }
+  };
+  // As in inner_forward_block: sources i <= j0 reach every field of the block, the next ones only
+  // the fields >= i.
+  for (int i = 0; i <= j0; ++i) step(i, 0);
+  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
+}
+
+// Outer interaction for up to one vector of samples (n, sample s in lane s) through all L layers:
+// per layer first every edge's dot product c_ij = <p_ij, h_i> (h_i in registers, kDot vectors at
+// a time, p_ij[d] broadcast), then a_j = sum_{i<=j} c_ij q_ij (kAcc of its vectors at a time,
+// q_ij[e] broadcast): no horizontal sums.
+// h0: the group's rows (F*kD apart); states, saved (rows L*F*kD apart, layer 0's messages) and z
+// (rows F*kD apart) likewise from the group's first sample; saved and z may be nullptr.
+// ws: h0, two h buffers, a, z (each (F, kD) vectors) and the (F, F) edge dots.
+template <typename T, int kBytes, int kD, int kDot, int kAcc>
+DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q, const T* h0, int n,
+                                  int F, int L, T* ws, T* states, int64_t states_row, T* saved, T* z) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes;
+  const int64_t FD = int64_t(F) * kD, VFD = FD * kW;
+  T* h0T = ws;
+  T* hbuf[2] = {ws + VFD, ws + 2 * VFD};
+  T* aT = ws + 3 * VFD;  // messages, then the per-field state sums
+  T* zT = ws + 4 * VFD;
+  T* C = ws + 5 * VFD;
+  rows_to_lanes<T, kBytes>(h0, FD, n, FD, h0T);
+  // s_j = sum_e h_j[e] for every field into aT's first F vectors, then out to the states of layer t.
+  auto write_states = [&](const T* hT, int t) __attribute__((always_inline)) {
+    for (int j = 0; j < F; ++j) {
+      V sv[2] = {V{}, V{}};
+      DAGFM_UNROLL
+      for (int e = 0; e < kD; ++e) sv[e & 1] += vload<V>(hT + (int64_t(j) * kD + e) * kW);
+      vstore(aT + int64_t(j) * kW, sv[0] + sv[1]);
+    }
+    lanes_to_rows<T, kBytes>(aT, F, n, states + int64_t(t) * F, states_row);
+  };
+  write_states(h0T, 0);
+  if (z != nullptr && L == 0) lanes_to_rows<T, kBytes>(h0T, FD, n, z, FD);
+  const T* h_prev = h0T;
+  const int64_t layer = FD * F;
+  for (int t = 1; t <= L; ++t) {
+    T* h = hbuf[t & 1];
+    const T* pt = p + (t - 1) * layer;
+    const T* qt = q + (t - 1) * layer;
+    // c_ij for edges (i, j..j+4), kDot of h_i's vectors at a time in registers, two partial sums
+    // per edge; with kDot < kD the later chunks add to the partial dots in C.
+    auto dots = [&]<int kE>(int i, int j, int d0, const V (&hv)[kDot]) __attribute__((always_inline)) {
+      const T* w = pt + (int64_t(i) * F + j) * kD + d0;
+      V c[kE][2];
+      DAGFM_UNROLL
+      for (int e = 0; e < kE; ++e) {
+        c[e][0] = d0 == 0 ? V{} : vload<V>(C + (int64_t(i) * F + j + e) * kW);
+        c[e][1] = V{};
+      }
+      DAGFM_UNROLL
+      for (int d = 0; d < kDot; ++d)
+        DAGFM_UNROLL
+        for (int e = 0; e < kE; ++e) c[e][d & 1] += w[e * kD + d] * hv[d];
+      DAGFM_UNROLL
+      for (int e = 0; e < kE; ++e) vstore(C + (int64_t(i) * F + j + e) * kW, c[e][0] + c[e][1]);
+    };
+    for (int d0 = 0; d0 < kD; d0 += kDot)
+      for (int i = 0; i < F; ++i) {
+        V hv[kDot];
+        DAGFM_UNROLL
+        for (int d = 0; d < kDot; ++d) hv[d] = vload<V>(h_prev + (int64_t(i) * kD + d0 + d) * kW);
+        int j = i;
+        for (; j + 4 <= F; j += 4) dots.template operator()<4>(i, j, d0, hv);
+        for (; j < F; ++j) dots.template operator()<1>(i, j, d0, hv);
+      }
+    // a_j, kAcc of its kD vectors at a time in registers.
+    for (int j = 0; j < F; ++j)
+      for (int e0 = 0; e0 < kD; e0 += kAcc) {
+        V acc[kAcc];
+        DAGFM_UNROLL
+        for (int e = 0; e < kAcc; ++e) acc[e] = V{};
+        for (int i = 0; i <= j; ++i) {
+          const V c = vload<V>(C + (int64_t(i) * F + j) * kW);
+          const T* qq = qt + (int64_t(i) * F + j) * kD + e0;
+          DAGFM_UNROLL
+          for (int e = 0; e < kAcc; ++e) acc[e] += qq[e] * c;
+        }
+        DAGFM_UNROLL
+        for (int e = 0; e < kAcc; ++e) {
+          const int64_t o = (int64_t(j) * kD + e0 + e) * kW;
+          const V x = vload<V>(h0T + o), hv = x * acc[e];
+          vstore(h + o, hv);
+          if (saved != nullptr) vstore(aT + o, acc[e]);
+          if (z != nullptr) vstore(zT + o, (t == 1 ? x : vload<V>(zT + o)) + hv);
+        }
+      }
+    if (saved != nullptr) lanes_to_rows<T, kBytes>(aT, FD, n, saved + (t - 1) * FD, L * FD);
+    write_states(h, t);
+    h_prev = h;
+  }
+  if (z != nullptr && L > 0) lanes_to_rows<T, kBytes>(zT, FD, n, z, FD);
+}
+
+// Kernel interaction, a_j[e] = sum_{i<=j} sum_d h_i[d] p_ij[d][e], for kM samples and kJ fields:
+// per (i, d), kJ weight rows (read in p's own layout) and kM broadcast states feed kM * kJ * kV FMAs.
+// The blocks (i, j) with i > j are never read nor multiplied.
+template <typename T, int kBytes, int kD, int kM, int kJ>
+DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT h0,
+                                   const T* DAGFM_RESTRICT h_prev, const LayerOut<T>& out, int F, int j0,
+                                   int s0) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
+  constexpr int64_t kDD = int64_t(kD) * kD;
+  const int64_t FD = int64_t(F) * kD;
+  V acc[kM][kJ][kV];
+  zero_all(acc);
+  auto step = [&](int i, int first) __attribute__((always_inline)) {
+    const T* w = p + (int64_t(i) * F + j0) * kDD;
+    const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
+    for (int d = 0; d < kD; ++d) {
+      V wv[kJ][kV];
+      DAGFM_UNROLL
+      for (int jj = 0; jj < kJ; ++jj)
+        DAGFM_UNROLL
+        for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= first ? vload<V>(w + jj * kDD + d * kD + v * kW) : V{};
+      DAGFM_UNROLL
+      for (int m = 0; m < kM; ++m) {
+        const T h = hi[m * FD + d];
+        DAGFM_UNROLL
+        for (int jj = 0; jj < kJ; ++jj)
+          DAGFM_UNROLL
+          for (int v = 0; v < kV; ++v)
+            if (jj >= first) acc[m][jj][v] += h * wv[jj][v];
+      }
+    }
+  };
+  // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
+  // (j0, j0 + kJ) only the fields >= i.
+  for (int i = 0; i <= j0; ++i) step(i, 0);
+  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
+}
+
+}  // namespace cpu
+}  // namespace dagfm
+
+#pragma GCC diagnostic pop
+#endif
