@@ -9,7 +9,8 @@ disturbs them alike):
   excluded and included, with the fused op vs the eager reference propagation vs the CrossNet
   teacher;
 * large-batch throughput: the fused forward and forward+backward in useful (upper-triangle)
-  FLOP/s as a fraction of the float32 matrix-product rate measured in the same run.
+  FLOP/s as a fraction of the float32 matrix-product rate, the product timed in the same rounds
+  and blocks of back-to-back calls as the ops.
 
 Latencies are per call (median and 99th percentile over every timed call). Run it as
 ``dagfm-ext bench --latency`` (``--help`` for the options).
@@ -33,7 +34,7 @@ from ..data import FeatureSchema, FieldEmbedding, FieldSpec
 from ..modules import DAGFM
 from ..teachers import CrossNet
 from ..testing import make_inputs
-from .roofline import measure_matmul_rate
+from .timing import time_interleaved
 
 __all__ = ["time_calls", "op_latency", "student_latency", "throughput", "main"]
 
@@ -147,15 +148,15 @@ def student_latency(batches: Sequence[int], interactions: Sequence[str], F: int,
     return rows
 
 
-def matmul_rate(n: int = 2048) -> float:
-    """float32 square matrix-product rate (FLOP/s) on the default threads, measured now."""
-    return measure_matmul_rate("cpu", torch.float32, n)
-
-
-def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, calls: int) -> dict:
+def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, calls: int,
+               matmul_n: int = 2048) -> dict:
     """Fused and eager forward / forward+backward at one large batch, in useful FLOP/s and as a
-    fraction of the matmul rate; the matmul is re-measured between the interactions."""
-    rates = [matmul_rate()]
+    fraction of the float32 matmul rate. The (matmul_n, matmul_n) product is timed in the same
+    interleaved rounds and blocks of back-to-back calls as the ops (``time_interleaved``), so both
+    sides of the fraction are measured the same way at the same moments."""
+    a = torch.randn(matmul_n, matmul_n)
+    b = torch.randn(matmul_n, matmul_n)
+    rates = []
     rows = []
     for interaction in interactions:
         h0, p, q = make_inputs(interaction, batch, F, D, L, dtype=torch.float32, requires_grad=True)
@@ -176,8 +177,9 @@ def throughput(batch: int, interactions: Sequence[str], F: int, D: int, L: int, 
         ops = {"fused": functional.dagfm_propagate, "eager": reference.dagfm_propagate}
         fns = {f"{name} {kind}": make(op) for name, op in ops.items()
                for kind, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd))}
-        t = time_calls(fns, calls=max(2, calls), rounds=max(2, calls), warmup=1, budget_s=30.0)
-        rates.append(matmul_rate())
+        fns["matmul"] = lambda: torch.mm(a, b)
+        t = time_interleaved(fns, "cpu", rounds=max(3, calls), min_block_s=0.1)
+        rates.append(2 * matmul_n ** 3 / t.pop("matmul")["median_s"])
         row = {"interaction": interaction, "batch": batch}
         for name, v in t.items():
             flops = useful_flops((batch, F, D, L), interaction, "fwd+bwd" if name.endswith("bwd") else "fwd")
