@@ -15,7 +15,8 @@ __all__ = ["dagfm_propagate", "DagfmPropagate"]
 _fwd_op = torch.ops.dagfm_ext.propagate_fwd
 _fwd_train_op = torch.ops.dagfm_ext.propagate_fwd_train
 _bwd_op = torch.ops.dagfm_ext.propagate_bwd
-_fwd_no_grad = _C._propagate_fwd_no_grad
+# The inference forward straight to its kernel, for what plain_inference accepts.
+propagate_no_grad = _C._propagate_fwd_no_grad
 
 
 @torch.library.register_fake("dagfm_ext::propagate_fwd")
@@ -105,20 +106,25 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     h0: (B, F, D) (after field mixing); p: (L, F, F, D) for inner/outer, (L, F, F, D, D) for
     kernel; q: (L, F, F, D) for outer, else None. Same contract as dagfm_ext.reference.
     """
+    if isinstance(interaction, str) and plain_inference((h0, p, q)):
+        # Inference keeps nothing for a backward.
+        return propagate_no_grad(h0, p, q, interaction)
     h0, p, q, training = prepare_inputs(h0, p, q, interaction)
     if training:
         return DagfmPropagate.apply(h0, p, q, interaction)
-    # Inference keeps nothing for a backward.
-    if _plain_tensors(h0, p, q):
-        return _fwd_no_grad(h0, p, q, interaction)
     return _fwd_op(h0, p, q, interaction)
 
 
-def _plain_tensors(h0, p, q) -> bool:
-    """Whether the op may be called below its autograd layer directly (a few microseconds less per
-    call): tensors without __torch_function__ overrides or modes, outside torch.compile tracing.
-    Anything else takes the registered op, which also names a bad argument."""
-    return (isinstance(h0, torch.Tensor) and isinstance(p, torch.Tensor)
-            and (q is None or isinstance(q, torch.Tensor))
-            and not torch._C._has_torch_function((h0, p, q))
+def plain_inference(tensors) -> bool:
+    """Whether ``tensors`` (None entries allowed) may go straight to the kernels, below the
+    dispatcher's autograd and autocast layers (microseconds less per call): plain tensors without
+    __torch_function__ overrides or modes, none needing a gradient, no autocast region, outside
+    torch.compile / torch.export tracing. Anything else takes the registered ops, which also name a
+    bad argument."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not isinstance(t, torch.Tensor) or (grad and t.requires_grad)):
+            return False
+    return (not torch._C._is_any_autocast_enabled()
+            and not torch._C._has_torch_function(tensors)
             and not torch.compiler.is_compiling())
