@@ -102,11 +102,15 @@ class _DagBase(nn.Module):
         except KeyError:
             return self.connect_layer, self.p, self.q
 
+    def _mixed_and_weights(self, emb: torch.Tensor):
+        """(h0, p, q): emb checked and mixed, and the propagation weights."""
+        connect, p, q = self._dag_parameters()
+        self._check_emb(emb, connect.dtype)
+        return _mix(connect, emb), p, q
+
     def mixed(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 = C @ x, (B, F, D)."""
-        connect = self.connect_layer
-        self._check_emb(emb, connect.dtype)
-        return _mix(connect, emb)
+        return self._mixed_and_weights(emb)[0]
 
     def extra_repr(self) -> str:
         return (f"num_fields={self.num_fields}, embed_dim={self.embed_dim}, depth={self.depth}, "
@@ -170,20 +174,19 @@ class DAGFM(_DagBase):
 
     def states(self, emb: torch.Tensor) -> torch.Tensor:
         """The DAG states s (B, L+1, F)."""
-        return _functional.dagfm_propagate(self.mixed(emb), self.p, self.q, self.interaction)
+        return _functional.dagfm_propagate(*self._mixed_and_weights(emb), self.interaction)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        connect, p, q = self._dag_parameters()
+        h0, p, q = self._mixed_and_weights(emb)
         linear = self._modules["linear"]
-        self._check_emb(emb, connect.dtype)
         if _plain_linear(linear):
             weight, bias = linear._parameters["weight"], linear._parameters["bias"]
-            if bias is not None and _functional.plain_inference((emb, connect, p, q, weight, bias)):
+            if bias is not None and _functional.plain_inference((h0, p, q, weight, bias)):
                 # Serving: the same products as below, each straight to its kernel (the readout as
                 # one matrix-vector product, bit-identical to the linear layer's).
-                s = _functional.propagate_no_grad(_mix(connect, emb), p, q, self.interaction)
+                s = _functional.propagate_no_grad(h0, p, q, self.interaction)
                 return torch.addmv(bias, s.view(s.shape[0], -1), weight.view(-1))
-        s = _functional.dagfm_propagate(_mix(connect, emb), p, q, self.interaction)
+        s = _functional.dagfm_propagate(h0, p, q, self.interaction)
         return linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 
     def flops_per_sample(self) -> int:
@@ -237,7 +240,7 @@ class DAGFMPlus(_DagBase):
 
     def hidden_sum(self, emb: torch.Tensor) -> torch.Tensor:
         """h0 + sum_{t=1..L} h^t, (B, F, D)."""
-        return _propagate_sum.dagfm_propagate_with_sum(self.mixed(emb), self.p, self.q, self.interaction)[1]
+        return _propagate_sum.dagfm_propagate_with_sum(*self._mixed_and_weights(emb), self.interaction)[1]
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         z = self.hidden_sum(emb)

@@ -114,6 +114,19 @@ def test_dagfm_inference_matches_training_forward(interaction, batch):
     torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_dagfm_gradients_reach_the_mixing_and_emb_with_frozen_weights():
+    torch.manual_seed(5)
+    m = DAGFM(F, D, L, "kernel")
+    for param in (m.p, m.linear.weight, m.linear.bias):
+        param.requires_grad_(False)
+    m(torch.randn(B, F, D)).sum().backward()
+    assert m.connect_layer.grad.abs().max() > 0
+    m.connect_layer.requires_grad_(False)
+    x = torch.randn(B, F, D, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad.abs().max() > 0
+
+
 def test_dagfm_inference_keeps_readout_hooks_and_parametrizations():
     torch.manual_seed(4)
     m = DAGFM(F, D, L, "outer")
