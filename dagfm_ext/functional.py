@@ -106,25 +106,25 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     h0: (B, F, D) (after field mixing); p: (L, F, F, D) for inner/outer, (L, F, F, D, D) for
     kernel; q: (L, F, F, D) for outer, else None. Same contract as dagfm_ext.reference.
     """
-    if isinstance(interaction, str) and plain_inference((h0, p, q)):
-        # Inference keeps nothing for a backward.
-        return propagate_no_grad(h0, p, q, interaction)
     h0, p, q, training = prepare_inputs(h0, p, q, interaction)
     if training:
         return DagfmPropagate.apply(h0, p, q, interaction)
+    # Inference keeps nothing for a backward.
+    if plain_inference((h0, p, q), autocast_applied=True):
+        return propagate_no_grad(h0, p, q, interaction)
     return _fwd_op(h0, p, q, interaction)
 
 
-def plain_inference(tensors) -> bool:
+def plain_inference(tensors, autocast_applied: bool = False) -> bool:
     """Whether ``tensors`` (None entries allowed) may go straight to the kernels, below the
     dispatcher's autograd and autocast layers (microseconds less per call): plain tensors without
-    __torch_function__ overrides or modes, none needing a gradient, no autocast region, outside
-    torch.compile / torch.export tracing. Anything else takes the registered ops, which also name a
-    bad argument."""
+    __torch_function__ overrides or modes, none needing a gradient, outside torch.compile /
+    torch.export tracing, and no autocast region unless ``autocast_applied`` (prepare_inputs has
+    cast them). Anything else takes the registered ops, which also name a bad argument."""
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is not None and (not isinstance(t, torch.Tensor) or (grad and t.requires_grad)):
             return False
-    return (not torch._C._is_any_autocast_enabled()
+    return ((autocast_applied or not torch._C._is_any_autocast_enabled())
             and not torch._C._has_torch_function(tensors)
             and not torch.compiler.is_compiling())

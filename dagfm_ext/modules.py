@@ -183,7 +183,7 @@ class DAGFM(_DagBase):
             weight, bias = linear._parameters["weight"], linear._parameters["bias"]
             if bias is not None and _functional.plain_inference((h0, p, q, weight, bias)):
                 # Serving: the same products as below, each straight to its kernel (the readout as
-                # one matrix-vector product, bit-identical to the linear layer's).
+                # one matrix-vector product: the linear layer's product has a single column).
                 s = _functional.propagate_no_grad(h0, p, q, self.interaction)
                 return torch.addmv(bias, s.view(s.shape[0], -1), weight.view(-1))
         s = _functional.dagfm_propagate(h0, p, q, self.interaction)
