@@ -15,7 +15,8 @@ __all__ = ["dagfm_propagate", "DagfmPropagate"]
 _fwd_op = torch.ops.dagfm_ext.propagate_fwd
 _fwd_train_op = torch.ops.dagfm_ext.propagate_fwd_train
 _bwd_op = torch.ops.dagfm_ext.propagate_bwd
-_fwd_no_grad = _C._propagate_fwd_no_grad
+# The inference forward straight to its kernel, for what plain_inference accepts.
+propagate_no_grad = _C._propagate_fwd_no_grad
 
 
 @torch.library.register_fake("dagfm_ext::propagate_fwd")
@@ -109,16 +110,21 @@ def dagfm_propagate(h0: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = 
     if training:
         return DagfmPropagate.apply(h0, p, q, interaction)
     # Inference keeps nothing for a backward.
-    if _plain_tensors(h0, p, q):
-        return _fwd_no_grad(h0, p, q, interaction)
+    if plain_inference((h0, p, q), autocast_applied=True):
+        return propagate_no_grad(h0, p, q, interaction)
     return _fwd_op(h0, p, q, interaction)
 
 
-def _plain_tensors(h0, p, q) -> bool:
-    """Whether the op may be called below its autograd layer directly (a few microseconds less per
-    call): tensors without __torch_function__ overrides or modes, outside torch.compile tracing.
-    Anything else takes the registered op, which also names a bad argument."""
-    return (isinstance(h0, torch.Tensor) and isinstance(p, torch.Tensor)
-            and (q is None or isinstance(q, torch.Tensor))
-            and not torch._C._has_torch_function((h0, p, q))
+def plain_inference(tensors, autocast_applied: bool = False) -> bool:
+    """Whether ``tensors`` (None entries allowed) may go straight to the kernels, below the
+    dispatcher's autograd and autocast layers (microseconds less per call): plain tensors without
+    __torch_function__ overrides or modes, none needing a gradient, outside torch.compile /
+    torch.export tracing, and no autocast region unless ``autocast_applied`` (prepare_inputs has
+    cast them). Anything else takes the registered ops, which also name a bad argument."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not isinstance(t, torch.Tensor) or (grad and t.requires_grad)):
+            return False
+    return ((autocast_applied or not torch._C._is_any_autocast_enabled())
+            and not torch._C._has_torch_function(tensors)
             and not torch.compiler.is_compiling())

@@ -98,6 +98,56 @@ def test_dagfm_matches_reference_composition(interaction):
 
 
 @pytest.mark.parametrize("interaction", ["inner", "outer", "kernel"])
+@pytest.mark.parametrize("batch", [1, B])
+def test_dagfm_inference_matches_training_forward(interaction, batch):
+    # Inference calls the kernels directly; the logits are the ones autograd's path computes.
+    torch.manual_seed(3)
+    m = DAGFM(F, D, L, interaction)
+    with torch.no_grad():
+        m.connect_layer.add_(0.1 * torch.randn(F, F))
+    x = torch.randn(batch, F, D)
+    expected = m(x)
+    assert expected.requires_grad
+    with torch.no_grad():
+        got = m(x)
+    assert got.shape == (batch,)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_dagfm_gradients_reach_the_mixing_and_emb_with_frozen_weights():
+    torch.manual_seed(5)
+    m = DAGFM(F, D, L, "kernel")
+    for param in (m.p, m.linear.weight, m.linear.bias):
+        param.requires_grad_(False)
+    m(torch.randn(B, F, D)).sum().backward()
+    assert m.connect_layer.grad.abs().max() > 0
+    m.connect_layer.requires_grad_(False)
+    x = torch.randn(B, F, D, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad.abs().max() > 0
+
+
+def test_dagfm_inference_keeps_readout_hooks_and_parametrizations():
+    torch.manual_seed(4)
+    m = DAGFM(F, D, L, "outer")
+    x = torch.randn(B, F, D)
+    seen = []
+    handle = m.linear.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        m(x)
+    assert seen == [(B, 1)]
+    handle.remove()
+    with torch.no_grad():
+        plain = m(x)
+    nn.utils.parametrize.register_parametrization(m, "p", nn.Identity())
+    nn.utils.parametrize.register_parametrization(m, "connect_layer", nn.Identity())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain, rtol=0, atol=0)
+        m.parametrizations.p.original.mul_(2.0)
+        assert not torch.equal(m(x), plain)
+
+
+@pytest.mark.parametrize("interaction", ["inner", "outer", "kernel"])
 def test_dagfm_init_state_dict_and_lower_triangle_grad(interaction):
     torch.manual_seed(2)
     m = DAGFM(F, D, L, interaction)

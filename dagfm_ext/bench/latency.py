@@ -45,7 +45,13 @@ def time_calls(fns: Dict[str, Callable[[], object]], calls: int = 200, rounds: i
                warmup: int = 20, budget_s: float = 2.0) -> Dict[str, dict]:
     """Per-call seconds of each fn, interleaved in `rounds` blocks of calls: {name: {'median_s',
     'p99_s', 'n'}}. Up to `calls` calls per fn, fewer (at least `rounds`) for a fn so slow that
-    they would take over `budget_s`."""
+    they would take over `budget_s`.
+
+    A block's calls run back to back, so the median is a call whose weights are still in cache
+    from the previous one (a server repeating one model). The first call of each block follows the
+    other fns' blocks, which may push its weights out of the core's caches: with blocks of more
+    than 100 calls the p99 misses these calls, with fewer (the default 400 calls in 10 rounds) the
+    p99 is one of them."""
     clock = time.perf_counter
     per_block = {}
     for name, fn in fns.items():
