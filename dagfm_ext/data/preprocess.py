@@ -284,10 +284,16 @@ def _group_ids(spec_vocab, tokens: Sequence[pa.Array]) -> List[np.ndarray]:
     return np.split(ids, np.cumsum([len(t) for t in tokens])[:-1])
 
 
+def _group_entries(specs) -> int:
+    """How many dictionary entries a look-up group gathers: at least as many as the vocabularies
+    hold, since a group hashes each vocabulary once, and no fewer than 2**18."""
+    return max(sum(len(v) for _, v in specs), 1 << 18)
+
+
 def _chunk_lookups(out: Path, specs, chunks: List[_Chunk], pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
     """Each chunk's vocabulary ids of its dictionary entries, field after field (a 'multi' field:
     max_len ids per entry), chunk after chunk; made for a group of chunks at a time."""
-    budget = max(sum(len(v) for _, v in specs), 1 << 18)
+    budget = _group_entries(specs)
     reader = pa.ipc.open_stream(out / "tokens.tmp")
     group, pending = [], 0
     for k, chunk in enumerate(chunks):
