@@ -64,12 +64,16 @@ def test_columnar_encoding_equals_row_by_row_reader(tmp_path, case):
     assert_same_encoding(fast, load_criteo_rows(path, min_count=min_count, seed=seed))
 
 
-def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch):
-    """Many small chunks: vocabulary counts merged across chunks, dictionaries remapped per chunk."""
+@pytest.mark.parametrize("group_of_one", [False, True])
+def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch, group_of_one):
+    """Many small chunks: vocabulary counts merged across chunks, dictionaries remapped per chunk
+    (looked up all at once, or one chunk at a time while pass 2 encodes the earlier ones)."""
     path = tmp_path / "c.tsv"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_criteo_sample.py"), "--rows", "3000",
                     "--output", str(path)], check=True, capture_output=True)
     monkeypatch.setattr(preprocess, "CHUNK_BYTES", 20_000)
+    if group_of_one:
+        monkeypatch.setattr(preprocess, "_group_entries", lambda specs: 1)
     fast = load_criteo(path, min_count=3, seed=1, cache_dir=tmp_path / "cache")
     assert_same_encoding(fast, load_criteo_rows(path, min_count=3, seed=1))
 

@@ -11,8 +11,8 @@ ordered by (-count, token)). The lookup then maps the chunks' token dictionaries
 in groups of chunks holding at least as many tokens as the vocabularies, so each vocabulary's hash
 table is built once per group rather than once per chunk (work proportional to the data, however
 large the vocabularies). Pass 2 encodes the chunks on all cores (numpy's gathers and the file I/O
-release the GIL), grouping each chunk's rows by split so that each split is one contiguous range
-of the output.
+release the GIL), each group's chunks while the next group is looked up, grouping each chunk's
+rows by split so that each split is one contiguous range of the output.
 
 Why this shape: the parse is most of the time, and hashing the values is most of the parse, so
 each value is hashed once, in the parser, and only the distinct values of a chunk ever reach
@@ -30,7 +30,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +47,7 @@ __all__ = ["SPLITS", "Source", "preprocess_files"]
 CHUNK_BYTES = 4 << 20
 SPLITS = ("train", "val", "test")
 _TOKENS = pa.schema([("v", pa.string())])
-_TEMPORARY = ("codes.tmp", "labels.tmp", "tokens.tmp", "lookup.tmp")
+_TEMPORARY = ("codes.tmp", "labels.tmp", "tokens.tmp")
 
 
 @dataclass
@@ -72,7 +72,8 @@ class _CountedChunk:
     """What a worker thread makes of one parsed chunk (see ``_count_chunk``)."""
     labels: np.ndarray  # float32, one a row
     codes: np.ndarray  # (source columns, rows): each row's dictionary index in each column
-    tokens: List[pa.Array]  # each field's token of each dictionary entry
+    tokens: pa.Array  # each field's token of each dictionary entry, one field after another
+    sizes: List[int]  # each field's dictionary size
     counts: List[Optional[Tuple[pa.Array, np.ndarray]]]  # each field's (token, count) pairs, count > 0
     longest: List[int]  # each field's longest list of tokens (1 unless 'multi')
 
@@ -174,8 +175,9 @@ def _count_chunk(fmt: TableFormat, memos: List[dict], counted: bool, cols: dict,
     codes = np.empty((len(sources), rows), np.int32 if wide else np.uint16)
     for j, s in enumerate(sources):  # column after column: pass 2 gathers each contiguously
         codes[j] = cols[s].indices
-    return _CountedChunk(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices], codes, tokens, counts,
-                    longest)
+    # One array, so the consumer spills a chunk's tokens in one write.
+    return _CountedChunk(np.asarray([v == "1" for v in lab_values], np.float32)[labels.indices], codes,
+                         pa.concat_arrays(tokens), [len(t) for t in tokens], counts, longest)
 
 
 def _lookup(spec, tokens: pa.Array, vocab: pa.Array) -> np.ndarray:
@@ -218,12 +220,12 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
                         progress(nbytes, rows)
                     if part is None:
                         continue
-                    for i, (tokens, pairs) in enumerate(zip(part.tokens, part.counts)):
-                        spill.write_batch(pa.record_batch([tokens], schema=_TOKENS))
+                    spill.write_batch(pa.record_batch([part.tokens], schema=_TOKENS))
+                    for i, pairs in enumerate(part.counts):
                         if pairs is not None:
                             counts[i].add(*pairs)
                     field_max = [max(a, b) for a, b in zip(field_max, part.longest)]
-                    chunks.append(_Chunk(n, rows, [len(t) for t in part.tokens], codes_f.tell(),
+                    chunks.append(_Chunk(n, rows, part.sizes, codes_f.tell(),
                                          part.codes.dtype))
                     labels_f.write(part.labels)
                     codes_f.write(part.codes)
@@ -234,6 +236,9 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
             file_rows.append(n - rows_before)
             if file_rows[-1] == 0:
                 raise DataFormatError(f"{src.path}: no data rows")
+    # Arrow's allocator keeps what the chunks used; each phase's peak is lower when it starts
+    # without that.
+    pa.default_memory_pool().release_unused()
     layout = pool.submit(_split_layout, sources, file_rows, n, seed)  # meanwhile: the vocabularies
     vocabs = list(pool.map(lambda i: counts[i].vocabulary(fmt.fields[i].min_count), range(len(fmt.fields))))
     del counts, memos
@@ -243,9 +248,9 @@ def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: in
     # 'multi' fields, whose lookup encodes each raw value with them.
     _python_vocabularies([(s, v) for s, v in specs if s.kind == "multi"])
     split_of, ranges = layout.result()
-    lookup_at = _write_lookups(out, specs, chunks, pool)
     sources_of = [src_names[1:].index(c.source) for c in fmt.fields]
-    _encode(out, schema, sources_of, chunks, lookup_at, split_of, ranges, pool)
+    pa.default_memory_pool().release_unused()
+    _encode(out, schema, sources_of, chunks, _chunk_lookups(out, specs, chunks, pool), split_of, ranges, pool)
     for tmp in _TEMPORARY:
         (out / tmp).unlink()
     del split_of
@@ -279,26 +284,29 @@ def _group_ids(spec_vocab, tokens: Sequence[pa.Array]) -> List[np.ndarray]:
     return np.split(ids, np.cumsum([len(t) for t in tokens])[:-1])
 
 
-def _write_lookups(out: Path, specs, chunks: List[_Chunk], pool: ThreadPoolExecutor) -> List[int]:
+def _group_entries(specs) -> int:
+    """How many dictionary entries a look-up group gathers: at least as many as the vocabularies
+    hold, since a group hashes each vocabulary once, and no fewer than 2**18."""
+    return max(sum(len(v) for _, v in specs), 1 << 18)
+
+
+def _chunk_lookups(out: Path, specs, chunks: List[_Chunk], pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
     """Each chunk's vocabulary ids of its dictionary entries, field after field (a 'multi' field:
-    max_len ids per entry), one chunk after another into lookup.tmp; returns where each chunk's
-    ids start (and the end), counted in ids."""
-    budget = max(sum(len(v) for _, v in specs), 1 << 16)
+    max_len ids per entry), chunk after chunk; made for a group of chunks at a time."""
+    budget = _group_entries(specs)
     reader = pa.ipc.open_stream(out / "tokens.tmp")
-    at, group, pending = [0], [], 0
-    with open(out / "lookup.tmp", "wb") as f:
-        for k, chunk in enumerate(chunks):
-            group.append([reader.read_next_batch().column(0) for _ in specs])
-            pending += sum(chunk.sizes)
-            if pending < budget and k + 1 < len(chunks):
-                continue
-            per_field = list(pool.map(_group_ids, specs, zip(*group)))
-            for j in range(len(group)):
-                ids = np.concatenate([field[j].ravel() for field in per_field])
-                f.write(ids)
-                at.append(at[-1] + ids.size)
-            group, pending = [], 0
-    return at
+    group, pending = [], 0
+    for k, chunk in enumerate(chunks):
+        tokens = reader.read_next_batch().column(0)
+        bounds = np.cumsum([0] + chunk.sizes).tolist()
+        group.append([tokens.slice(a, b - a) for a, b in zip(bounds, bounds[1:])])
+        pending += sum(chunk.sizes)
+        if pending < budget and k + 1 < len(chunks):
+            continue
+        per_field = list(pool.map(_group_ids, specs, zip(*group)))
+        for j in range(len(group)):
+            yield np.concatenate([field[j].ravel() for field in per_field])
+        group, pending = [], 0
 
 
 def _pread(fd: int, dtype, count: int, offset: int) -> np.ndarray:
@@ -318,10 +326,12 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: List[_Chunk], lookup_at: List[int],
-            split_of: np.ndarray, ranges, pool: ThreadPoolExecutor) -> None:
-    """Pass 2: dictionary indices -> vocabulary ids, rows grouped by split, chunks encoded in
-    parallel. Plain positioned reads and writes (no memory maps), so memory stays that of a
+def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: List[_Chunk],
+            lookups: Iterator[np.ndarray], split_of: np.ndarray, ranges, pool: ThreadPoolExecutor) -> None:
+    """Pass 2: dictionary indices -> vocabulary ids (``lookups``: each chunk's, in order), rows
+    grouped by split, chunks encoded in parallel while the next group's ids are looked up (both
+    in ``pool``: the look-ups queue behind the chunks already submitted, so only about two groups'
+    ids are held). Plain positioned reads and writes (no memory maps), so memory stays that of a
     chunk per thread."""
     ncols, slots = max(sources_of) + 1, schema.num_slots
     widths = [f.max_len for f in schema.fields]
@@ -333,20 +343,20 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
         dest.append(fill.tolist())
         fill += np.bincount(split_of[chunk.start:chunk.start + chunk.rows], minlength=len(SPLITS))
 
-    def encode(k: int) -> None:
+    def encode(k: int, lookup: np.ndarray) -> None:
         chunk = chunks[k]
         rows = chunk.rows
         local = _pread(codes_fd, chunk.codes_dtype, ncols * rows, chunk.codes_at).reshape(ncols, rows)
         labels = _pread(labels_fd, np.float32, rows, 4 * chunk.start)
-        lookup = _pread(lookup_fd, np.int32, lookup_at[k + 1] - lookup_at[k], 4 * lookup_at[k])
         part = split_of[chunk.start:chunk.start + rows]
-        order = np.argsort(part, kind="stable")  # this chunk's rows grouped by split, in file order
+        # This chunk's rows grouped by split, in file order.
+        order = np.concatenate([np.flatnonzero(part == s) for s in range(len(SPLITS))])
         seg = np.cumsum([0] + [size * w for size, w in zip(chunk.sizes, widths)]).tolist()
-        if slots == len(widths):  # one slot per field: contiguous gathers, then one transposing gather
+        if slots == len(widths):  # one slot per field: contiguous gathers, a transpose, then whole rows
             encoded = np.empty((slots, rows), np.int32)
             for i, src in enumerate(sources_of):
                 np.take(lookup[seg[i]:seg[i + 1]], local[src], out=encoded[i], mode="clip")
-            block = encoded.T[order]
+            block = np.ascontiguousarray(encoded.T)[order]
         else:
             block = np.empty((rows, slots), np.int32)
             for i, src in enumerate(sources_of):
@@ -361,10 +371,10 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
                 lo += m
 
     with open(out / "codes.tmp", "rb") as codes_f, open(out / "labels.tmp", "rb") as labels_f, \
-            open(out / "lookup.tmp", "rb") as lookup_f, open(out / "x.int32", "wb") as x_f, \
-            open(out / "y.float32", "wb") as y_f:
-        codes_fd, labels_fd, lookup_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, lookup_f, x_f, y_f))
+            open(out / "x.int32", "wb") as x_f, open(out / "y.float32", "wb") as y_f:
+        codes_fd, labels_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, x_f, y_f))
         x_f.truncate(4 * slots * len(split_of))
         y_f.truncate(4 * len(split_of))
-        for _ in pool.map(encode, range(len(chunks))):
-            pass
+        done = [pool.submit(encode, k, lookup) for k, lookup in enumerate(lookups)]
+        for future in done:
+            future.result()
