@@ -6,7 +6,7 @@
 // layout, so no call spends time re-laying them out, and edges i > j are never touched. The kernel
 // interaction at large batches: BLAS products over rectangles of the packed weight instead
 // (kernel_blas.h). Backward: the same tiles for inner / outer (backward_tile.h; kernel at small D);
-// the kernel interaction at D >= 8 as BLAS products (kernel_blas.h).
+// the kernel interaction at D >= 8 and B >= 4 as BLAS products (kernel_blas.h).
 //
 // Threads: a call uses as many threads as it has work for (kMinFlopsPerThread each), so a small
 // batch runs on the calling thread alone; BLAS inside a parallel region runs single-threaded. The
@@ -364,13 +364,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
   at::Tensor saved = check_saved_messages(saved_in, args);
   const at::Tensor grad_sum = check_grad_sum(grad_sum_in, args);
   at::Tensor grad_h0 = at::empty_like(args.h0);
-  at::Tensor grad_p = at::zeros_like(args.p);
+  // Zeroed below except where the BLAS path writes every element of it.
+  at::Tensor grad_p = at::empty_like(args.p);
   at::Tensor grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
-  if (args.batch == 0) return {grad_h0, grad_p, grad_q};
+  if (args.batch == 0) return {grad_h0, grad_p.zero_(), grad_q};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cpu", [&] {
     auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
     if (grad_sum.defined()) params.grad_sum = grad_sum.data_ptr<scalar_t>();
-    if (use_kernel_blas(params)) {
+    if (use_kernel_blas(params) && args.batch >= kBlasBackwardMinBatch) {
       // The BLAS backward reads the messages; without them, one forward recomputes them all.
       if (!saved.defined()) {
         at::Tensor no_states = empty_states(args);
@@ -379,6 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
       }
       backward_kernel_blas(params, saved.data_ptr<scalar_t>());
     } else {
+      grad_p.zero_();
       backward_rows(params, saved.defined() ? saved.data_ptr<scalar_t>() : nullptr);
     }
   });

@@ -1,14 +1,13 @@
 // The kernel interaction as BLAS products over the block-upper-triangular weight, cut into
 // rectangles above the diagonal so that no product multiplies a block below it: the forward at
-// large batches and the backward at D >= kBlasMinEmbedDim. The passes between the products are in
-// kernel_blas_passes.h.
+// large batches and the backward at D >= kBlasMinEmbedDim from a few samples on. The passes between
+// the products are in kernel_blas_passes.h.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
 #include "../dagfm_math.h"
@@ -23,6 +22,9 @@ namespace dagfm {
 constexpr int kBlasMinEmbedDim = 8;
 // Kernel interaction: from this batch size the forward runs as BLAS products on tiles of rows.
 constexpr int64_t kBlasForwardMinBatch = 512;
+// Kernel interaction: from this batch size the backward runs as BLAS products; below it, packing
+// the weights and unpacking their gradient cost more than the tile loops' whole backward.
+constexpr int64_t kBlasBackwardMinBatch = 4;
 // Forward rows per tile: long products, while the tile's h, a and h0 stay in cache next to a layer's weight.
 constexpr int64_t kBlasTileRows = 128;
 // Rows per backward BLAS tile: long enough an inner dimension for the dW products, short enough
@@ -34,15 +36,14 @@ constexpr int64_t kBackwardGroupTiles = 8;
 // Dense weight per layer: rows (i, d), columns (j, e), block (i, j) = W[i, j] for i <= j. The
 // blocks below the diagonal are left unset: no product reads them.
 template <typename T>
-std::unique_ptr<T[]> pack_block_triangular(const T* w, int F, int D, int L) {
+void pack_block_triangular(const T* w, int F, int D, int L, T* big) {
   const int64_t FD = int64_t(F) * D;
-  std::unique_ptr<T[]> big(new T[int64_t(L) * FD * FD]);
   at::parallel_for(0, int64_t(L) * F, grain_for(2 * F * int64_t(D) * D), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / F;
       const int i = int(r % F);
       for (int d = 0; d < D; ++d) {
-        T* row = big.get() + t * FD * FD + (int64_t(i) * D + d) * FD;
+        T* row = big + t * FD * FD + (int64_t(i) * D + d) * FD;
         for (int j = i; j < F; ++j) {
           const T* src = w + ((t * F + i) * F + j) * int64_t(D) * D + int64_t(d) * D;
           std::copy(src, src + D, row + int64_t(j) * D);
@@ -50,6 +51,24 @@ std::unique_ptr<T[]> pack_block_triangular(const T* w, int F, int D, int L) {
       }
     }
   });
+}
+
+// Buffers of the calling thread kept between calls (they only grow): the packed weights and the
+// weight gradient partials are megabytes, and fresh ones cost a page fault per 4 KB every call.
+enum class KeptBuffer { PackedWeights, GradientPartials };
+
+template <typename T, KeptBuffer kWhich>
+T* kept_buffer(int64_t numel) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < numel) buf = std::vector<T>(numel);
+  return buf.data();
+}
+
+template <typename T>
+const T* packed_weights(const T* w, int F, int D, int L) {
+  const int64_t FD = int64_t(F) * D;
+  T* big = kept_buffer<T, KeptBuffer::PackedWeights>(int64_t(L) * FD * FD);
+  pack_block_triangular(w, F, D, L, big);
   return big;
 }
 
@@ -149,7 +168,7 @@ template <typename T>
 void forward_kernel_blas(const PropagateParams<T>& pr, T* saved) {
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
   const int64_t FD = int64_t(F) * D, states_row = int64_t(L + 1) * F;
-  const std::unique_ptr<T[]> w = pack_block_triangular(pr.p, F, D, L);
+  const T* w = packed_weights(pr.p, F, D, L);
   const std::vector<FieldRect> pieces = triangle_pieces(F);
   const int64_t num_tiles = (pr.batch + kBlasTileRows - 1) / kBlasTileRows;
   at::parallel_for(0, num_tiles, grain_for(per_row_flops(pr) * kBlasTileRows), [&](int64_t tile0, int64_t tile1) {
@@ -168,7 +187,7 @@ void forward_kernel_blas(const PropagateParams<T>& pr, T* saved) {
         T* h = hb[t & 1];
         T* a = saved == nullptr ? a_buf : saved + (r0 * L + (t - 1)) * FD;
         const int64_t lda = saved == nullptr ? FD : L * FD;
-        kernel_layer_product(pieces, h_prev, w.get() + (t - 1) * FD * FD, tr.rows, F, D, a, int(lda));
+        kernel_layer_product(pieces, h_prev, w + (t - 1) * FD * FD, tr.rows, F, D, a, int(lda));
         run_pass<ForwardRowsPass<T>>(D, &tr, t, static_cast<const T*>(a), lda, h);
         h_prev = h;
       }
@@ -182,7 +201,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
   const int F = pr.num_fields, D = pr.embed_dim, L = pr.depth;
   const int64_t FD = int64_t(F) * D;
   const int64_t layer_big = FD * FD;
-  const std::unique_ptr<T[]> w = pack_block_triangular(pr.p, F, D, L);
+  const T* w = packed_weights(pr.p, F, D, L);
   const std::vector<FieldRect> pieces = triangle_pieces(F);
   // The chunks (fixed by the shapes, as in backward_rows) hold whole tiles of R rows.
   ChunkPlan plan = plan_gradient_chunks(pr.batch, L * layer_big * int64_t(sizeof(T)));
@@ -190,7 +209,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
   plan.chunk_rows = (plan.chunk_rows + R - 1) / R * R;
   plan.num_chunks = (pr.batch + plan.chunk_rows - 1) / plan.chunk_rows;
   // Each chunk's first tile sets its partial's upper blocks (beta 0), and only those are read.
-  const std::unique_ptr<T[]> partials(new T[plan.num_chunks * L * layer_big]);
+  T* partials = kept_buffer<T, KeptBuffer::GradientPartials>(plan.num_chunks * L * layer_big);
 
   // A group of tiles goes down the layers one at a time, tile after tile: layer t's weight and
   // its gradient (the products' large operands) stay in cache for the whole group, and only the
@@ -204,7 +223,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
     T* alpha = buf + R * FD;
     T* delta_group = alpha + R * FD;
     for (int64_t c = c0; c < c1; ++c) {
-      T* dw = partials.get() + c * L * layer_big;
+      T* dw = partials + c * L * layer_big;
       const int64_t c_begin = c * plan.chunk_rows, c_end = std::min(pr.batch, (c + 1) * plan.chunk_rows);
       for (int64_t g0 = c_begin; g0 < c_end; g0 += group_rows) {
         const int64_t g1 = std::min(c_end, g0 + group_rows);
@@ -221,7 +240,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
             run_pass<BackwardRowsPass<T>>(D, &tr, t, static_cast<const T*>(delta), alpha, h_prev);
             kernel_weight_grad_product(pieces, t == 1 ? tr.h0 : h_prev, alpha, tr.rows, F, D,
                                        r0 == c_begin ? T(0) : T(1), dw + (t - 1) * layer_big);
-            kernel_delta_product(pieces, alpha, w.get() + (t - 1) * layer_big, tr.rows, F, D, delta);
+            kernel_delta_product(pieces, alpha, w + (t - 1) * layer_big, tr.rows, F, D, delta);
           }
         }
         for (int64_t r0 = g0; r0 < g1; r0 += R) {
@@ -244,7 +263,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
         const int64_t row = t * layer_big + (int64_t(i) * D + d) * FD;
         for (int j = i; j < F; ++j) {
           T* out = out_i + (int64_t(j) * D + d) * D;
-          const T* src = partials.get() + row + int64_t(j) * D;
+          const T* src = partials + row + int64_t(j) * D;
           std::copy(src, src + D, out);
           for (int64_t c = 1; c < plan.num_chunks; ++c) {
             const T* part = src + c * L * layer_big;
