@@ -117,7 +117,8 @@ DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RE
                                     const T* DAGFM_RESTRICT hT, const T* DAGFM_RESTRICT aT,
                                     T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F, LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
-  constexpr int kW = Vec<T, kBytes>::lanes, kE = 8;
+  // kE accumulators beside the kD vectors of x: 8 with AVX-512's 32 registers, 4 with AVX2's 16.
+  constexpr int kW = Vec<T, kBytes>::lanes, kE = kBytes >= 64 ? 8 : 4;
   // out[edge(e)] = sum_d w[edge(e)][d] * x[d] for the edges e of [e0, e1), kE at a time.
   auto dots = [&](const V (&x)[kD], const T* w, T* out, int e0, int e1, auto&& edge) __attribute__((always_inline)) {
     auto run = [&]<int kN>(int e) __attribute__((always_inline)) {

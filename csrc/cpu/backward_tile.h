@@ -38,6 +38,15 @@ DAGFM_HD void over_fields(int F, Block&& block) {
 // Scratch of the outer backward in lanes, in elements: h and alpha transposed, the edge dots.
 DAGFM_HD int64_t outer_lanes_scratch_numel(int F, int D) { return 2 * (int64_t(F) * D + int64_t(F) * F) * 16; }
 
+// Whether the outer backward runs with samples in lanes (outer_backward_layers): as the forward
+// where it does, and on AVX2 too, where the register blocks spill a few vectors to L1 but still run
+// about twice as fast as one sample at a time.
+template <typename T, int kBytes, int kRegs, int kD>
+constexpr bool outer_backward_in_lanes() {
+  return outer_in_lanes<T, kBytes, kRegs, kD>() ||
+         (kBytes == 32 && kD > 0 && kD <= 16 && row_vector_bytes<T, kBytes, kD>() > 0);
+}
+
 // Target fields per inner backward register block (see inner_backward_block): a power of two
 // sized to the vector registers (32 on AVX-512, 16 on AVX2); 0 where the portable loops run.
 template <typename T, int kBytes, int kRegs, int kD>
@@ -141,7 +150,8 @@ DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_
   finish_grad_h0(tile, delta);
 }
 
-// The outer interaction's layers t = L..1 for the tile, samples in lanes (outer_in_lanes, S >= kW / 2):
+// The outer interaction's layers t = L..1 for the tile, samples in lanes (outer_backward_in_lanes,
+// S >= kW / 2):
 // per layer one pass over the rows (layer_rows: alpha, grad_h0, h^{t-1} into h_buf), then per
 // group of kW samples the rows of h^{t-1} and alpha into lanes, every edge's dot products and the
 // gradients (outer_backward_lanes, which also starts delta^{t-1}), prefetching what
@@ -271,7 +281,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
                                                   ws + (2 * L + 1) * SFD, H(0));
       return;
     }
-    if constexpr (outer_in_lanes<T, kBytes, kRegs, kD>()) {
+    if constexpr (outer_backward_in_lanes<T, kBytes, kRegs, kD>()) {
       if (pr.interaction == Interaction::Outer && 2 * S >= Vec<T, kBytes>::lanes) {
         outer_backward_layers<T, kBytes, kRegs, kD>(pr, b, S, grad_p, grad_q, message, message_stride,
                                                     next_messages, ws + (2 * L + 1) * SFD, H(0), scratch);
