@@ -2,6 +2,7 @@
 // delta_prev for one layer of a tile of samples.
 #pragma once
 
+#include "backward_prefetch.h"
 #include "vec.h"
 
 #ifdef DAGFM_CPU_VECTORS
@@ -21,56 +22,6 @@ DAGFM_HD void keep_in_register(V& v) {
   (void)v;
 #endif
 }
-
-// Cache lines a tile reads next from memory (the kept messages, h0, grad_h0 to be written),
-// fetched into L2 a few at a time between register blocks: their first reads then overlap the
-// blocks' FMAs instead of stalling a pass of few operations per value. Regions are rows of
-// row_bytes, stride bytes apart; prefetching never faults, so a row past the batch is harmless.
-struct LinePrefetcher {
-  struct Rows {
-    const char* base;
-    int64_t rows, row_bytes, stride;
-    bool write;
-  };
-  static constexpr int kMaxRegions = 8;
-  static constexpr int64_t kLine = 64;
-  Rows regions[kMaxRegions];
-  int count = 0, region = 0;
-  int64_t row = 0, offset = 0;
-  // Lines owed, in units of 1/work lines: each unit of work adds `lines`.
-  int64_t lines = 0, work = 1, owed = 0;
-
-  DAGFM_HD void add(const void* base, int64_t rows, int64_t row_bytes, int64_t stride, bool write) {
-    if (base != nullptr && rows > 0 && count < kMaxRegions)
-      regions[count++] = Rows{static_cast<const char*>(base), rows, row_bytes, stride, write};
-  }
-  // Spreads what was added over calls of step() whose weights add up to total_work.
-  DAGFM_HD void pace(int64_t total_work) {
-    lines = 0;
-    for (int r = 0; r < count; ++r) lines += regions[r].rows * ((regions[r].row_bytes + kLine - 1) / kLine);
-    work = total_work > 0 ? total_work : 1;
-  }
-  DAGFM_HD void step(int64_t weight) {
-    owed += lines * weight;
-    for (; owed >= work && region < count; owed -= work) {
-      const Rows& r = regions[region];
-      const char* line = r.base + row * r.stride + offset;
-      if (r.write)
-        __builtin_prefetch(line, 1, 2);
-      else
-        __builtin_prefetch(line, 0, 2);
-      offset += kLine;
-      if (offset >= r.row_bytes) {
-        offset = 0;
-        if (++row == r.rows) {
-          row = 0;
-          ++region;
-        }
-      }
-    }
-  }
-  DAGFM_HD void clear() { count = region = 0, row = offset = owed = lines = 0, work = 1; }
-};
 
 // Inner backward for the target fields [j0, j0 + kJ) of a tile of S samples: for every source
 // i <= j, dP_ij += sum_s alpha_j h_i and delta_prev_i += P_ij alpha_j. The kJ weight-gradient
@@ -166,7 +117,8 @@ DAGFM_HD void outer_edge_dots_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RE
                                     const T* DAGFM_RESTRICT hT, const T* DAGFM_RESTRICT aT,
                                     T* DAGFM_RESTRICT C, T* DAGFM_RESTRICT R, int F, LinePrefetcher& prefetch) {
   using V = typename Vec<T, kBytes>::type;
-  constexpr int kW = Vec<T, kBytes>::lanes, kE = 8;
+  // kE accumulators beside the kD vectors of x: 8 with AVX-512's 32 registers, 4 with AVX2's 16.
+  constexpr int kW = Vec<T, kBytes>::lanes, kE = kBytes >= 64 ? 8 : 4;
   // out[edge(e)] = sum_d w[edge(e)][d] * x[d] for the edges e of [e0, e1), kE at a time.
   auto dots = [&](const V (&x)[kD], const T* w, T* out, int e0, int e1, auto&& edge) __attribute__((always_inline)) {
     auto run = [&]<int kN>(int e) __attribute__((always_inline)) {

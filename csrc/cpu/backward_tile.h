@@ -8,6 +8,8 @@
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
 #include "backward_blocks.h"
+#include "backward_prefetch.h"
+#include "backward_rows.h"
 #include "tile.h"
 
 // The vector loops below are always inlined: no vector crosses an ABI boundary.
@@ -35,6 +37,15 @@ DAGFM_HD void over_fields(int F, Block&& block) {
 
 // Scratch of the outer backward in lanes, in elements: h and alpha transposed, the edge dots.
 DAGFM_HD int64_t outer_lanes_scratch_numel(int F, int D) { return 2 * (int64_t(F) * D + int64_t(F) * F) * 16; }
+
+// Whether the outer backward runs with samples in lanes (outer_backward_layers): as the forward
+// where it does, and on AVX2 too, where the register blocks spill a few vectors to L1 but still run
+// about twice as fast as one sample at a time.
+template <typename T, int kBytes, int kRegs, int kD>
+constexpr bool outer_backward_in_lanes() {
+  return outer_in_lanes<T, kBytes, kRegs, kD>() ||
+         (kBytes == 32 && kD > 0 && kD <= 16 && row_vector_bytes<T, kBytes, kD>() > 0);
+}
 
 // Target fields per inner backward register block (see inner_backward_block): a power of two
 // sized to the vector registers (32 on AVX-512, 16 on AVX2); 0 where the portable loops run.
@@ -82,126 +93,6 @@ DAGFM_HD void broadcast_deltas(const T* grad_states, int t, T* out, int F, int D
 }
 
 #ifdef DAGFM_CPU_VECTORS
-// What one layer's elementwise pass reads and writes for a tile (rows of FD = F*kD values per
-// sample): delta (unless the layer is the first of the backward, t = L, where delta^L is the
-// broadcast G[L] (row grad_last, samples states_row apart) plus grad_sum), h0, the messages a^t
-// and a^{t-1} (samples a_stride apart), grad_h0 and h_buf (h^{t-1} = h0 * a^{t-1}).
-template <typename T>
-struct LayerRows {
-  const T* h0;
-  const T* delta;
-  const T* a;
-  const T* a_prev;
-  int64_t a_stride;
-  const T* grad_last;
-  int64_t states_row;
-  const T* grad_sum;
-  T* grad_h0;
-  T* h_buf;
-  int64_t FD;
-  int S;
-};
-
-// For the fields [j0, j0 + nj) of every sample: alpha_j = delta_j * h0_j (to alpha + s * alpha_row
-// + (j - j0) * kD), grad_h0_j = delta_j * a^t_j (kLast: t = L) or += it, and, kRebuild (t > 1),
-// h_buf_j = h0_j * a^{t-1}_j. One pass over the rows: h0 and the messages are read once.
-template <typename T, int kVB, int kD, bool kLast, bool kRebuild>
-DAGFM_HD void layer_rows(const LayerRows<T>& r, int j0, int nj, T* alpha, int64_t alpha_row) {
-  using V = typename Vec<T, kVB>::type;
-  constexpr int kW = Vec<T, kVB>::lanes, kV = kD / kW;
-  for (int s = 0; s < r.S; ++s) {
-    const int64_t row = s * r.FD + int64_t(j0) * kD, a_row = s * r.a_stride + int64_t(j0) * kD;
-    const T* g = r.grad_last + s * r.states_row + j0;
-    T* al = alpha + s * alpha_row;
-    for (int jj = 0; jj < nj; ++jj)
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        const int64_t col = int64_t(jj) * kD + v * kW, o = row + col;
-        V d;
-        if constexpr (kLast) {
-          d = V{} + g[jj];  // 0 + x: GCC builds x - 0 one lane at a time
-          if (r.grad_sum != nullptr) d += vload<V>(r.grad_sum + o);
-        } else {
-          d = vload<V>(r.delta + o);
-        }
-        const V x = vload<V>(r.h0 + o), am = vload<V>(r.a + a_row + col);
-        vstore(al + col, d * x);
-        vstore(r.grad_h0 + o, kLast ? d * am : vload<V>(r.grad_h0 + o) + d * am);
-        if constexpr (kRebuild) vstore(r.h_buf + o, x * vload<V>(r.a_prev + a_row + col));
-      }
-  }
-}
-
-// layer_rows for layer t of L.
-template <typename T, int kVB, int kD>
-DAGFM_HD void layer_rows_at(int t, int L, const LayerRows<T>& r, int j0, int nj, T* alpha, int64_t alpha_row) {
-  if (t == L) {
-    if (t > 1) layer_rows<T, kVB, kD, true, true>(r, j0, nj, alpha, alpha_row);
-    else layer_rows<T, kVB, kD, true, false>(r, j0, nj, alpha, alpha_row);
-  } else {
-    if (t > 1) layer_rows<T, kVB, kD, false, true>(r, j0, nj, alpha, alpha_row);
-    else layer_rows<T, kVB, kD, false, false>(r, j0, nj, alpha, alpha_row);
-  }
-}
-
-// A backward tile's rows of the inputs and of grad_h0 (samples [b, b + S), rows of F*kD) and its
-// work buffers, (S, F, kD) each: delta at ws itself, then delta_prev and alpha.
-template <typename T>
-struct TileRows {
-  const T* h0;
-  const T* grad_states;
-  const T* grad_sum;
-  T* grad_h0;
-  T* delta_prev;
-  T* alpha;
-  int64_t numel;
-};
-
-template <typename T>
-DAGFM_HD TileRows<T> tile_rows(const PropagateBackwardParams<T>& pr, int64_t b, int S, int kD, T* ws) {
-  const int64_t FD = int64_t(pr.num_fields) * kD, SFD = S * FD;
-  return TileRows<T>{pr.h0 + b * FD, pr.grad_states + b * int64_t(pr.depth + 1) * pr.num_fields,
-                     pr.grad_sum == nullptr ? nullptr : pr.grad_sum + b * FD, pr.grad_h0 + b * FD, ws + SFD,
-                     ws + 2 * SFD, SFD};
-}
-
-// grad_h0 += delta^0 (the gradient reaching h^0 itself), after the last layer.
-template <typename T>
-DAGFM_HD void finish_grad_h0(const TileRows<T>& tile, const T* delta) {
-  for (int64_t k = 0; k < tile.numel; ++k) tile.grad_h0[k] += delta[k];
-}
-
-// What a backward tile first reads from memory after layer t's register blocks, for `prefetch`
-// to fetch while they run: a^{t-2} of this tile (read by layer t-1); in layers 2 and 1, the next
-// tile's a^L and h0, then its grad_h0, a^{L-1} and the gradients it starts from. message(t): a^t of
-// the tile's first sample, samples message_stride apart; next_messages: the next tile's a^1 in the
-// kept messages, or nullptr.
-template <typename T, typename Message>
-DAGFM_HD void plan_next_reads(LinePrefetcher& prefetch, const PropagateBackwardParams<T>& pr, int64_t b, int S,
-                              int t, Message&& message, int64_t message_stride, const T* next_messages) {
-  const int L = pr.depth;
-  const int64_t FD = int64_t(pr.num_fields) * pr.embed_dim, states_row = int64_t(L + 1) * pr.num_fields;
-  const int64_t row_bytes = FD * int64_t(sizeof(T)), message_bytes = message_stride * int64_t(sizeof(T));
-  const int64_t next = b + S, next_rows = next + S <= pr.batch ? S : pr.batch - next;
-  prefetch.clear();
-  if (t > 2) prefetch.add(message(t - 2), S, row_bytes, message_bytes, false);
-  if (t > 2 || next_rows <= 0) return;
-  // Half of the next tile's reads during layer 2, the rest during layer 1.
-  const int half = t == 2 ? 0 : L == 1 ? 2 : 1;
-  const int64_t block_bytes = next_rows * row_bytes;
-  if (half != 1) {
-    if (next_messages != nullptr) prefetch.add(next_messages + (L - 1) * FD, next_rows, row_bytes, message_bytes, false);
-    prefetch.add(pr.h0 + next * FD, 1, block_bytes, 0, false);
-  }
-  if (half != 0) {
-    prefetch.add(pr.grad_h0 + next * FD, 1, block_bytes, 0, true);
-    if (next_messages != nullptr && L > 1)
-      prefetch.add(next_messages + (L - 2) * FD, next_rows, row_bytes, message_bytes, false);
-    prefetch.add(pr.grad_states + next * states_row, 1, next_rows * states_row * int64_t(sizeof(T)), 0, false);
-    if (pr.grad_sum != nullptr) prefetch.add(pr.grad_sum + next * FD, 1, block_bytes, 0, false);
-  }
-}
-
 // Work of the inner backward's register blocks in one layer, in source steps times block width:
 // the sum over blocks of (j0 + kJb) * kJb.
 template <int kJ>
@@ -259,7 +150,8 @@ DAGFM_HD void inner_backward_layers(const PropagateBackwardParams<T>& pr, int64_
   finish_grad_h0(tile, delta);
 }
 
-// The outer interaction's layers t = L..1 for the tile, samples in lanes (outer_in_lanes, S >= kW / 2):
+// The outer interaction's layers t = L..1 for the tile, samples in lanes (outer_backward_in_lanes,
+// S >= kW / 2):
 // per layer one pass over the rows (layer_rows: alpha, grad_h0, h^{t-1} into h_buf), then per
 // group of kW samples the rows of h^{t-1} and alpha into lanes, every edge's dot products and the
 // gradients (outer_backward_lanes, which also starts delta^{t-1}), prefetching what
@@ -389,7 +281,7 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
                                                   ws + (2 * L + 1) * SFD, H(0));
       return;
     }
-    if constexpr (outer_in_lanes<T, kBytes, kRegs, kD>()) {
+    if constexpr (outer_backward_in_lanes<T, kBytes, kRegs, kD>()) {
       if (pr.interaction == Interaction::Outer && 2 * S >= Vec<T, kBytes>::lanes) {
         outer_backward_layers<T, kBytes, kRegs, kD>(pr, b, S, grad_p, grad_q, message, message_stride,
                                                     next_messages, ws + (2 * L + 1) * SFD, H(0), scratch);
