@@ -164,10 +164,23 @@ constexpr bool outer_forward_in_lanes() {
          ((kBytes == 64 && kRegs >= 24) || (kBytes == 32 && kD % 4 == 0));
 }
 
+// Lane groups of the outer interaction's forward run together (each broadcast weight feeds one FMA
+// per group): as many as the vector registers hold, 24 accumulators on AVX-512, 8 on AVX2.
+template <int kBytes>
+constexpr int outer_lane_groups() { return kBytes == 64 ? 3 : 2; }
+
+// Largest divisor of kD of at most `most` (at least 1).
+template <int kD>
+constexpr int divisor_at_most(int most) {
+  int d = most < kD ? most : kD;
+  while (d > 1 && kD % d != 0) --d;
+  return d;
+}
+
 // Workspace of forward_tile, in elements: two state buffers and the messages of S samples, or
-// outer_forward_lanes' buffers (16 lanes at most).
+// outer_forward_lanes' buffers (outer_lane_groups of 16 lanes at most).
 DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) {
-  const int64_t rows = 3 * int64_t(S) * D * F, lanes = (5 * int64_t(F) * D + int64_t(F) * F) * 16;
+  const int64_t rows = 3 * int64_t(S) * D * F, lanes = outer_lane_group_numel(F, D, 16) * outer_lane_groups<64>();
   return rows > lanes ? rows : lanes;
 }
 
@@ -183,18 +196,21 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
   T* z = pr.sum_out == nullptr ? nullptr : pr.sum_out + b * FD;
 #ifdef DAGFM_CPU_VECTORS
   if constexpr (outer_forward_in_lanes<T, kBytes, kRegs, kD>()) {
-    constexpr int kW = Vec<T, kBytes>::lanes;
-    // Register chunks: all of h_i and a_j with AVX-512's 32 registers; AVX2's 16 hold 4 + 8 partial
-    // dots, or 8 accumulators.
-    constexpr int kDot = kBytes == 64 ? kD : 4, kAcc = kBytes == 64 ? kD : kD < 8 ? kD : 8;
+    constexpr int kW = Vec<T, kBytes>::lanes, kMaxG = outer_lane_groups<kBytes>(), kAccRegs = kBytes == 64 ? 24 : 8;
     // Half a vector of samples or more: lanes beat horizontal sums despite the padding.
     if (pr.interaction == Interaction::Outer && 2 * S >= kW) {
-      for (int g = 0; g < S; g += kW) {
-        const int n = S - g < kW ? S - g : kW;
-        outer_forward_lanes<T, kBytes, kD, kDot, kAcc>(
+      // kG groups of kW samples from sample g: kE edges (dots) or kAcc of a_j's vectors per block.
+      auto run = [&]<int kG>(int g, int n) __attribute__((always_inline)) {
+        constexpr int kE = kAccRegs / kG < 16 ? kAccRegs / kG : 16, kAcc = divisor_at_most<kD>(kAccRegs / kG);
+        outer_forward_lanes<T, kBytes, kD, kG, kE, kAcc>(
             pr.p, pr.q, h0 + g * FD, n, F, L, ws, states + g * states_row, states_row,
             saved == nullptr ? nullptr : saved + (b + g) * L * FD, z == nullptr ? nullptr : z + g * FD);
-      }
+      };
+      int g = 0;
+      for (; S - g > (kMaxG - 1) * kW; g += kMaxG * kW) run.template operator()<kMaxG>(g, std::min(S - g, kMaxG * kW));
+      if constexpr (kMaxG > 2)
+        for (; S - g > kW; g += 2 * kW) run.template operator()<2>(g, std::min(S - g, 2 * kW));
+      for (; g < S; g += kW) run.template operator()<1>(g, std::min(S - g, kW));
       return;
     }
   }
