@@ -281,12 +281,15 @@ def test_gemm_backward_matches_autograd(device, kind, shape):
 def test_gemm_backward_float32_and_checks():
     for kind in ("kernel", "outer"):
         h0, p, q = make_inputs(kind, 50, 7, 4, 3, dtype=torch.float32, seed=22)
-        gs = torch.randn(50, 4, 7)
+        gs = torch.randn(50, 4, 7, generator=torch.Generator().manual_seed(23))
         _, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, q, kind)
         got = dagfm_ext._C._gemm_backward(gs, h0, p, q, kind, saved)
         want = torch.ops.dagfm_ext.propagate_bwd(gs, h0, p, q, kind, saved)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            # Two float32 summation orders: gradients up to ~200 differ by a few float32 ulps of
+            # the largest, so the absolute tolerance follows the gradient's scale.
+            scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale)
     with pytest.raises(RuntimeError, match="saved: the messages are required"):
         dagfm_ext._C._gemm_backward(gs, h0, p, q, "outer", torch.empty(0))
     with pytest.raises(RuntimeError, match="saved: expected a 1-D tensor"):
