@@ -53,21 +53,15 @@ void pack_block_triangular(const T* w, int F, int D, int L, T* big) {
   });
 }
 
-// Buffers of the calling thread kept between calls (they only grow): the packed weights and the
-// weight gradient partials are megabytes, and fresh ones cost a page fault per 4 KB every call.
-enum class KeptBuffer { PackedWeights, GradientPartials };
-
-template <typename T, KeptBuffer kWhich>
-T* kept_buffer(int64_t numel) {
-  thread_local std::vector<T> buf;
-  if (int64_t(buf.size()) < numel) buf = std::vector<T>(numel);
-  return buf.data();
-}
+// The calling thread's buffers for the packed weights and the weight-gradient partials
+// (megabytes, kept between calls: thread_workspace).
+struct PackedWeightsBuffer;
+struct GradientPartialsBuffer;
 
 template <typename T>
 const T* packed_weights(const T* w, int F, int D, int L) {
   const int64_t FD = int64_t(F) * D;
-  T* big = kept_buffer<T, KeptBuffer::PackedWeights>(int64_t(L) * FD * FD);
+  T* big = thread_workspace<T, PackedWeightsBuffer>(int64_t(L) * FD * FD);
   pack_block_triangular(w, F, D, L, big);
   return big;
 }
@@ -209,7 +203,7 @@ void backward_kernel_blas(const PropagateBackwardParams<T>& pr, const T* saved) 
   plan.chunk_rows = (plan.chunk_rows + R - 1) / R * R;
   plan.num_chunks = (pr.batch + plan.chunk_rows - 1) / plan.chunk_rows;
   // Each chunk's first tile sets its partial's upper blocks (beta 0), and only those are read.
-  T* partials = kept_buffer<T, KeptBuffer::GradientPartials>(plan.num_chunks * L * layer_big);
+  T* partials = thread_workspace<T, GradientPartialsBuffer>(plan.num_chunks * L * layer_big);
 
   // A group of tiles goes down the layers one at a time, tile after tile: layer t's weight and
   // its gradient (the products' large operands) stay in cache for the whole group, and only the

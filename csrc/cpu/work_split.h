@@ -70,8 +70,10 @@ T* line_aligned(T* p) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + kCacheLine - 1) & ~(kCacheLine - 1));
 }
 
-// A per-thread scratch buffer that only grows: no allocation (and no page faults) per call.
-template <typename T>
+// A per-thread scratch buffer that only grows: no allocation (and no page faults) per call. A
+// caller that holds one across a parallel region, whose body may take the untagged one on the same
+// thread, names its own Tag.
+template <typename T, typename Tag = void>
 T* thread_workspace(int64_t numel) {
   thread_local std::vector<T> buf;
   if (int64_t(buf.size()) < numel + kLineElems<T>) buf.resize(numel + kLineElems<T>);
