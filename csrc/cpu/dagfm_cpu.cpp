@@ -59,6 +59,9 @@ template <typename T, int kBytes, int kRegs, int kD>
 DAGFM_HD void forward_range(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
   for (int64_t b = b0; b < b1; b += kForwardTileRows)
     cpu::forward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kForwardTileRows, b1 - b)), ws, saved);
+#ifdef DAGFM_CPU_VECTORS
+  cpu::stream_fence();  // the tiles stream saved messages and z (vstream)
+#endif
 }
 
 template <typename T, int kBytes, int kRegs, int kD>

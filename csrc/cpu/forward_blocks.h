@@ -22,6 +22,10 @@ struct LayerOut {
   int64_t a_row = 0;
   T* z = nullptr;
   bool z_first = false;
+  // Streamed (vstream, aligned): a, and the last layer's sums into z_out instead of z (nullptr: z
+  // is where they go, stored as every layer's).
+  bool a_stream = false;
+  T* z_out = nullptr;
 };
 
 // Elements of one lane group's buffers in outer_forward_lanes: h0, two h buffers, a, z (each
@@ -62,7 +66,8 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
   T* DAGFM_RESTRICT a = out.a;
   T* DAGFM_RESTRICT z = out.z;
   const int64_t a_row = out.a_row;
-  const bool z_first = out.z_first;
+  T* DAGFM_RESTRICT z_out = out.z_out;
+  const bool z_first = out.z_first, a_stream = out.a_stream;
   DAGFM_UNROLL
   for (int m = 0; m < kM; ++m)
     DAGFM_UNROLL
@@ -72,8 +77,15 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
         const int64_t col = int64_t(j0 + jj) * kD + v * kW, o = (s0 + m) * FD + col;
         const V x = vload<V>(h0 + o), h = x * acc[m][jj][v];
         vstore(h_next + o, h);
-        if (a != nullptr) vstore(a + (s0 + m) * a_row + col, acc[m][jj][v]);
-        if (z != nullptr) vstore(z + o, (z_first ? x : vload<V>(z + o)) + h);
+        if (a != nullptr) {
+          if (a_stream) vstream<T, kBytes>(a + (s0 + m) * a_row + col, acc[m][jj][v]);
+          else vstore(a + (s0 + m) * a_row + col, acc[m][jj][v]);
+        }
+        if (z != nullptr) {
+          const V zv = (z_first ? x : vload<V>(z + o)) + h;
+          if (z_out != nullptr) vstream<T, kBytes>(z_out + o, zv);
+          else vstore(z + o, zv);
+        }
       }
 }
 
@@ -222,9 +234,11 @@ DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
     rows_to_lanes<T, kBytes>(h0 + g * kW * FD, FD, m > 0 ? m : 0, FD, h0T + g * GS);
   }
   // Group g's rows of the (B, ...) output at `rows` (row_stride apart) from its lanes, K per sample.
-  auto to_rows = [&](const T* lanes, int64_t K, T* rows, int64_t row_stride) __attribute__((always_inline)) {
+  // stream: outputs read only after the call (saved, z), so non-temporal stores (vstream).
+  auto to_rows = [&](const T* lanes, int64_t K, T* rows, int64_t row_stride, bool stream = false)
+                     __attribute__((always_inline)) {
     for (int g = 0; g < kG && lanes_in(g) > 0; ++g)
-      lanes_to_rows<T, kBytes>(lanes + g * GS, K, lanes_in(g), rows + g * kW * row_stride, row_stride);
+      lanes_to_rows<T, kBytes>(lanes + g * GS, K, lanes_in(g), rows + g * kW * row_stride, row_stride, stream);
   };
   // s_j = sum_e h_j[e] for every field into aT's first F vectors, then out to the states of layer t.
   auto write_states = [&](const T* hT, int t) __attribute__((always_inline)) {
@@ -307,11 +321,11 @@ DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
             if (z != nullptr) vstore(zT + o, (t == 1 ? x : vload<V>(zT + o)) + hv);
           }
       }
-    if (saved != nullptr) to_rows(aT, FD, saved + (t - 1) * FD, L * FD);
+    if (saved != nullptr) to_rows(aT, FD, saved + (t - 1) * FD, L * FD, true);
     write_states(h, t);
     h_prev = h;
   }
-  if (z != nullptr && L > 0) to_rows(zT, FD, z, FD);
+  if (z != nullptr && L > 0) to_rows(zT, FD, z, FD, true);
 }
 
 // Kernel interaction, a_j[e] = sum_{i<=j} sum_d h_i[d] p_ij[d][e], for kM samples and kJ fields:

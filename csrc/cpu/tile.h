@@ -177,10 +177,10 @@ constexpr int divisor_at_most(int most) {
   return d;
 }
 
-// Workspace of forward_tile, in elements: two state buffers and the messages of S samples, or
-// outer_forward_lanes' buffers (outer_lane_groups of 16 lanes at most).
+// Workspace of forward_tile, in elements: two state buffers, the messages and the running sum z of
+// S samples, or outer_forward_lanes' buffers (outer_lane_groups of 16 lanes at most).
 DAGFM_HD int64_t forward_tile_numel(int F, int D, int S) {
-  const int64_t rows = 3 * int64_t(S) * D * F, lanes = outer_lane_group_numel(F, D, 16) * outer_lane_groups<64>();
+  const int64_t rows = 4 * int64_t(S) * D * F, lanes = outer_lane_group_numel(F, D, 16) * outer_lane_groups<64>();
   return rows > lanes ? rows : lanes;
 }
 
@@ -217,6 +217,16 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
 #endif
   T* hbuf[2] = {ws, ws + SFD};
   T* a = ws + 2 * SFD;
+  // The register blocks stream the saved messages and the final z (outputs read only after the
+  // call) and keep the running z in the workspace, so that no output line is read from memory.
+  bool streams = false;
+#ifdef DAGFM_CPU_VECTORS
+  if constexpr (row_vector_bytes<T, kBytes, kD>() > 0) {
+    constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
+    auto aligned = [](const T* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % kVB == 0; };
+    streams = aligned(saved) && aligned(z);
+  }
+#endif
   auto write_states = [&](const T* h, int t) __attribute__((always_inline)) {
 #ifdef DAGFM_CPU_VECTORS
     constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
@@ -238,8 +248,10 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
     out.h = hbuf[t & 1];
     out.a = saved == nullptr ? nullptr : saved + (b * L + t - 1) * FD;
     out.a_row = L * FD;
-    out.z = z;
+    out.z = streams && z != nullptr ? ws + 3 * SFD : z;
     out.z_first = t == 1;
+    out.z_out = streams && t == L ? z : nullptr;
+    out.a_stream = streams;
     layer_forward_out<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
                                             pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
                                             h_prev, out, F, D, S, a);

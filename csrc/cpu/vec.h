@@ -43,6 +43,30 @@ DAGFM_HD void vstore(T* p, const V& v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
+// Non-temporal store of a whole vector to a kBytes-aligned address: for outputs read back only
+// after the call, so their lines neither take a read from memory first nor evict the tile's.
+// (Inline assembly: the intrinsics would need this helper itself compiled for AVX.)
+template <typename T, int kBytes, typename V>
+DAGFM_HD void vstream(T* p, const V& v) {
+#if defined(__x86_64__)
+  if constexpr (kBytes == 64) {
+    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "v"(v));
+    return;
+  } else if constexpr (kBytes == 32) {
+    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<V*>(p)) : "x"(v));
+    return;
+  }
+#endif
+  vstore(p, v);
+}
+
+// Orders this thread's non-temporal stores before whatever it does next (e.g. joining the others).
+DAGFM_HD void stream_fence() {
+#if defined(__x86_64__)
+  asm volatile("sfence" ::: "memory");
+#endif
+}
+
 // Whether rows of kD values of T split into whole kBytes vectors, few enough to stay in registers.
 template <typename T, int kBytes, int kD>
 constexpr bool vectors_fit() {
@@ -165,9 +189,10 @@ DAGFM_HD void transpose_block(V (&v)[Vec<T, kBytes>::lanes]) {
 }
 
 // Rows <-> lanes. kToLanes: column k of n <= kW rows (row_stride apart) becomes the vector at
-// lanes + k * kW (lane = row; lanes >= n zero); else back (only rows < n written). K columns;
-// whole kW x kW blocks are transposed in registers.
-template <typename T, int kBytes, bool kToLanes, typename RowPtr, typename LanePtr>
+// lanes + k * kW (lane = row; lanes >= n zero); else back (only rows < n written; kStream: whole
+// vectors streamed, rows and row_stride aligned to kBytes). K columns; whole kW x kW blocks are
+// transposed in registers.
+template <typename T, int kBytes, bool kToLanes, bool kStream = false, typename RowPtr, typename LanePtr>
 DAGFM_HD void transpose_rows(RowPtr DAGFM_RESTRICT rows, int64_t row_stride, int n, int64_t K,
                              LanePtr DAGFM_RESTRICT lanes) {
   using V = typename Vec<T, kBytes>::type;
@@ -187,8 +212,12 @@ DAGFM_HD void transpose_rows(RowPtr DAGFM_RESTRICT rows, int64_t row_stride, int
     for (int l = 0; l < kW; ++l) {
       if constexpr (kToLanes)
         vstore(lanes + (k0 + l) * kW, v[l]);
-      else if (l < n)
-        vstore(rows + l * row_stride + k0, v[l]);
+      else if (l < n) {
+        if constexpr (kStream)
+          vstream<T, kBytes>(rows + l * row_stride + k0, v[l]);
+        else
+          vstore(rows + l * row_stride + k0, v[l]);
+      }
     }
   }
   for (; k0 < K; ++k0)
@@ -205,9 +234,13 @@ DAGFM_HD void rows_to_lanes(const T* rows, int64_t row_stride, int n, int64_t K,
   transpose_rows<T, kBytes, true>(rows, row_stride, n, K, lanes);
 }
 
+// stream: non-temporal stores where rows and row_stride allow them (see vstream).
 template <typename T, int kBytes>
-DAGFM_HD void lanes_to_rows(const T* lanes, int64_t K, int n, T* rows, int64_t row_stride) {
-  transpose_rows<T, kBytes, false>(rows, row_stride, n, K, lanes);
+DAGFM_HD void lanes_to_rows(const T* lanes, int64_t K, int n, T* rows, int64_t row_stride, bool stream = false) {
+  if (stream && reinterpret_cast<uintptr_t>(rows) % kBytes == 0 && (row_stride * sizeof(T)) % kBytes == 0)
+    transpose_rows<T, kBytes, false, true>(rows, row_stride, n, K, lanes);
+  else
+    transpose_rows<T, kBytes, false>(rows, row_stride, n, K, lanes);
 }
 
 }  // namespace cpu
