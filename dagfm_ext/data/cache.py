@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "open_entry", "build_or_open"]
+__all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "flushed_while_written", "open_entry", "build_or_open"]
 
 CACHE_VERSION = 2  # 2: derived fields carry their derivation in the schema
 _EDGE = 1 << 20
@@ -70,6 +72,26 @@ def _remove_orphans(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, PermissionError, IndexError):
             pass
+
+
+@contextmanager
+def flushed_while_written(fd: int, period: float = 0.05) -> Iterator[None]:
+    """While the block writes a large file of an entry, a thread writes its dirty pages to disk
+    every ``period`` s: the disk works while the data is still being made, and the closing fsync
+    (``CachedBuild``) waits only for the last writes. The thread waits on the disk, not a core."""
+    stop = threading.Event()
+
+    def flush() -> None:
+        while not stop.wait(period):
+            os.fdatasync(fd)
+
+    flusher = threading.Thread(target=flush, name="cache-flush", daemon=True)
+    flusher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        flusher.join()
 
 
 class CachedBuild:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.acero  # noqa: F401  (Table.group_by's engine: imported here, not mid-run holding the GIL)
 import pyarrow.compute as pc
 
+from .cache import flushed_while_written
 from .chunks import parse_workers, read_chunks
 from .container import split_of_rows
 from .formats import TableFormat, integer_token, locate_error
@@ -376,21 +377,8 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
         codes_fd, labels_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, x_f, y_f))
         x_f.truncate(4 * slots * len(split_of))
         y_f.truncate(4 * len(split_of))
-        written = threading.Event()
-        flusher = threading.Thread(target=_flush_until, args=(x_fd, written), daemon=True)
-        flusher.start()
-        try:
+        with flushed_while_written(x_fd):
             done = [pool.submit(encode, k, lookup) for k, lookup in enumerate(lookups)]
             for future in done:
                 future.result()
-        finally:
-            written.set()
-            flusher.join()
 
-
-def _flush_until(fd: int, stop: threading.Event, period: float = 0.05) -> None:
-    """Write ``fd``'s dirty pages to disk every ``period`` s until ``stop``: the disk then works
-    while the rows are still being encoded, and the cache's closing fsync waits only for the last
-    ones. The thread waits on the disk, not on a core."""
-    while not stop.wait(period):
-        os.fdatasync(fd)
