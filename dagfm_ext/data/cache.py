@@ -123,14 +123,16 @@ class CachedBuild:
         _fsync_dir(self.root)
 
 
-def open_entry(path: Path) -> Optional[dict]:
-    """The metadata and memory-mapped arrays of a finished entry, or None if there is none."""
+def open_entry(path: Path, schema: Optional[dict] = None) -> Optional[dict]:
+    """The metadata and memory-mapped arrays of a finished entry, or None if there is none.
+    ``schema``: the entry's schema when the caller has just written it (no need to parse it back)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         rows, slots = meta["rows"], meta["num_slots"]
         x = np.memmap(path / "x.int32", np.int32, "r", shape=(rows, slots))
         y = np.memmap(path / "y.float32", np.float32, "r", shape=(rows,))
-        schema = json.loads((path / "schema.json").read_text())
+        if schema is None:
+            schema = json.loads((path / "schema.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
     meta.update(x=x, y=y, schema=schema)
@@ -145,9 +147,11 @@ def build_or_open(root: Path, name: str, build: Callable[[Path], dict]) -> dict:
         return dict(entry, path=root / name, built=False)
     with CachedBuild(root, name) as tmp:
         meta = build(tmp)
-        (tmp / "schema.json").write_text(json.dumps(meta.pop("schema")))
+        schema = meta.pop("schema")
+        (tmp / "schema.json").write_text(json.dumps(schema))
         (tmp / "meta.json").write_text(json.dumps(meta))  # last: its presence marks a whole entry
-    entry = open_entry(root / name)
+    # The schema as written (an entry another process finished first holds the same one).
+    entry = open_entry(root / name, schema=schema)
     if entry is None:
         raise RuntimeError(f"cache: the entry {root / name} could not be read back after it was written")
     return dict(entry, path=root / name, built=True)
