@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -54,6 +55,11 @@ def entry_key(paths: Sequence[Path], options: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -75,15 +81,16 @@ def _remove_orphans(root: Path) -> None:
 
 
 @contextmanager
-def flushed_while_written(fd: int, period: float = 0.05) -> Iterator[None]:
-    """While the block writes a large file of an entry, a thread writes its dirty pages to disk
+def flushed_while_written(*fds: int, period: float = 0.05) -> Iterator[None]:
+    """While the block writes an entry's large files, a thread writes their dirty pages to disk
     every ``period`` s: the disk works while the data is still being made, and the closing fsync
     (``CachedBuild``) waits only for the last writes. The thread waits on the disk, not a core."""
     stop = threading.Event()
 
     def flush() -> None:
         while not stop.wait(period):
-            os.fdatasync(fd)
+            for fd in fds:
+                os.fdatasync(fd)
 
     flusher = threading.Thread(target=flush, name="cache-flush", daemon=True)
     flusher.start()
@@ -112,9 +119,10 @@ class CachedBuild:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        for f in self.tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+        # Together: the file system commits the concurrent fsyncs' metadata in one go.
+        files = list(self.tmp.iterdir())
+        with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
+            list(pool.map(_fsync_file, files))
         _fsync_dir(self.tmp)
         try:
             os.rename(self.tmp, self.final)

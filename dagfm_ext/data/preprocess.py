@@ -377,7 +377,7 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
         codes_fd, labels_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, x_f, y_f))
         x_f.truncate(4 * slots * len(split_of))
         y_f.truncate(4 * len(split_of))
-        with flushed_while_written(x_fd):
+        with flushed_while_written(x_fd, y_fd):
             done = [pool.submit(encode, k, lookup) for k, lookup in enumerate(lookups)]
             for future in done:
                 future.result()
