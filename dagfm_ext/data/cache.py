@@ -22,7 +22,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "flushed_while_written", "open_entry", "build_or_open"]
+__all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "flushed_while_written", "open_entry",
+           "build_or_open"]
 
 CACHE_VERSION = 2  # 2: derived fields carry their derivation in the schema
 _EDGE = 1 << 20
