@@ -172,6 +172,18 @@ def test_integer_codes_are_the_row_by_row_buckets():
             np.testing.assert_array_equal(counts, np.bincount(codes, minlength=len(tokens)))
 
 
+def test_rows_longer_than_a_chunk(tmp_path, monkeypatch):
+    """Every row longer than a chunk: each read grows its buffer until a whole row fits, and the
+    buffers are reused from chunk to chunk; the encoding is still the row-by-row one."""
+    path = tmp_path / "c.tsv"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_criteo_sample.py"), "--rows", "300",
+                    "--output", str(path)], check=True, capture_output=True)
+    shortest = min(len(line) for line in path.read_bytes().splitlines(keepends=True))
+    monkeypatch.setattr(preprocess, "CHUNK_BYTES", shortest // 3)
+    fast = load_criteo(path, min_count=2, seed=3, cache_dir=tmp_path / "cache")
+    assert_same_encoding(fast, load_criteo_rows(path, min_count=2, seed=3))
+
+
 @pytest.mark.parametrize("past_inner_line_end", [-3, 0, 1, 4])
 def test_quoted_line_end_across_a_chunk_boundary(tmp_path, monkeypatch, past_inner_line_end):
     """A quoted CSV field holding a line end, a chunk's bytes ending near it (before it: a

@@ -14,12 +14,16 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "open_entry", "build_or_open"]
+__all__ = ["cache_dir", "fingerprint", "entry_key", "CachedBuild", "flushed_while_written", "open_entry",
+           "build_or_open"]
 
 CACHE_VERSION = 2  # 2: derived fields carry their derivation in the schema
 _EDGE = 1 << 20
@@ -52,6 +56,11 @@ def entry_key(paths: Sequence[Path], options: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -72,6 +81,27 @@ def _remove_orphans(root: Path) -> None:
             pass
 
 
+@contextmanager
+def flushed_while_written(*fds: int, period: float = 0.05) -> Iterator[None]:
+    """While the block writes an entry's large files, a thread writes their dirty pages to disk
+    every ``period`` s: the disk works while the data is still being made, and the closing fsync
+    (``CachedBuild``) waits only for the last writes. The thread waits on the disk, not a core."""
+    stop = threading.Event()
+
+    def flush() -> None:
+        while not stop.wait(period):
+            for fd in fds:
+                os.fdatasync(fd)
+
+    flusher = threading.Thread(target=flush, name="cache-flush", daemon=True)
+    flusher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        flusher.join()
+
+
 class CachedBuild:
     """``with CachedBuild(root, name) as tmp: ...write files into tmp...``; on success the
     directory is fsynced and renamed to ``root/name`` (kept if another process got there first)."""
@@ -90,9 +120,10 @@ class CachedBuild:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        for f in self.tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+        # Together: the file system commits the concurrent fsyncs' metadata in one go.
+        files = list(self.tmp.iterdir())
+        with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
+            list(pool.map(_fsync_file, files))
         _fsync_dir(self.tmp)
         try:
             os.rename(self.tmp, self.final)
@@ -101,14 +132,16 @@ class CachedBuild:
         _fsync_dir(self.root)
 
 
-def open_entry(path: Path) -> Optional[dict]:
-    """The metadata and memory-mapped arrays of a finished entry, or None if there is none."""
+def open_entry(path: Path, schema: Optional[dict] = None) -> Optional[dict]:
+    """The metadata and memory-mapped arrays of a finished entry, or None if there is none.
+    ``schema``: the entry's schema when the caller has just written it (no need to parse it back)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         rows, slots = meta["rows"], meta["num_slots"]
         x = np.memmap(path / "x.int32", np.int32, "r", shape=(rows, slots))
         y = np.memmap(path / "y.float32", np.float32, "r", shape=(rows,))
-        schema = json.loads((path / "schema.json").read_text())
+        if schema is None:
+            schema = json.loads((path / "schema.json").read_text())
     except (OSError, ValueError, KeyError):
         return None
     meta.update(x=x, y=y, schema=schema)
@@ -123,9 +156,11 @@ def build_or_open(root: Path, name: str, build: Callable[[Path], dict]) -> dict:
         return dict(entry, path=root / name, built=False)
     with CachedBuild(root, name) as tmp:
         meta = build(tmp)
-        (tmp / "schema.json").write_text(json.dumps(meta.pop("schema")))
+        schema = meta.pop("schema")
+        (tmp / "schema.json").write_text(json.dumps(schema))
         (tmp / "meta.json").write_text(json.dumps(meta))  # last: its presence marks a whole entry
-    entry = open_entry(root / name)
+    # The schema as written (an entry another process finished first holds the same one).
+    entry = open_entry(root / name, schema=schema)
     if entry is None:
         raise RuntimeError(f"cache: the entry {root / name} could not be read back after it was written")
     return dict(entry, path=root / name, built=True)

@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -105,12 +105,12 @@ def _in_order(work: Callable, items: Iterable, pool: ThreadPoolExecutor, ahead: 
         yield pending.popleft().result()
 
 
-def _records_end(buf: bytes, quoted: bool) -> int:
-    """Where the last whole record in ``buf`` ends (0: none does). In a quoted file a line end
-    inside a quoted field ends no record: a line end is outside the quotes when an even number of
-    quote characters precede it, since a chunk starts outside any (a quoted field's own quotes,
+def _records_end(buf: bytearray, end: int, quoted: bool) -> int:
+    """Where the last whole record in ``buf[:end]`` ends (0: none does). In a quoted file a line
+    end inside a quoted field ends no record: a line end is outside the quotes when an even number
+    of quote characters precede it, since a chunk starts outside any (a quoted field's own quotes,
     doubled ones included, come in pairs)."""
-    cut = buf.rfind(b"\n") + 1
+    cut = buf.rfind(b"\n", 0, end) + 1
     if not quoted:
         return cut
     quotes = buf.count(b'"', 0, cut)
@@ -121,8 +121,29 @@ def _records_end(buf: bytes, quoted: bool) -> int:
     return cut
 
 
-def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tuple[Optional[memoryview], int]]:
-    """(whole lines, or None for a header or an empty tail; bytes consumed) through the file."""
+class _Buffers:
+    """Read buffers for the chunks: a chunk is read into one that no parse uses any more (the
+    parsed columns never point into their input), so the file is read into memory that is
+    already mapped instead of fresh pages, which the kernel would zero, for every chunk."""
+
+    def __init__(self):
+        self._free: List[bytearray] = []  # list.append and list.pop hold the GIL: thread-safe
+
+    def take(self, size: int) -> bytearray:
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) >= size:
+                return buf
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        self._free.append(buf)
+
+
+def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int,
+                buffers: _Buffers) -> Iterator[Tuple[Optional[memoryview], int]]:
+    """(whole lines, or None for a header or an empty tail; bytes consumed) through the file. The
+    lines are a view of a buffer taken from ``buffers``; whoever parses them gives it back."""
     with open(path, "rb") as f:
         pos = len(f.readline()) if fmt.columns is None else 0  # past the header
         if pos:
@@ -131,21 +152,26 @@ def _csv_pieces(path: Path, fmt: TableFormat, chunk_bytes: int) -> Iterator[Tupl
         want = chunk_bytes
         while pos < size:
             f.seek(pos)
-            buf = f.read(want)
+            buf = buffers.take(want)
+            got = f.readinto(memoryview(buf)[:want])
             # Whole records only: the chunk ends after its last record (or at the end of the file);
             # the partial one is read again with the next chunk, so nothing is copied.
-            cut = len(buf) if pos + len(buf) >= size else _records_end(buf, fmt.quoted)
+            cut = got if pos + got >= size else _records_end(buf, got, fmt.quoted)
             if cut == 0:
+                buffers.give(buf)
                 want *= 2  # one record longer than a chunk
                 continue
             data = memoryview(buf)[:cut]
-            yield (None if cut < 4096 and not bytes(data).strip(b"\r\n") else data), cut
+            if cut < 4096 and not bytes(data).strip(b"\r\n"):
+                buffers.give(buf)
+                data = None
+            yield data, cut
             pos += cut
             want = chunk_bytes
 
 
 def _has_hex(data: memoryview) -> bool:
-    whole = data.obj  # the bytes the piece was cut from, from their start
+    whole = data.obj  # the buffer the piece was cut from, from its start
     # A search for one byte is a memchr; "0" alone is everywhere in hexadecimal tokens.
     return any(whole.find(p[1].encode(), 0, len(data)) >= 0 and whole.find(p.encode(), 0, len(data)) >= 0
                for p in (HEX_PREFIX.lower(), HEX_PREFIX.upper()))
@@ -170,26 +196,30 @@ def _csv_chunks(path: Path, fmt: TableFormat, chunk_bytes: int, pool: ThreadPool
         options = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(data) + 1)
         return pacsv.read_csv(pa.py_buffer(data), read_options=options, parse_options=parse, convert_options=convert)
 
+    def parse_chunk(data):
+        if integers and not _has_hex(data):
+            try:
+                return read(data, typed), integers
+            except pa.ArrowInvalid:
+                pass  # a malformed (or unusual) integer, or a malformed row: read as strings
+        return read(data, plain), ()
+
     def encode(piece):
         data, nbytes = piece
         if data is None:
             return None, 0, nbytes
-        table = None
-        if integers and not _has_hex(data):
-            try:
-                table, parsed = read(data, typed), integers
-            except pa.ArrowInvalid:
-                pass  # a malformed (or unusual) integer, or a malformed row: read as strings
-        if table is None:
-            try:
-                table, parsed = read(data, plain), ()
-            except pa.ArrowInvalid as e:
-                return e, 0, nbytes
+        try:
+            table, parsed = parse_chunk(data)
+        except pa.ArrowInvalid as e:
+            return e, 0, nbytes
+        finally:
+            buffers.give(data.obj)
         if table.num_rows == 0:
             return None, 0, nbytes
         return work(_column_chunks(table, fmt.sources, parsed), table.num_rows), table.num_rows, nbytes
 
-    for result, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes), pool, ahead):
+    buffers = _Buffers()
+    for result, rows, nbytes in _in_order(encode, _csv_pieces(path, fmt, chunk_bytes, buffers), pool, ahead):
         if isinstance(result, pa.ArrowInvalid):
             raise locate_error(path, fmt) or DataFormatError(f"{path}: {result}") from None
         yield result, rows, nbytes

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
+import numpy.random  # noqa: F401  (numpy imports it on first use, which would be mid-run)
 import torch
 
 from .batches import iter_batches

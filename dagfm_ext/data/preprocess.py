@@ -34,8 +34,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.acero  # noqa: F401  (Table.group_by's engine: imported here, not mid-run holding the GIL)
 import pyarrow.compute as pc
 
+from .cache import flushed_while_written
 from .chunks import parse_workers, read_chunks
 from .container import split_of_rows
 from .formats import TableFormat, integer_token, locate_error
@@ -375,6 +377,8 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
         codes_fd, labels_fd, x_fd, y_fd = (f.fileno() for f in (codes_f, labels_f, x_f, y_f))
         x_f.truncate(4 * slots * len(split_of))
         y_f.truncate(4 * len(split_of))
-        done = [pool.submit(encode, k, lookup) for k, lookup in enumerate(lookups)]
-        for future in done:
-            future.result()
+        with flushed_while_written(x_fd, y_fd):
+            done = [pool.submit(encode, k, lookup) for k, lookup in enumerate(lookups)]
+            for future in done:
+                future.result()
+
