@@ -62,7 +62,8 @@ DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
 
 // Writes h_j = h0_j * a_j (and a_j, z_j, the states s_j as `out` asks) for the kM samples at s0 and
 // fields [j0, j0 + kJ). The states are summed here while h is in registers (not re-read from the
-// tile), in the same bits as row_sums over the stored rows.
+// tile), in the same bits as row_sums over the stored rows: h is stored, so it is rounded before
+// the sum (never contracted into an FMA with it).
 template <typename T, int kBytes, int kD, int kM, int kJ, typename V>
 DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const T* DAGFM_RESTRICT h0,
                              const LayerOut<T>& out, int64_t FD, int j0, int s0) {

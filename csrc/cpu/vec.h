@@ -210,10 +210,10 @@ DAGFM_HD void lanes_to_rows(const T* lanes, int64_t K, int n, T* rows, int64_t r
   transpose_rows<T, kBytes, false>(rows, row_stride, n, K, lanes);
 }
 
-// out[r] = the sum of the lanes of rows[r0 + r], r < kN, in the same bits as row_sums: the same
-// tree over the lanes (lanes k and k + kW/2 first, then halving). Rows are folded kW at a time; a
-// last group of at most kW/2 rows is first halved (that tree's first step), then folded at half
-// width, rather than padded with zero rows.
+// out[r] = the sum of the lanes of rows[r], r < kN, in the same bits as row_sums: the same tree
+// over the lanes (lanes k and k + kW/2 first, then halving). Rows are folded kW at a time; a group
+// of at most kW/2 rows is first halved (that tree's first step), then folded at half width, rather
+// than padded with zero rows.
 template <typename T, int kBytes, int kN, typename V>
 DAGFM_HD void lane_totals(const V* rows, T* out) {
   constexpr int kW = Vec<T, kBytes>::lanes;
