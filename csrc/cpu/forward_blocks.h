@@ -13,8 +13,9 @@ namespace dagfm {
 namespace cpu {
 
 // Where one layer's forward writes for a tile: h (rows of F*D per sample) and, when given, the
-// messages a (rows a_row elements apart) and the running sum z of the h^t (rows of F*D):
-// z = h0 + h on the first layer, z += h on the others.
+// messages a (rows a_row elements apart), the running sum z of the h^t (rows of F*D):
+// z = h0 + h on the first layer, z += h on the others, and the layer's states (F per sample, rows
+// states_row apart; only the register blocks write them, from their accumulators).
 template <typename T>
 struct LayerOut {
   T* h = nullptr;
@@ -26,7 +27,14 @@ struct LayerOut {
   // is where they go, stored as every layer's).
   bool a_stream = false;
   T* z_out = nullptr;
+  T* states = nullptr;
+  int64_t states_row = 0;
 };
+
+// Whether the register blocks sum the states themselves (store_messages) on kBytes vectors: on
+// AVX-512; on AVX2 summing the stored rows measured faster.
+template <int kBytes>
+constexpr bool states_in_blocks() { return kBytes == 64; }
 
 // Elements of one lane group's buffers in outer_forward_lanes: h0, two h buffers, a, z (each
 // (F, D) vectors of kW lanes) and the (F, F) edge dots.
@@ -56,8 +64,10 @@ DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
       for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
 }
 
-// Writes h_j = h0_j * a_j (and a_j, z_j as `out` asks) for the kM samples at s0 and fields
-// [j0, j0 + kJ).
+// Writes h_j = h0_j * a_j (and a_j, z_j, the states s_j as `out` asks) for the kM samples at s0 and
+// fields [j0, j0 + kJ). The states are summed here while h is in registers (not re-read from the
+// tile), in the same bits as row_sums over the stored rows: h is stored, so it is rounded before
+// the sum (never contracted into an FMA with it).
 template <typename T, int kBytes, int kD, int kM, int kJ, typename V>
 DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const T* DAGFM_RESTRICT h0,
                              const LayerOut<T>& out, int64_t FD, int j0, int s0) {
@@ -68,10 +78,12 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
   const int64_t a_row = out.a_row;
   T* DAGFM_RESTRICT z_out = out.z_out;
   const bool z_first = out.z_first, a_stream = out.a_stream;
+  V row_total[kM * kJ];
   DAGFM_UNROLL
   for (int m = 0; m < kM; ++m)
     DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj)
+    for (int jj = 0; jj < kJ; ++jj) {
+      row_total[m * kJ + jj] = V{};
       DAGFM_UNROLL
       for (int v = 0; v < kV; ++v) {
         const int64_t col = int64_t(j0 + jj) * kD + v * kW, o = (s0 + m) * FD + col;
@@ -86,7 +98,17 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
           if (z_out != nullptr) vstream<T, kBytes>(z_out + o, zv);
           else vstore(z + o, zv);
         }
+        if constexpr (states_in_blocks<kBytes>()) row_total[m * kJ + jj] += h;
       }
+    }
+  if (states_in_blocks<kBytes>() && out.states != nullptr) {
+    T s[kM * kJ];
+    lane_totals<T, kBytes>(row_total, s);
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int jj = 0; jj < kJ; ++jj) out.states[(s0 + m) * out.states_row + j0 + jj] = s[m * kJ + jj];
+  }
 }
 
 // The weight vectors of edges (i, j0 + jj), jj < kJ, of one layer's (F, F, kD) weights w: zero

@@ -243,6 +243,46 @@ DAGFM_HD void lanes_to_rows(const T* lanes, int64_t K, int n, T* rows, int64_t r
     transpose_rows<T, kBytes, false>(rows, row_stride, n, K, lanes);
 }
 
+// out[r] = the sum of the lanes of rows[r], r < kN, in the same bits as row_sums: the same tree
+// over the lanes (lanes k and k + kW/2 first, then halving). Rows are folded kW at a time; a group
+// of at most kW/2 rows is first halved (that tree's first step), then folded at half width, rather
+// than padded with zero rows.
+template <typename T, int kBytes, int kN, typename V>
+DAGFM_HD void lane_totals(const V* rows, T* out) {
+  constexpr int kW = Vec<T, kBytes>::lanes;
+  if constexpr (kN <= kW / 2 && kW >= 4) {
+    using Half = typename Vec<T, kBytes / 2>::type;
+    Half halves[kN];
+    DAGFM_UNROLL
+    for (int r = 0; r < kN; ++r) {
+      Half lo, hi;
+      __builtin_memcpy(&lo, &rows[r], kBytes / 2);
+      __builtin_memcpy(&hi, reinterpret_cast<const char*>(&rows[r]) + kBytes / 2, kBytes / 2);
+      halves[r] = lo + hi;
+    }
+    lane_totals<T, kBytes / 2, kN>(halves, out);
+  } else {
+    DAGFM_UNROLL
+    for (int r0 = 0; r0 < kN; r0 += kW) {
+      V v[kW];
+      DAGFM_UNROLL
+      for (int k = 0; k < kW; ++k) v[k] = r0 + k < kN ? rows[r0 + k] : V{};
+      const V total = transposed_sum<T, kBytes>(v);
+      DAGFM_UNROLL
+      for (int k = 0; k < kW; ++k)
+        if (r0 + k < kN) out[r0 + k] = total[k];
+    }
+  }
+}
+
+// lane_totals of kN rows: whole groups of kW, then the rest as its own (possibly halved) group.
+template <typename T, int kBytes, int kN, typename V>
+DAGFM_HD void lane_totals(const V (&rows)[kN], T (&out)[kN]) {
+  constexpr int kW = Vec<T, kBytes>::lanes, kWhole = kN / kW * kW;
+  if constexpr (kWhole > 0) lane_totals<T, kBytes, kWhole>(&rows[0], &out[0]);
+  if constexpr (kN > kWhole) lane_totals<T, kBytes, kN - kWhole>(&rows[kWhole], &out[kWhole]);
+}
+
 }  // namespace cpu
 }  // namespace dagfm
 
