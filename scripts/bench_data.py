@@ -123,8 +123,10 @@ def main(argv=None) -> int:
         out["first"] = child(cmd)
         c1 = os.times()
         out["first"]["cpu_s"] = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
-        inner = float(re.search(r" in ([0-9.]+) s", out["first"]["says"][0]).group(1))  # without start-up
-        out["first"].update(preprocess_s=inner, rows_per_s=rows / inner)
+        # Without start-up; from the rows/s it prints (its seconds are rounded to 0.1 s).
+        rate = float(re.search(r"\(([0-9,]+) rows/s\)", out["first"]["says"][0]).group(1).replace(",", ""))
+        inner = rows / rate
+        out["first"].update(preprocess_s=inner, rows_per_s=rate)
         out["ratio_to_bare_read"] = inner / out["bare_read_s"]
         out["second"] = child(cmd)
         t0 = time.perf_counter()
