@@ -222,9 +222,8 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
   bool streams = false;
 #ifdef DAGFM_CPU_VECTORS
   if constexpr (row_vector_bytes<T, kBytes, kD>() > 0) {
-    constexpr int kVB = row_vector_bytes<T, kBytes, kD>();
-    auto aligned = [](const T* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % kVB == 0; };
-    streams = aligned(saved) && aligned(z);
+    streams = streamable<row_vector_bytes<T, kBytes, kD>()>(saved) &&
+              streamable<row_vector_bytes<T, kBytes, kD>()>(z);
   }
 #endif
   auto write_states = [&](const T* h, int t) __attribute__((always_inline)) {

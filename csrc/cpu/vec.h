@@ -60,6 +60,12 @@ DAGFM_HD void vstream(T* p, const V& v) {
   vstore(p, v);
 }
 
+// Whether vstream may store rows at `rows` (nullptr: none), each row_stride values after the last.
+template <int kBytes, typename T>
+DAGFM_HD bool streamable(const T* rows, int64_t row_stride = 0) {
+  return reinterpret_cast<uintptr_t>(rows) % kBytes == 0 && (row_stride * int64_t(sizeof(T))) % kBytes == 0;
+}
+
 // Orders this thread's non-temporal stores before whatever it does next (e.g. joining the others).
 DAGFM_HD void stream_fence() {
 #if defined(__x86_64__)
@@ -237,7 +243,7 @@ DAGFM_HD void rows_to_lanes(const T* rows, int64_t row_stride, int n, int64_t K,
 // stream: non-temporal stores where rows and row_stride allow them (see vstream).
 template <typename T, int kBytes>
 DAGFM_HD void lanes_to_rows(const T* lanes, int64_t K, int n, T* rows, int64_t row_stride, bool stream = false) {
-  if (stream && reinterpret_cast<uintptr_t>(rows) % kBytes == 0 && (row_stride * sizeof(T)) % kBytes == 0)
+  if (stream && streamable<kBytes>(rows, row_stride))
     transpose_rows<T, kBytes, false, true>(rows, row_stride, n, K, lanes);
   else
     transpose_rows<T, kBytes, false>(rows, row_stride, n, K, lanes);
