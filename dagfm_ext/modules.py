@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import cost as _cost
+from . import field_mix as _field_mix
 from . import functional as _functional
 from . import propagate_sum as _propagate_sum
 from .reference import INTERACTIONS
@@ -35,10 +36,9 @@ def _check_positive(name: str, value) -> int:
 
 
 def _mix(connect: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """h0 = C @ x, (B, F, D): one batched product straight into (B, F, D). torch.matmul(C, emb)
-    runs as one GEMM over emb transposed, copying (B, F, D) values twice on the way in and out
-    (3-9x the cost)."""
-    return torch.bmm(connect.expand(emb.shape[0], -1, -1), emb)
+    """h0 = C @ x, (B, F, D): the fused op (its backward computes grad_C without the (B, F, F)
+    products a batched matmul's backward writes and sums)."""
+    return _field_mix.field_mix(emb, connect)
 
 
 def _plain_linear(linear: nn.Module) -> bool:
