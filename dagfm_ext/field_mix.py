@@ -19,7 +19,7 @@ __all__ = ["field_mix"]
 _mix_op = torch.ops.dagfm_ext.field_mix
 _mix_bwd_op = torch.ops.dagfm_ext.field_mix_bwd
 # The forward straight to its kernel, for what plain_inference accepts.
-_mix_no_grad = _C._field_mix_no_grad
+mix_no_grad = _C._field_mix_no_grad
 
 _NO_DOUBLE_BACKWARD = (b"field_mix: double backward (differentiating its gradients, computed with "
                        b"create_graph=True) is not implemented")
@@ -61,5 +61,5 @@ def field_mix(x: torch.Tensor, connect: torch.Tensor) -> torch.Tensor:
     """h0 = connect @ x[b] for every sample b: x (B, F, D), connect (F, F) -> (B, F, D)."""
     x, connect, _ = cast_inputs(x, connect, None)
     if plain_inference((x, connect), autocast_applied=True):
-        return _mix_no_grad(x, connect)
+        return mix_no_grad(x, connect)
     return _mix_op(x, connect)

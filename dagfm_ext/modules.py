@@ -177,15 +177,18 @@ class DAGFM(_DagBase):
         return _functional.dagfm_propagate(*self._mixed_and_weights(emb), self.interaction)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        h0, p, q = self._mixed_and_weights(emb)
         linear = self._modules["linear"]
         if _plain_linear(linear):
+            connect, p, q = self._dag_parameters()
             weight, bias = linear._parameters["weight"], linear._parameters["bias"]
-            if bias is not None and _functional.plain_inference((h0, p, q, weight, bias)):
+            if bias is not None and _functional.plain_inference((emb, connect, p, q, weight, bias)):
                 # Serving: the same products as below, each straight to its kernel (the readout as
                 # one matrix-vector product: the linear layer's product has a single column).
+                self._check_emb(emb, connect.dtype)
+                h0 = _field_mix.mix_no_grad(emb, connect)
                 s = _functional.propagate_no_grad(h0, p, q, self.interaction)
                 return torch.addmv(bias, s.view(s.shape[0], -1), weight.view(-1))
+        h0, p, q = self._mixed_and_weights(emb)
         s = _functional.dagfm_propagate(h0, p, q, self.interaction)
         return linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 
