@@ -1,18 +1,13 @@
 """The field-mixing op h0[b] = C @ x[b] (dagfm_ext::field_mix / field_mix_bwd) against the batched
 matmul it replaces: values, both gradients, gradcheck, opcheck, strides, bad arguments, thread
 counts and the lower instruction sets."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from conftest import run_under_isa
 
 from dagfm_ext.field_mix import field_mix
 from dagfm_ext.testing import rel_err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # (B, F, D): one field, one dim, dims that are not a multiple of any vector width, more fields than
@@ -71,20 +66,11 @@ def test_float32_matches_the_batched_matmul():
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_lower_instruction_sets_match_the_batched_matmul(isa):
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {ROOT!r})
+    run_under_isa(isa, """
         from tests.test_field_mix import _parity_failures
-        torch.set_num_threads(2)
-        machine_has = {{"avx512": 2, "avx2": 1, "generic": 0}}
-        got = torch.ops.dagfm_ext.cpu_isa()
-        assert got == {isa!r} or machine_has[got] < machine_has[{isa!r}], got
         assert _parity_failures(torch.float64, 1e-12) == [], _parity_failures(torch.float64, 1e-12)
         assert _parity_failures(torch.float32, 1e-5) == [], _parity_failures(torch.float32, 1e-5)
-        """)
-    env = dict(os.environ, DAGFM_CPU_ISA=isa, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr
+        """, timeout=600)
 
 
 @pytest.mark.parametrize("device", DEVICES)
