@@ -79,6 +79,16 @@ at::Tensor propagate_fwd_no_grad(const at::Tensor& h0, const at::Tensor& p, cons
   return op.call(h0, p, q, interaction);
 }
 
+// field_mix (x, connect) below the autograd layer, as propagate_fwd_no_grad: at serving batches the
+// mixing is a few microseconds of work, comparable to the autograd layer's own cost.
+at::Tensor field_mix_no_grad(const at::Tensor& x, const at::Tensor& connect) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dagfm_ext::field_mix", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, connect);
+}
+
 // For the tests: reads the CUDA backend's environment switches again (they are read once per
 // process otherwise). Nothing to read in a build without CUDA.
 void reread_cuda_switches_py() {
@@ -101,6 +111,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "propagate_fwd (h0, p, q, interaction) below the autograd layer: for callers that need no gradient",
         pybind11::arg("h0"), pybind11::arg("p"), pybind11::arg("q"), pybind11::arg("interaction"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("_field_mix_no_grad", &field_mix_no_grad,
+        "field_mix (x, connect) below the autograd layer: for callers that need no gradient", pybind11::arg("x"),
+        pybind11::arg("connect"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("_reread_cuda_switches", &reread_cuda_switches_py,
         "Test hook: read the DAGFM_CUDA_* environment switches again (otherwise read once per process)");
 }

@@ -6,6 +6,7 @@ import importlib
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (registers the dagfm_ext::* custom ops)
+from . import field_mix  # noqa: F401  (the field-mixing op's autograd and fake kernels)
 from . import reference
 from .functional import dagfm_propagate
 from .propagate_sum import dagfm_propagate_with_sum
@@ -35,7 +36,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "dagfm_propagate", "dagfm_propagate_with_sum", "reference", "build_info", "__version__",
+    "dagfm_propagate", "dagfm_propagate_with_sum", "field_mix", "reference", "build_info", "__version__",
     "DAGFM", "DAGFMPlus", "CrossNet", "CIN", "FM", "build_teacher", "register_teacher",
     "RunConfig", "run_pipeline", *_SUBMODULES,
 ]

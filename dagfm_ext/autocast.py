@@ -1,4 +1,4 @@
-"""How the dagfm_ext forward ops behave inside ``torch.autocast``.
+"""How the dagfm_ext forward ops (the propagation and the field mixing) behave inside ``torch.autocast``.
 
 CUDA: float16 / bfloat16 run natively (the CUDA kernels store 16-bit values and accumulate in
 float32), so the floating inputs are cast to the region's dtype. CPU: the kernels take float32 and
@@ -25,7 +25,6 @@ from . import _C  # noqa: F401  (loads the op registrations)
 __all__ = ["autocast_dtype", "cast_inputs"]
 
 _DEVICE_TYPES = ("cpu", "cuda")
-_FORWARD_OPS = ("propagate_fwd", "propagate_fwd_train", "propagate_sum_fwd", "propagate_sum_fwd_train")
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -53,17 +52,31 @@ def cast_inputs(h0: torch.Tensor, p: torch.Tensor, q: Optional[torch.Tensor]):
     return cast(h0), cast(p), cast(q)
 
 
+def _cast_propagate_args(h0, p, q, interaction):
+    return (*cast_inputs(h0, p, q), interaction)
+
+
+def _cast_field_mix_args(x, connect):
+    return cast_inputs(x, connect, None)[:2]
+
+
+# The forward ops, each with how its arguments are cast.
+_FORWARD_OPS = {"propagate_fwd": _cast_propagate_args, "propagate_fwd_train": _cast_propagate_args,
+                "propagate_sum_fwd": _cast_propagate_args, "propagate_sum_fwd_train": _cast_propagate_args,
+                "field_mix": _cast_field_mix_args}
+
+
 def _register(lib: torch.library.Library) -> None:
-    for name in _FORWARD_OPS:
+    for name, cast_args in _FORWARD_OPS.items():
         op = getattr(torch.ops.dagfm_ext, name).default
         for device_type in _DEVICE_TYPES:
             key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
             key = getattr(torch._C.DispatchKey, key_name)
 
-            def run(h0, p, q, interaction, _op=op, _key=key):
-                h0, p, q = cast_inputs(h0, p, q)
+            def run(*args, _op=op, _key=key, _cast=cast_args):
+                args = _cast(*args)
                 with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                    return _op(h0, p, q, interaction)
+                    return _op(*args)
 
             # The Python-dispatcher kernel serves tracing (torch.compile, torch.export); the
             # library kernel serves eager calls. torch.library.register_autocast does the same

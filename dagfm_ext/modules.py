@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import cost as _cost
+from . import field_mix as _field_mix
 from . import functional as _functional
 from . import propagate_sum as _propagate_sum
 from .reference import INTERACTIONS
@@ -35,10 +36,9 @@ def _check_positive(name: str, value) -> int:
 
 
 def _mix(connect: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """h0 = C @ x, (B, F, D): one batched product straight into (B, F, D). torch.matmul(C, emb)
-    runs as one GEMM over emb transposed, copying (B, F, D) values twice on the way in and out
-    (3-9x the cost)."""
-    return torch.bmm(connect.expand(emb.shape[0], -1, -1), emb)
+    """h0 = C @ x, (B, F, D): the fused op (its backward computes grad_C without the (B, F, F)
+    products a batched matmul's backward writes and sums)."""
+    return _field_mix.field_mix(emb, connect)
 
 
 def _plain_linear(linear: nn.Module) -> bool:
@@ -177,15 +177,18 @@ class DAGFM(_DagBase):
         return _functional.dagfm_propagate(*self._mixed_and_weights(emb), self.interaction)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        h0, p, q = self._mixed_and_weights(emb)
         linear = self._modules["linear"]
         if _plain_linear(linear):
+            connect, p, q = self._dag_parameters()
             weight, bias = linear._parameters["weight"], linear._parameters["bias"]
-            if bias is not None and _functional.plain_inference((h0, p, q, weight, bias)):
+            if bias is not None and _functional.plain_inference((emb, connect, p, q, weight, bias)):
                 # Serving: the same products as below, each straight to its kernel (the readout as
                 # one matrix-vector product: the linear layer's product has a single column).
+                self._check_emb(emb, connect.dtype)
+                h0 = _field_mix.mix_no_grad(emb, connect)
                 s = _functional.propagate_no_grad(h0, p, q, self.interaction)
                 return torch.addmv(bias, s.view(s.shape[0], -1), weight.view(-1))
+        h0, p, q = self._mixed_and_weights(emb)
         s = _functional.dagfm_propagate(h0, p, q, self.interaction)
         return linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 

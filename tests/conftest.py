@@ -7,7 +7,11 @@ too); what is only for the tests lives here, importable as ``from conftest impor
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -181,3 +185,25 @@ def private_data_cache(tmp_path_factory):
     patch.setenv("DAGFM_EXT_CACHE", str(root))
     yield root
     patch.undo()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_under_isa(isa: str, body: str, timeout: int = 900) -> None:
+    """Runs the Python source ``body`` in a fresh process with DAGFM_CPU_ISA=isa and 2 threads,
+    after checking that its loops are ``isa``'s (or lower, on a machine without it); fails with
+    the process's output unless it succeeds."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]  # the tests import conftest
+        import dagfm_ext
+        torch.set_num_threads(2)
+        machine_has = {{"avx512": 2, "avx2": 1, "generic": 0}}
+        got = torch.ops.dagfm_ext.cpu_isa()
+        assert got == {isa!r} or machine_has[got] < machine_has[{isa!r}], got
+        print("isa", got)
+        """) + textwrap.dedent(body)
+    env = dict(os.environ, DAGFM_CPU_ISA=isa, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -4,10 +4,10 @@ values included), and weights changed between two calls always seen by the secon
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import run_under_isa
 
 import dagfm_ext
 from dagfm_ext import reference
@@ -104,21 +104,11 @@ def test_isa_is_the_best_the_machine_has_by_default():
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_lower_instruction_sets_match_the_reference(isa):
     """DAGFM_CPU_ISA lowers the dispatch: the AVX2 and portable loops run here too."""
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {ROOT!r})
+    run_under_isa(isa, """
         from tests.test_cpu_kernels import _parity_failures
-        torch.set_num_threads(2)
-        machine_has = {{"avx512": 2, "avx2": 1, "generic": 0}}
-        got = torch.ops.dagfm_ext.cpu_isa()
-        assert got == {isa!r} or machine_has[got] < machine_has[{isa!r}], got
-        print("isa", got)
         assert _parity_failures(torch.float64, 1e-10) == [], _parity_failures(torch.float64, 1e-10)
         assert _parity_failures(torch.float32, 1e-4) == [], _parity_failures(torch.float32, 1e-4)
         """)
-    env = dict(os.environ, DAGFM_CPU_ISA=isa, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_unknown_isa_name_is_a_clear_error():
