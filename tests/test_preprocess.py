@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from criteo_oracle import load_criteo_rows
 from dagfm_ext.cli import main
 from dagfm_ext.data import DataFormatError, load_criteo, load_dataset
-from dagfm_ext.data import preprocess
+from dagfm_ext.data import field_tables, preprocess
 from dagfm_ext.data.cache import open_entry
 from dagfm_ext.data.int_buckets import integer_codes
 from dagfm_ext.data.schema import criteo_int_bucket
@@ -64,16 +64,17 @@ def test_columnar_encoding_equals_row_by_row_reader(tmp_path, case):
     assert_same_encoding(fast, load_criteo_rows(path, min_count=min_count, seed=seed))
 
 
-@pytest.mark.parametrize("group_of_one", [False, True])
-def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch, group_of_one):
+@pytest.mark.parametrize("merge_early", [False, True])
+def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch, merge_early):
     """Many small chunks: vocabulary counts merged across chunks, dictionaries remapped per chunk
-    (looked up all at once, or one chunk at a time while pass 2 encodes the earlier ones)."""
+    (each field's table merged once at the end, or many times along the way, so that later merges
+    must keep the field-wide ids already given out)."""
     path = tmp_path / "c.tsv"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_criteo_sample.py"), "--rows", "3000",
                     "--output", str(path)], check=True, capture_output=True)
     monkeypatch.setattr(preprocess, "CHUNK_BYTES", 20_000)
-    if group_of_one:
-        monkeypatch.setattr(preprocess, "_group_entries", lambda specs: 1)
+    if merge_early:
+        monkeypatch.setattr(field_tables, "MERGE_ENTRIES", 0)
     fast = load_criteo(path, min_count=3, seed=1, cache_dir=tmp_path / "cache")
     assert_same_encoding(fast, load_criteo_rows(path, min_count=3, seed=1))
 
