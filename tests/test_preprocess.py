@@ -173,6 +173,16 @@ def test_integer_codes_are_the_row_by_row_buckets():
             np.testing.assert_array_equal(counts, np.bincount(codes, minlength=len(tokens)))
 
 
+@pytest.mark.parametrize("values", [[b"a", b"bc", b""], [b""], ["\u00e9".encode(), b"a"], [b"a", b"\xff\xfe"]])
+def test_dictionary_bytes_read_as_text(values):
+    """ASCII dictionaries are viewed as strings as they are; others decode as a text-mode read does."""
+    import pyarrow as pa
+    from dagfm_ext.data.chunks import _to_strings
+    arr = pa.array(values, pa.binary())
+    for part in (arr, arr.slice(1)):
+        assert _to_strings(part).to_pylist() == [b.decode("utf-8", "replace") for b in part.to_pylist()]
+
+
 def test_rows_longer_than_a_chunk(tmp_path, monkeypatch):
     """Every row longer than a chunk: each read grows its buffer until a whole row fits, and the
     buffers are reused from chunk to chunk; the encoding is still the row-by-row one."""
