@@ -75,6 +75,7 @@ def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch, merge_early
     monkeypatch.setattr(preprocess, "CHUNK_BYTES", 20_000)
     if merge_early:
         monkeypatch.setattr(field_tables, "MERGE_ENTRIES", 0)
+        monkeypatch.setattr(field_tables, "MERGE_CHUNKS", 3)
     fast = load_criteo(path, min_count=3, seed=1, cache_dir=tmp_path / "cache")
     assert_same_encoding(fast, load_criteo_rows(path, min_count=3, seed=1))
 

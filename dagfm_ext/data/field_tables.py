@@ -8,13 +8,15 @@ both the counts (a ``bincount`` by id) and each pending entry's field-wide id, w
 (``IdSpill``) so pass 2 needs no strings: once the counts are final, ``vocabulary`` orders the
 tokens and returns the vocabulary id of every field-wide id, and a chunk's entries are mapped by a
 gather. Merging only when the pending entries outnumber the table (and a floor) keeps the hashing
-proportional to the entries added, and memory to the distinct tokens plus that many pending.
+proportional to the entries added, and memory to the distinct tokens plus that many pending; a
+cap on the pending chunks keeps a small field's many small dictionaries from piling up.
 """
 from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, List, Tuple
+from array import array
+from typing import List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,30 +24,36 @@ import pyarrow.compute as pc
 
 __all__ = ["FieldTable", "IdSpill", "ordered_vocabulary"]
 
-MERGE_ENTRIES = 1 << 18  # pending entries a table holds at least before merging them
+MERGE_ENTRIES = 1 << 16  # pending entries a table holds at least before merging them
+MERGE_CHUNKS = 64  # and at most this many chunks' dictionaries
 
 
 class IdSpill:
-    """Per (field, chunk) arrays of field-wide ids in one temporary file; writers reserve their
-    range under a lock and write outside it, so the fields' tables can merge in parallel."""
+    """Per (field, chunk) arrays of field-wide ids in one temporary file, each field's written in
+    chunk order; writers reserve their range under a lock and write outside it, so the fields'
+    tables can merge in parallel. Where each array lies: 16 bytes, not a Python object."""
 
-    def __init__(self, path):
+    def __init__(self, path, fields: int):
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._end = 0
         self._lock = threading.Lock()
-        self._where: Dict[Tuple[int, int], Tuple[int, int]] = {}
+        self._starts = [array("q") for _ in range(fields)]  # [field][chunk]: byte offset
+        self._sizes = [array("q") for _ in range(fields)]  # [field][chunk]: ids
 
     def write(self, field: int, chunk: int, ids: np.ndarray) -> None:
+        if chunk != len(self._starts[field]):
+            raise RuntimeError(f"field {field}: ids of chunk {chunk} written out of order")
         data = memoryview(np.ascontiguousarray(ids, np.int32)).cast("B")
         with self._lock:
             offset, self._end = self._end, self._end + len(data)
-            self._where[field, chunk] = (offset, len(ids))
+        self._starts[field].append(offset)
+        self._sizes[field].append(len(ids))
         while data:
             written = os.pwrite(self._fd, data, offset)
             data, offset = data[written:], offset + written
 
     def read(self, field: int, chunk: int) -> np.ndarray:
-        offset, count = self._where[field, chunk]
+        offset, count = self._starts[field][chunk], self._sizes[field][chunk]
         data = os.pread(self._fd, 4 * count, offset)
         if len(data) != 4 * count:
             raise OSError(f"short read of a temporary preprocessing file ({len(data)} of {4 * count} bytes)")
@@ -92,7 +100,7 @@ class FieldTable:
         """One chunk's dictionary: its tokens and how often each counts (0: not counted)."""
         self._pending.append((chunk, tokens, weights))
         self._pending_entries += len(tokens)
-        if self._pending_entries > max(len(self.tokens), MERGE_ENTRIES):
+        if self._pending_entries > max(len(self.tokens), MERGE_ENTRIES) or len(self._pending) >= MERGE_CHUNKS:
             self.merge()
 
     def merge(self) -> None:

@@ -130,7 +130,7 @@ def preprocess_files(sources: Sequence[Source], fmt: TableFormat, out: Path, see
 
 def _preprocess(sources: Sequence[Source], fmt: TableFormat, out: Path, seed: int,
                 progress: Optional[Callable[[int, int], None]], pool: ThreadPoolExecutor) -> dict:
-    spill = IdSpill(out / "ids.tmp")
+    spill = IdSpill(out / "ids.tmp", len(fmt.fields))
     try:
         return _two_passes(sources, fmt, out, seed, progress, pool, spill)
     finally:
