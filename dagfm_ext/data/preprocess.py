@@ -19,8 +19,8 @@ Python (integer bucketing, derived fields, counting). Integers skip the hashing:
 bucketing from a table costs less than hashing the same column as strings. Two passes, because an
 id needs the counts of the whole file; the dictionary indices and field-wide ids are spilled to
 disk in between so memory is a few chunks, the field tables (distinct tokens) and one byte per row
-for the split, not the file. Chunks of a few MiB: smaller ones parse a little faster per byte (cache) but give
-more dictionary entries, so more tokens to count and look up, and more Python work per byte.
+for the split, not the file. Chunks of a few MiB: smaller ones parse a little faster per byte
+(cache) but give more dictionary entries, so more tokens to count, and more Python work per byte.
 """
 from __future__ import annotations
 
