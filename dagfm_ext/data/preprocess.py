@@ -273,11 +273,11 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
         # This chunk's rows grouped by split, in file order.
         order = np.concatenate([np.flatnonzero(part == s) for s in range(len(SPLITS))])
         seg = np.cumsum([0] + [size * w for size, w in zip(chunk.sizes, widths)]).tolist()
-        if slots == len(widths):  # one slot per field: contiguous gathers, a transpose, then whole rows
+        if slots == len(widths):  # one slot per field: contiguous gathers, then whole rows in split order
             encoded = np.empty((slots, rows), np.int32)
             for i, src in enumerate(sources_of):
                 np.take(ids[seg[i]:seg[i + 1]], local[src], out=encoded[i], mode="clip")
-            block = np.ascontiguousarray(encoded.T)[order]
+            block = encoded.T[order]  # the transpose and the reordering in one copy
         else:
             block = np.empty((rows, slots), np.int32)
             for i, src in enumerate(sources_of):
