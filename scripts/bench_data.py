@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import torch
 
+import dagfm_ext
 from dagfm_ext.data import FieldEmbedding, Prefetcher, load_criteo
 from dagfm_ext.data.formats import CRITEO_CAT, CRITEO_INT
 from dagfm_ext.modules import DAGFM
@@ -69,8 +70,10 @@ def in_process(path: Path) -> dict:
 def child(args) -> dict:
     """Wall and CPU seconds, peak RSS (MiB) and stdout of `dagfm-ext ARGS` in a fresh process."""
     t0, c0 = time.perf_counter(), os.times()
+    # `python -c` puts the working directory first on the path: run it where this process's
+    # package lies, so the child measures the same package even when started from another checkout.
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, cwd=Path(dagfm_ext.__file__).resolve().parents[1])
     out, err = proc.communicate()
     c1 = os.times()
     if proc.returncode != 0:
