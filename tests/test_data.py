@@ -191,6 +191,16 @@ def test_synthetic_and_splits():
     assert sum(len(y) for _, y in batches) == 1600 and batches[0][0].dtype == torch.int64
 
 
+@pytest.mark.parametrize("n, seed", [(1, 0), (10, 3), (1000, 7), (100_003, 2022)])
+def test_split_is_the_seeded_permutation_cut_8_1_1(n, seed):
+    """The split of each row stays what earlier caches and checkpoints were made with: the rows
+    of ``Generator.permutation(n)`` cut 8:1:1."""
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = [int(round(0.8 * n)), int(round(0.8 * n)) + int(round(0.1 * n))]
+    for name, rows in zip(("train", "val", "test"), np.split(perm, cut)):
+        np.testing.assert_array_equal(split_indices(n, seed)[name], np.sort(rows))
+
+
 def test_metrics_use_sklearn_values():
     y = np.array([0, 1, 1, 0, 1])
     z = np.array([-1.0, 2.0, 0.5, 0.3, -0.2])

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from criteo_oracle import load_criteo_rows
 from dagfm_ext.cli import main
 from dagfm_ext.data import DataFormatError, load_criteo, load_dataset
-from dagfm_ext.data import preprocess
+from dagfm_ext.data import field_tables, preprocess
 from dagfm_ext.data.cache import open_entry
 from dagfm_ext.data.int_buckets import integer_codes
 from dagfm_ext.data.schema import criteo_int_bucket
@@ -64,16 +64,18 @@ def test_columnar_encoding_equals_row_by_row_reader(tmp_path, case):
     assert_same_encoding(fast, load_criteo_rows(path, min_count=min_count, seed=seed))
 
 
-@pytest.mark.parametrize("group_of_one", [False, True])
-def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch, group_of_one):
+@pytest.mark.parametrize("merge_early", [False, True])
+def test_encoding_equals_reader_across_chunks(tmp_path, monkeypatch, merge_early):
     """Many small chunks: vocabulary counts merged across chunks, dictionaries remapped per chunk
-    (looked up all at once, or one chunk at a time while pass 2 encodes the earlier ones)."""
+    (each field's table merged once at the end, or many times along the way, so that later merges
+    must keep the field-wide ids already given out)."""
     path = tmp_path / "c.tsv"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_criteo_sample.py"), "--rows", "3000",
                     "--output", str(path)], check=True, capture_output=True)
     monkeypatch.setattr(preprocess, "CHUNK_BYTES", 20_000)
-    if group_of_one:
-        monkeypatch.setattr(preprocess, "_group_entries", lambda specs: 1)
+    if merge_early:
+        monkeypatch.setattr(field_tables, "MERGE_ENTRIES", 0)
+        monkeypatch.setattr(field_tables, "MERGE_CHUNKS", 3)
     fast = load_criteo(path, min_count=3, seed=1, cache_dir=tmp_path / "cache")
     assert_same_encoding(fast, load_criteo_rows(path, min_count=3, seed=1))
 
@@ -170,6 +172,16 @@ def test_integer_codes_are_the_row_by_row_buckets():
                     zip(v, valid if valid is not None else [True] * len(v))]
             assert [tokens.to_pylist()[c] for c in codes] == want
             np.testing.assert_array_equal(counts, np.bincount(codes, minlength=len(tokens)))
+
+
+@pytest.mark.parametrize("values", [[b"a", b"bc", b""], [b""], ["\u00e9".encode(), b"a"], [b"a", b"\xff\xfe"]])
+def test_dictionary_bytes_read_as_text(values):
+    """ASCII dictionaries are viewed as strings as they are; others decode as a text-mode read does."""
+    import pyarrow as pa
+    from dagfm_ext.data.chunks import _to_strings
+    arr = pa.array(values, pa.binary())
+    for part in (arr, arr.slice(1)):
+        assert _to_strings(part).to_pylist() == [b.decode("utf-8", "replace") for b in part.to_pylist()]
 
 
 def test_rows_longer_than_a_chunk(tmp_path, monkeypatch):

@@ -51,10 +51,21 @@ def parse_workers() -> int:
     return max(1, min(pa.cpu_count(), 4))
 
 
+def _ascii(binary: pa.Array) -> bool:
+    """Whether every byte of a binary array's values is ASCII."""
+    _, offsets, data = binary.buffers()
+    if data is None or len(binary) == 0:
+        return True
+    first, last = np.frombuffer(offsets, np.int32, len(binary) + 1, 4 * binary.offset)[[0, -1]]
+    return first == last or int(np.frombuffer(data, np.uint8)[first:last].max()) < 0x80
+
+
 def _to_strings(dictionary: pa.Array) -> pa.Array:
     """A dictionary as UTF-8 strings; invalid bytes become U+FFFD, as a text-mode read does."""
     if pa.types.is_string(dictionary.type):
         return dictionary
+    if _ascii(dictionary):  # valid UTF-8 as it is: a view, without a cast kernel's dispatch
+        return dictionary.view(pa.string())
     try:
         return dictionary.cast(pa.string())
     except pa.ArrowInvalid:
@@ -74,7 +85,8 @@ def _integer_chunk(col: pa.ChunkedArray) -> ColumnChunk:
 
 def _column_chunks(table: pa.Table, names: Sequence[str],
                    parsed_integers: Sequence[str] = ()) -> Dict[str, ColumnChunk]:
-    table = table.unify_dictionaries()
+    if any(c.num_chunks > 1 for c in table.columns):  # one block per chunk: one dictionary already
+        table = table.unify_dictionaries()
     out = {}
     for name in names:
         col = table.column(name)
