@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dagfm_propagate", "dagfm_propagate_with_sum", "propagate_layer", "edge_mask", "upper", "INTERACTIONS"]
+__all__ = ["dagfm_propagate", "dagfm_propagate_with_sum", "field_mix", "propagate_layer", "edge_mask", "upper",
+           "INTERACTIONS"]
 
 INTERACTIONS = ("inner", "outer", "kernel")
+
+
+def field_mix(x: torch.Tensor, connect: torch.Tensor) -> torch.Tensor:
+    """The students' field mixing h0[b] = connect @ x[b], (B, F, D), as one batched matmul."""
+    return torch.bmm(connect.expand(x.shape[0], -1, -1), x)
 
 
 def edge_mask(num_fields: int, device=None) -> torch.Tensor:

@@ -176,7 +176,8 @@ def test_z_is_the_sum_of_the_layers_and_its_field_sums_are_the_states():
 
 def eager_dagfm_plus(m: DAGFMPlus, emb: torch.Tensor) -> torch.Tensor:
     """The same network with the propagation as the reference's einsum recurrence."""
-    z = reference.dagfm_propagate_with_sum(m.mixed(emb), m.p, m.q, m.interaction)[1]
+    h0 = reference.field_mix(emb, m.connect_layer)
+    z = reference.dagfm_propagate_with_sum(h0, m.p, m.q, m.interaction)[1]
     return m.mlp(z.reshape(z.shape[0], -1)).squeeze(-1)
 
 

@@ -132,7 +132,8 @@ def student_latency(batches: Sequence[int], interactions: Sequence[str], F: int,
         teacher = CrossNet(F, D, L).eval()
 
         def eager(emb, m=student):
-            s = reference.dagfm_propagate(m.mixed(emb), m.p, m.q, m.interaction)
+            h0 = reference.field_mix(emb, m.connect_layer)
+            s = reference.dagfm_propagate(h0, m.p, m.q, m.interaction)
             return m.linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 
         models = {"fused": student, "eager": eager, "crossnet": teacher}

@@ -36,14 +36,15 @@ def _one_row(DAGFM, CrossNet, device, dtype, B, F, D, L, interaction, opts) -> d
     emb = make_inputs(interaction, B, F, D, 1, dtype, device, opts.seed)[0]
 
     def student_eager(m=student, x=emb):
-        s = reference.dagfm_propagate(m.mixed(x), m.p, m.q, m.interaction)
+        s = reference.dagfm_propagate(reference.field_mix(x, m.connect_layer), m.p, m.q, m.interaction)
         return m.linear(s.reshape(s.shape[0], -1)).squeeze(-1)
 
     with torch.no_grad():
         got, want = student(emb), student_eager()
         m64 = DAGFM(F, D, L, interaction).to(device=device, dtype=torch.float64).eval()
         m64.load_state_dict({k: v.to(torch.float64) for k, v in student.state_dict().items()})
-        s64 = reference.dagfm_propagate(m64.mixed(emb.double()), m64.p, m64.q, interaction)
+        h64 = reference.field_mix(emb.double(), m64.connect_layer)
+        s64 = reference.dagfm_propagate(h64, m64.p, m64.q, interaction)
         want64 = m64.linear(s64.reshape(B, -1)).squeeze(-1)
     check = compare_outputs((got,), (want64,), (want,), ["logits"], dtype)
     row["correctness"] = check

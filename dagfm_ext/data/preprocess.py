@@ -300,4 +300,3 @@ def _encode(out: Path, schema: FeatureSchema, sources_of: List[int], chunks: Lis
             done = [pool.submit(encode, k) for k in range(len(chunks))]
             for future in done:
                 future.result()
-
