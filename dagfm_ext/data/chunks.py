@@ -52,7 +52,7 @@ def parse_workers() -> int:
 
 
 def _ascii(binary: pa.Array) -> bool:
-    """Whether every byte of a binary array's values is ASCII."""
+    """Whether every byte of a binary (int32 offsets) array's values is ASCII."""
     _, offsets, data = binary.buffers()
     if data is None or len(binary) == 0:
         return True
@@ -64,7 +64,7 @@ def _to_strings(dictionary: pa.Array) -> pa.Array:
     """A dictionary as UTF-8 strings; invalid bytes become U+FFFD, as a text-mode read does."""
     if pa.types.is_string(dictionary.type):
         return dictionary
-    if _ascii(dictionary):  # valid UTF-8 as it is: a view, without a cast kernel's dispatch
+    if pa.types.is_binary(dictionary.type) and _ascii(dictionary):  # valid UTF-8 as it is: a view, no cast
         return dictionary.view(pa.string())
     try:
         return dictionary.cast(pa.string())
