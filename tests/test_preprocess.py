@@ -179,9 +179,9 @@ def test_dictionary_bytes_read_as_text(values):
     """ASCII dictionaries are viewed as strings as they are; others decode as a text-mode read does."""
     import pyarrow as pa
     from dagfm_ext.data.chunks import _to_strings
-    arr = pa.array(values, pa.binary())
-    for part in (arr, arr.slice(1)):
-        assert _to_strings(part).to_pylist() == [b.decode("utf-8", "replace") for b in part.to_pylist()]
+    for arr in (pa.array(values, pa.binary()), pa.array(values, pa.large_binary())):
+        for part in (arr, arr.slice(1)):
+            assert _to_strings(part).to_pylist() == [b.decode("utf-8", "replace") for b in part.to_pylist()]
 
 
 def test_rows_longer_than_a_chunk(tmp_path, monkeypatch):
