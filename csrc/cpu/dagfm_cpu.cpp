@@ -262,21 +262,20 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
   const ChunkPlan plan = plan_gradient_chunks(pr.batch, (wnum + qnum) * int64_t(sizeof(T)));
   // One chunk accumulates straight into the (zeroed) outputs.
   const bool direct = plan.num_chunks == 1;
-  std::vector<T> partial_p_buf, partial_q_buf;
-  T* partial_p = nullptr;
-  T* partial_q = nullptr;
-  if (!direct) {
-    partial_p_buf.assign(plan.num_chunks * wnum + kLineElems<T>, T(0));
-    partial_q_buf.assign(plan.num_chunks * qnum + kLineElems<T>, T(0));
-    partial_p = line_aligned(partial_p_buf.data());
-    partial_q = line_aligned(partial_q_buf.data());
-  }
+  // The partials live in the calling thread's buffer kept between calls (no allocation or page
+  // faults per call), each zeroed by the thread that fills it, while it is in that thread's cache.
+  T* partial_p = direct ? nullptr : thread_workspace<T, GradientPartialsBuffer>(plan.num_chunks * (wnum + qnum));
+  T* partial_q = direct ? nullptr : partial_p + plan.num_chunks * wnum;
   const int64_t grain = grain_for(3 * per_row_flops(pr) * plan.chunk_rows);
   at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
     T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile) + cpu::outer_lanes_scratch_numel(F, D));
     for (int64_t c = c0; c < c1; ++c) {
       T* gp = direct ? pr.grad_p : partial_p + c * wnum;
       T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q + c * qnum;
+      if (!direct) {
+        std::fill_n(gp, wnum, T(0));
+        if (gq != nullptr) std::fill_n(gq, qnum, T(0));
+      }
       const int64_t b0 = c * plan.chunk_rows, b1 = std::min(pr.batch, b0 + plan.chunk_rows);
       with_static_embed_dim(D, [&]<int kD>() { backward_range_isa<T, kD>(pr, b0, b1, gp, gq, ws, saved); });
     }

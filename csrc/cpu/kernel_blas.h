@@ -53,10 +53,9 @@ void pack_block_triangular(const T* w, int F, int D, int L, T* big) {
   });
 }
 
-// The calling thread's buffers for the packed weights and the weight-gradient partials
-// (megabytes, kept between calls: thread_workspace).
+// The calling thread's buffer for the packed weights (megabytes, kept between calls:
+// thread_workspace); the gradient partials take work_split.h's GradientPartialsBuffer.
 struct PackedWeightsBuffer;
-struct GradientPartialsBuffer;
 
 template <typename T>
 const T* packed_weights(const T* w, int F, int D, int L) {

@@ -80,6 +80,10 @@ T* thread_workspace(int64_t numel) {
   return line_aligned(buf.data());
 }
 
+// thread_workspace tag of the calling thread's weight-gradient partials, one per gradient chunk
+// (up to kMaxPartialBytes, kept between calls).
+struct GradientPartialsBuffer;
+
 // Units of `unit_flops` each per thread, so that every thread gets at least kMinFlopsPerThread.
 inline int64_t grain_for(int64_t unit_flops) {
   return std::max<int64_t>(1, (kMinFlopsPerThread + unit_flops - 1) / std::max<int64_t>(1, unit_flops));
