@@ -21,6 +21,11 @@
 namespace dagfm {
 namespace cpu {
 
+// Samples per backward tile: its passes over the rows of the work buffers (S x F*D values each)
+// run from L2, and 16 samples keep them closer (a few percent faster than 32 for inner and outer,
+// AVX-512 and AVX2 alike); a multiple of the 16 lanes of the outer lane groups.
+constexpr int kBackwardRowTile = 16;
+
 // Runs block<kJb>(j0) over the fields [0, F): the F % kJ leftover fields first, in halving blocks
 // (there the triangle has the fewest sources), then blocks of kJ. The blocks must be lambdas marked
 // always_inline: an outlined lambda would lose the caller's target instruction set.

@@ -41,14 +41,8 @@
 namespace dagfm {
 namespace {
 
-// Samples per tile: each weight loaded serves the tile's samples (in register blocks of 2 to 24)
-// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2; a multiple of the 16
-// lanes of the outer interaction's lane groups (no padded lanes in a whole tile).
-constexpr int kForwardTileRows = 48;
-// Samples per backward tile: its passes over the rows of the work buffers (S x F*D values each)
-// run from L2, and 16 samples keep them closer (a few percent faster than 32 for inner and outer,
-// AVX-512 and AVX2 alike); a multiple of the 16 lanes of the outer lane groups.
-constexpr int kBackwardRowTile = 16;
+using cpu::kBackwardRowTile;
+using cpu::kForwardTileRows;
 // Kernel interaction below two full tiles: the threads split the target fields of every layer
 // rather than the samples, when each thread's share of a layer's weights is at least this large.
 // (From two full tiles on, two threads take a tile each as fast; measured on 2 cores.)

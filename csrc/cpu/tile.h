@@ -18,6 +18,11 @@
 namespace dagfm {
 namespace cpu {
 
+// Samples per tile: each weight loaded serves the tile's samples (in register blocks of 2 to 24)
+// while the tile's states, 3 x kForwardTileRows x F*D values, stay in L2; a multiple of the 16
+// lanes of the outer interaction's lane groups (no padded lanes in a whole tile).
+constexpr int kForwardTileRows = 48;
+
 #ifdef DAGFM_CPU_VECTORS
 // Widest vector of at most kBytes that rows of kD values of T split into (0: none).
 template <typename T, int kBytes, int kD>
