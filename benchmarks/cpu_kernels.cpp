@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -37,6 +38,22 @@ using dagfm::PropagateParams;
 
 constexpr int kD = 16;
 enum class Isa { Generic, Avx2, Avx512 };
+
+// Buffers on 64-byte boundaries, as torch allocates tensors: malloc's 16-byte alignment would split
+// every vector load across two cache lines and time a slower loop than the op runs.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+template <typename T>
+using Buffer = std::vector<T, LineAligned<T>>;
 
 template <typename T, int kBytes, int kRegs, int kDim>
 DAGFM_HD void forward_batch(const PropagateParams<T>& pr, T* ws, T* saved) {
@@ -134,13 +151,13 @@ struct Problem {
   int64_t B;
   int F, D, L;
   Interaction kind;
-  std::vector<T> h0, p, q, states, saved, grad_states, grad_h0, grad_p, grad_q, ws;
+  Buffer<T> h0, p, q, states, saved, grad_states, grad_h0, grad_p, grad_q, ws;
 
   Problem(int64_t B_, int F_, int L_, Interaction kind_, unsigned seed) : B(B_), F(F_), D(kD), L(L_), kind(kind_) {
     const int64_t FD = int64_t(F) * D, layer = kind == Interaction::Kernel ? int64_t(F) * F * D * D : int64_t(F) * F * D;
     std::mt19937 gen(seed);
     std::uniform_real_distribution<double> u(-1.0, 1.0);
-    auto fill = [&](std::vector<T>& v, int64_t n, double scale) {
+    auto fill = [&](Buffer<T>& v, int64_t n, double scale) {
       v.resize(n);
       for (auto& x : v) x = T(scale * u(gen));
     };
@@ -157,8 +174,7 @@ struct Problem {
     grad_q.assign(q.size(), T(0));
     const int64_t S = std::max<int64_t>(dagfm::cpu::kForwardTileRows, dagfm::cpu::kBackwardRowTile);
     ws.assign(std::max(dagfm::cpu::forward_tile_numel(F, D, int(S)),
-                       dagfm::tile_workspace_numel(F, D, L, int(S)) + dagfm::cpu::outer_lanes_scratch_numel(F, D)) +
-                  64,
+                       dagfm::tile_workspace_numel(F, D, L, int(S)) + dagfm::cpu::outer_lanes_scratch_numel(F, D)),
               T(0));
   }
   PropagateParams<T> params() {
@@ -184,7 +200,7 @@ struct Problem {
     pr.grad_q = grad_q.empty() ? nullptr : grad_q.data();
     return pr;
   }
-  T* workspace() { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) & ~uintptr_t(63)); }
+  T* workspace() { return ws.data(); }
   // forward (with the messages), then backward into zeroed gradients
   void run(Isa isa) {
     forward(isa, params(), workspace(), saved.data());
@@ -201,7 +217,7 @@ double now() {
 }
 
 template <typename T>
-double max_rel_error(const std::vector<T>& a, const std::vector<T>& b) {
+double max_rel_error(const Buffer<T>& a, const Buffer<T>& b) {
   double num = 0, den = 0;
   for (size_t k = 0; k < a.size(); ++k) {
     num = std::max(num, std::fabs(double(a[k]) - double(b[k])));
