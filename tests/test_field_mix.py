@@ -118,7 +118,7 @@ def test_non_contiguous_inputs_are_read_correctly(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B", [1, 300, 4096])
+@pytest.mark.parametrize("B", [1, 200, 300, 4096])
 def test_gradients_bit_identical_across_thread_counts(dtype, B):
     x, connect, grad = (t.to(dtype) for t in _inputs(B, 39, 16, seed=3))
     threads = torch.get_num_threads()

@@ -254,19 +254,19 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
   const int64_t wnum = pr.weight_numel();
   const int64_t qnum = pr.q != nullptr ? wnum : 0;
   const ChunkPlan plan = plan_gradient_chunks(pr.batch, (wnum + qnum) * int64_t(sizeof(T)));
-  // One chunk accumulates straight into the (zeroed) outputs.
-  const bool direct = plan.num_chunks == 1;
+  // The first chunk accumulates straight into the (zeroed) outputs, every other into its partial.
   // The partials live in the calling thread's buffer kept between calls (no allocation or page
   // faults per call), each zeroed by the thread that fills it, while it is in that thread's cache.
-  T* partial_p = direct ? nullptr : thread_workspace<T, GradientPartialsBuffer>(plan.num_chunks * (wnum + qnum));
-  T* partial_q = direct ? nullptr : partial_p + plan.num_chunks * wnum;
+  const int64_t extra = plan.num_chunks - 1;
+  T* partial_p = extra == 0 ? nullptr : thread_workspace<T, GradientPartialsBuffer>(extra * (wnum + qnum));
+  T* partial_q = extra == 0 ? nullptr : partial_p + extra * wnum;
   const int64_t grain = grain_for(3 * per_row_flops(pr) * plan.chunk_rows);
   at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
     T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile) + cpu::outer_lanes_scratch_numel(F, D));
     for (int64_t c = c0; c < c1; ++c) {
-      T* gp = direct ? pr.grad_p : partial_p + c * wnum;
-      T* gq = qnum == 0 ? nullptr : direct ? pr.grad_q : partial_q + c * qnum;
-      if (!direct) {
+      T* gp = c == 0 ? pr.grad_p : partial_p + (c - 1) * wnum;
+      T* gq = qnum == 0 ? nullptr : c == 0 ? pr.grad_q : partial_q + (c - 1) * qnum;
+      if (c > 0) {
         std::fill_n(gp, wnum, T(0));
         if (gq != nullptr) std::fill_n(gq, qnum, T(0));
       }
@@ -274,9 +274,9 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
       with_static_embed_dim(D, [&]<int kD>() { backward_range_isa<T, kD>(pr, b0, b1, gp, gq, ws, saved); });
     }
   });
-  if (!direct) {
-    reduce_partials(partial_p, plan.num_chunks, wnum, pr.grad_p);
-    if (qnum) reduce_partials(partial_q, plan.num_chunks, qnum, pr.grad_q);
+  if (extra > 0) {
+    add_partials(partial_p, extra, wnum, pr.grad_p);
+    if (qnum) add_partials(partial_q, extra, qnum, pr.grad_q);
   }
 }
 

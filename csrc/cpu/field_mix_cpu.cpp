@@ -198,17 +198,17 @@ void mix_backward(const FieldMixArgs& args, const at::Tensor& grad, const at::Te
   const MixCall<T> call{connect_t.data_ptr<T>(), grad.data_ptr<T>(), grad_x.data_ptr<T>(), F, args.embed_dim};
   const T* x = args.x.data_ptr<T>();
   const ChunkPlan plan = plan_gradient_chunks(args.batch, FF * int64_t(sizeof(T)));
-  const bool direct = plan.num_chunks == 1;
-  std::vector<T> partials(direct ? 0 : plan.num_chunks * FF);
+  // The first chunk writes grad_c itself, every other its partial (each chunk writes its sum).
+  std::vector<T> partials((plan.num_chunks - 1) * FF);
   const int64_t grain = grain_for(2 * mix_flops_per_sample(args) * plan.chunk_rows);
   at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
     T* ws = thread_workspace<T, MixWorkspace>(workspace_numel<T>(F, call.D, true));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b0 = c * plan.chunk_rows, b1 = std::min(args.batch, b0 + plan.chunk_rows);
-      mix_backward_range_isa(call, x, direct ? grad_c.data_ptr<T>() : partials.data() + c * FF, b0, b1, ws);
+      mix_backward_range_isa(call, x, c == 0 ? grad_c.data_ptr<T>() : partials.data() + (c - 1) * FF, b0, b1, ws);
     }
   });
-  if (!direct) reduce_partials(partials.data(), plan.num_chunks, FF, grad_c.data_ptr<T>());
+  add_partials(partials.data(), plan.num_chunks - 1, FF, grad_c.data_ptr<T>());
 }
 
 bool has_kernels(const at::Tensor& x) {

@@ -20,6 +20,11 @@ constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;
 constexpr int64_t kMinChunkRows = 256;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
+// A batch short of two such chunks is still cut in two from this many rows per half, where a
+// partial stays in cache (at most this large): a second thread then takes half of a small batch's
+// backward for one extra partial's zeroing and sum.
+constexpr int64_t kMinSplitRows = 64;
+constexpr int64_t kMaxSplitPartialBytes = int64_t(1) << 20;
 
 struct ChunkPlan {
   int64_t num_chunks = 1;
@@ -29,7 +34,8 @@ struct ChunkPlan {
 // Depends on the batch size and the weight size only, never on the thread count.
 inline ChunkPlan plan_gradient_chunks(int64_t batch, int64_t partial_bytes) {
   ChunkPlan plan;
-  const int64_t by_rows = (batch + kMinChunkRows - 1) / kMinChunkRows;
+  int64_t by_rows = (batch + kMinChunkRows - 1) / kMinChunkRows;
+  if (by_rows < 2 && batch >= 2 * kMinSplitRows && partial_bytes <= kMaxSplitPartialBytes) by_rows = 2;
   const int64_t by_memory = std::max<int64_t>(1, kMaxPartialBytes / std::max<int64_t>(1, partial_bytes));
   plan.num_chunks = std::max<int64_t>(1, std::min({by_rows, kMaxChunks, by_memory}));
   plan.chunk_rows = (batch + plan.num_chunks - 1) / plan.num_chunks;
@@ -37,12 +43,13 @@ inline ChunkPlan plan_gradient_chunks(int64_t batch, int64_t partial_bytes) {
   return plan;
 }
 
-// out[k] = sum_c partials[c][k], c in order; threads split k only.
+// out[k] += partials[c][k] for c = 0..count-1 in order: the first chunk sums straight into out, the
+// others into their partials (count = chunks - 1); threads split k only.
 template <typename T>
-void reduce_partials(const T* partials, int64_t num_chunks, int64_t numel, T* out) {
+void add_partials(const T* partials, int64_t count, int64_t numel, T* out) {
+  if (count <= 0) return;
   at::parallel_for(0, numel, 4096, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) out[k] = partials[k];
-    for (int64_t c = 1; c < num_chunks; ++c) {
+    for (int64_t c = 0; c < count; ++c) {
       const T* part = partials + c * numel;
       DAGFM_SIMD
       for (int64_t k = k0; k < k1; ++k) out[k] += part[k];
