@@ -24,20 +24,21 @@
 #include <vector>
 
 #include "cpu/backward_tile.h"
+#include "cpu/cpu_features.h"
 #include "cpu/tile.h"
 
-#if !defined(__GNUC__) || defined(__clang__) || !defined(__x86_64__)
+#if !DAGFM_X86_DISPATCH
 #error "benchmarks/cpu_kernels.cpp needs GCC on x86-64 (per-function target attributes)"
 #endif
 
 namespace {
 
+using dagfm::CpuIsa;
 using dagfm::Interaction;
 using dagfm::PropagateBackwardParams;
 using dagfm::PropagateParams;
 
 constexpr int kD = 16;
-enum class Isa { Generic, Avx2, Avx512 };
 
 // Buffers on 64-byte boundaries, as torch allocates tensors: malloc's 16-byte alignment would split
 // every vector load across two cache lines and time a slower loop than the op runs.
@@ -55,61 +56,44 @@ struct LineAligned {
 template <typename T>
 using Buffer = std::vector<T, LineAligned<T>>;
 
-template <typename T, int kBytes, int kRegs, int kDim>
-DAGFM_HD void forward_batch(const PropagateParams<T>& pr, T* ws, T* saved) {
-  for (int64_t b = 0; b < pr.batch; b += dagfm::cpu::kForwardTileRows)
-    dagfm::cpu::forward_tile<T, kBytes, kRegs, kDim>(
-        pr, b, int(std::min<int64_t>(dagfm::cpu::kForwardTileRows, pr.batch - b)), ws, saved);
-  if constexpr (kBytes > 0) dagfm::cpu::stream_fence();
-}
-
-template <typename T, int kBytes, int kRegs, int kDim>
-DAGFM_HD void backward_batch(const PropagateBackwardParams<T>& pr, T* ws, const T* saved) {
-  const int S = dagfm::cpu::kBackwardRowTile;
-  T* scratch = ws + dagfm::tile_workspace_numel(pr.num_fields, pr.embed_dim, pr.depth, S);
-  for (int64_t b = 0; b < pr.batch; b += S)
-    dagfm::cpu::backward_tile<T, kBytes, kRegs, kDim>(pr, b, int(std::min<int64_t>(S, pr.batch - b)), pr.grad_p,
-                                                      pr.grad_q, ws, saved, scratch);
-}
-
 // One entry per instruction set, compiled for it as the op's dagfm_cpu.cpp does.
 template <typename T>
-__attribute__((target("arch=x86-64-v4"))) void forward_avx512(const PropagateParams<T>& pr, T* ws, T* saved) {
-  forward_batch<T, 64, 24, kD>(pr, ws, saved);
+DAGFM_TARGET_AVX512 void forward_avx512(const PropagateParams<T>& pr, T* ws, T* saved) {
+  dagfm::cpu::forward_tiles<T, 64, 24, kD>(pr, 0, pr.batch, ws, saved);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void forward_avx2(const PropagateParams<T>& pr, T* ws, T* saved) {
-  forward_batch<T, 32, 12, kD>(pr, ws, saved);
+DAGFM_TARGET_AVX2 void forward_avx2(const PropagateParams<T>& pr, T* ws, T* saved) {
+  dagfm::cpu::forward_tiles<T, 32, 12, kD>(pr, 0, pr.batch, ws, saved);
 }
 template <typename T>
 void forward_generic(const PropagateParams<T>& pr, T* ws, T* saved) {
-  forward_batch<T, 0, 0, 0>(pr, ws, saved);
+  dagfm::cpu::forward_tiles<T, 0, 0, 0>(pr, 0, pr.batch, ws, saved);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v4"))) void backward_avx512(const PropagateBackwardParams<T>& pr, T* ws,
+DAGFM_TARGET_AVX512 void backward_avx512(const PropagateBackwardParams<T>& pr, T* ws,
                                                                const T* saved) {
-  backward_batch<T, 64, 24, kD>(pr, ws, saved);
+  dagfm::cpu::backward_tiles<T, 64, 24, kD>(pr, 0, pr.batch, pr.grad_p, pr.grad_q, ws, saved);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void backward_avx2(const PropagateBackwardParams<T>& pr, T* ws,
+DAGFM_TARGET_AVX2 void backward_avx2(const PropagateBackwardParams<T>& pr, T* ws,
                                                              const T* saved) {
-  backward_batch<T, 32, 12, kD>(pr, ws, saved);
+  dagfm::cpu::backward_tiles<T, 32, 12, kD>(pr, 0, pr.batch, pr.grad_p, pr.grad_q, ws, saved);
 }
 template <typename T>
 void backward_generic(const PropagateBackwardParams<T>& pr, T* ws, const T* saved) {
-  backward_batch<T, 0, 0, 0>(pr, ws, saved);
+  dagfm::cpu::backward_tiles<T, 0, 0, 0>(pr, 0, pr.batch, pr.grad_p, pr.grad_q, ws, saved);
 }
 
 template <typename T>
-void forward(Isa isa, const PropagateParams<T>& pr, T* ws, T* saved) {
-  if (isa == Isa::Avx512) return forward_avx512(pr, ws, saved);
-  if (isa == Isa::Avx2) return forward_avx2(pr, ws, saved);
+void forward(CpuIsa isa, const PropagateParams<T>& pr, T* ws, T* saved) {
+  if (isa == CpuIsa::Avx512) return forward_avx512(pr, ws, saved);
+  if (isa == CpuIsa::Avx2) return forward_avx2(pr, ws, saved);
   forward_generic(pr, ws, saved);
 }
 template <typename T>
-void backward(Isa isa, const PropagateBackwardParams<T>& pr, T* ws, const T* saved) {
-  if (isa == Isa::Avx512) return backward_avx512(pr, ws, saved);
-  if (isa == Isa::Avx2) return backward_avx2(pr, ws, saved);
+void backward(CpuIsa isa, const PropagateBackwardParams<T>& pr, T* ws, const T* saved) {
+  if (isa == CpuIsa::Avx512) return backward_avx512(pr, ws, saved);
+  if (isa == CpuIsa::Avx2) return backward_avx2(pr, ws, saved);
   backward_generic(pr, ws, saved);
 }
 
@@ -134,8 +118,8 @@ DAGFM_HD double fma_peak_gflops() {
   const double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
   return n * double(kChains) * (kBytes / 4) * 2 / s * 1e-9;
 }
-__attribute__((target("arch=x86-64-v4"))) double fma_peak_avx512() { return fma_peak_gflops<64>(); }
-__attribute__((target("arch=x86-64-v3"))) double fma_peak_avx2() { return fma_peak_gflops<32>(); }
+DAGFM_TARGET_AVX512 double fma_peak_avx512() { return fma_peak_gflops<64>(); }
+DAGFM_TARGET_AVX2 double fma_peak_avx2() { return fma_peak_gflops<32>(); }
 
 // Useful FLOPs of one forward and of one backward on the kept messages, as dagfm_ext/cost.py counts them.
 void useful_flops(Interaction kind, int64_t B, int F, int D, int L, double* fwd, double* bwd) {
@@ -172,9 +156,8 @@ struct Problem {
     grad_h0.assign(B * FD, T(0));
     grad_p.assign(L * layer, T(0));
     grad_q.assign(q.size(), T(0));
-    const int64_t S = std::max<int64_t>(dagfm::cpu::kForwardTileRows, dagfm::cpu::kBackwardRowTile);
-    ws.assign(std::max(dagfm::cpu::forward_tile_numel(F, D, int(S)),
-                       dagfm::tile_workspace_numel(F, D, L, int(S)) + dagfm::cpu::outer_lanes_scratch_numel(F, D)),
+    ws.assign(std::max(dagfm::cpu::forward_tile_numel(F, D, dagfm::cpu::kForwardTileRows),
+                       dagfm::cpu::backward_tiles_numel(F, D, L)),
               T(0));
   }
   PropagateParams<T> params() {
@@ -202,7 +185,7 @@ struct Problem {
   }
   T* workspace() { return ws.data(); }
   // forward (with the messages), then backward into zeroed gradients
-  void run(Isa isa) {
+  void run(CpuIsa isa) {
     forward(isa, params(), workspace(), saved.data());
     std::fill(grad_p.begin(), grad_p.end(), T(0));
     std::fill(grad_q.begin(), grad_q.end(), T(0));
@@ -227,10 +210,10 @@ double max_rel_error(const Buffer<T>& a, const Buffer<T>& b) {
 }
 
 template <typename T>
-bool check_one(Isa isa, int64_t B, int F, int L, Interaction kind, double tol) {
+bool check_one(CpuIsa isa, int64_t B, int F, int L, Interaction kind, double tol) {
   Problem<T> vec(B, F, L, kind, 7), ref(B, F, L, kind, 7);
   vec.run(isa);
-  ref.run(Isa::Generic);
+  ref.run(CpuIsa::Generic);
   const double err = std::max({max_rel_error(vec.states, ref.states), max_rel_error(vec.saved, ref.saved),
                                max_rel_error(vec.grad_h0, ref.grad_h0), max_rel_error(vec.grad_p, ref.grad_p),
                                max_rel_error(vec.grad_q, ref.grad_q)});
@@ -241,7 +224,7 @@ bool check_one(Isa isa, int64_t B, int F, int L, Interaction kind, double tol) {
   return ok;
 }
 
-int check(Isa isa) {
+int check(CpuIsa isa) {
   int failures = 0, cases = 0;
   for (Interaction kind : {Interaction::Inner, Interaction::Outer, Interaction::Kernel})
     for (int64_t B : {1, 7, 16, 50})
@@ -252,7 +235,7 @@ int check(Isa isa) {
           cases += 2;
         }
   std::printf("check (%s loops against the portable ones): %d of %d cases match\n",
-              isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "generic", cases - failures, cases);
+              dagfm::isa_name(isa), cases - failures, cases);
   return failures == 0 ? 0 : 1;
 }
 
@@ -268,10 +251,10 @@ double best_ms(int reps, Fn&& fn) {
   return best * 1e3;
 }
 
-int bench(Isa isa, int64_t B, int F, int L, int reps) {
-  const double peak = isa == Isa::Avx512 ? fma_peak_avx512() : isa == Isa::Avx2 ? fma_peak_avx2() : 0.0;
+int bench(CpuIsa isa, int64_t B, int F, int L, int reps) {
+  const double peak = isa == CpuIsa::Avx512 ? fma_peak_avx512() : isa == CpuIsa::Avx2 ? fma_peak_avx2() : 0.0;
   std::printf("isa %s, 1 thread, B=%lld F=%d D=%d L=%d float32, best of %d calls in CPU time; FMA peak %.1f GFLOP/s\n\n",
-              isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "generic", (long long)B, F, kD, L, reps, peak);
+              dagfm::isa_name(isa), (long long)B, F, kD, L, reps, peak);
   std::printf("| interaction | pass | ms | useful GFLOP/s | of FMA peak |\n|---|---|---|---|---|\n");
   // (The op takes BLAS products for the kernel interaction at large batches; its rows here are the
   // tile loops it runs at small ones.)
@@ -301,13 +284,8 @@ int bench(Isa isa, int64_t B, int F, int L, int reps) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  __builtin_cpu_init();
-  Isa isa = Isa::Generic;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::Avx2;
-  if (isa == Isa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    isa = Isa::Avx512;
-  const Isa best = isa;
+  const CpuIsa best = dagfm::supported_isa();
+  CpuIsa isa = best;
   int64_t B = 4096;
   int F = 39, L = 3, reps = 9;
   bool do_check = false;
@@ -327,7 +305,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps") reps = std::atoi(value());
     else if (a == "--isa") {
       const std::string v = value();
-      isa = v == "avx512" ? Isa::Avx512 : v == "avx2" ? Isa::Avx2 : v == "generic" ? Isa::Generic : best;
+      isa = v == "avx512" ? CpuIsa::Avx512 : v == "avx2" ? CpuIsa::Avx2 : v == "generic" ? CpuIsa::Generic : best;
       if (v != "avx512" && v != "avx2" && v != "generic") {
         std::fprintf(stderr, "--isa: expected avx512, avx2 or generic, got '%s'\n", v.c_str());
         return 2;
@@ -348,7 +326,7 @@ int main(int argc, char** argv) {
   }
   if (do_check) {
     int rc = 0;
-    for (Isa i : {Isa::Avx2, Isa::Avx512})
+    for (CpuIsa i : {CpuIsa::Avx2, CpuIsa::Avx512})
       if (int(i) <= int(best)) rc |= check(i);
     return rc;
   }

@@ -329,6 +329,21 @@ DAGFM_HD void backward_tile(const PropagateBackwardParams<T>& pr, int64_t b, int
   for (int64_t k = 0; k < SFD; ++k) grad_h0[k] += delta[k];
 }
 
+// Backward of samples [b0, b1), kBackwardRowTile at a time; ws holds backward_tiles_numel(F, D, L).
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void backward_tiles(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* grad_p, T* grad_q,
+                             T* ws, const T* saved) {
+  T* scratch = ws + tile_workspace_numel(pr.num_fields, pr.embed_dim, pr.depth, kBackwardRowTile);
+  for (int64_t b = b0; b < b1; b += kBackwardRowTile)
+    backward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kBackwardRowTile, b1 - b)), grad_p, grad_q, ws,
+                                        saved, scratch);
+}
+
+// Workspace of backward_tiles, in elements.
+DAGFM_HD int64_t backward_tiles_numel(int F, int D, int L) {
+  return tile_workspace_numel(F, D, L, kBackwardRowTile) + outer_lanes_scratch_numel(F, D);
+}
+
 }  // namespace cpu
 }  // namespace dagfm
 

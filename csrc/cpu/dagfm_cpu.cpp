@@ -41,7 +41,6 @@
 namespace dagfm {
 namespace {
 
-using cpu::kBackwardRowTile;
 using cpu::kForwardTileRows;
 // Kernel interaction below two full tiles: the threads split the target fields of every layer
 // rather than the samples, when each thread's share of a layer's weights is at least this large.
@@ -52,53 +51,35 @@ constexpr int64_t kMinColumnBytesPerThread = int64_t(128) << 10;
 // ---------------------------------------------------------------------------------------------
 // Tile ranges, one entry per instruction set
 
-template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void forward_range(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
-  for (int64_t b = b0; b < b1; b += kForwardTileRows)
-    cpu::forward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kForwardTileRows, b1 - b)), ws, saved);
-#ifdef DAGFM_CPU_VECTORS
-  cpu::stream_fence();  // the tiles stream saved messages and z (vstream)
-#endif
-}
-
-template <typename T, int kBytes, int kRegs, int kD>
-DAGFM_HD void backward_range(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* grad_p,
-                             T* grad_q, T* ws, const T* saved) {
-  T* scratch = ws + tile_workspace_numel(pr.num_fields, pr.embed_dim, pr.depth, kBackwardRowTile);
-  for (int64_t b = b0; b < b1; b += kBackwardRowTile)
-    cpu::backward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kBackwardRowTile, b1 - b)), grad_p,
-                                             grad_q, ws, saved, scratch);
-}
-
 template <typename T, int kD>
 void forward_range_generic(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
-  forward_range<T, 0, 0, kD>(pr, b0, b1, ws, saved);
+  cpu::forward_tiles<T, 0, 0, kD>(pr, b0, b1, ws, saved);
 }
 template <typename T, int kD>
 void backward_range_generic(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1, T* gp, T* gq,
                             T* ws, const T* saved) {
-  backward_range<T, 0, 0, kD>(pr, b0, b1, gp, gq, ws, saved);
+  cpu::backward_tiles<T, 0, 0, kD>(pr, b0, b1, gp, gq, ws, saved);
 }
 #if DAGFM_X86_DISPATCH
 template <typename T, int kD>
 DAGFM_TARGET_AVX2 void forward_range_avx2(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws,
                                           T* saved) {
-  forward_range<T, 32, 12, kD>(pr, b0, b1, ws, saved);
+  cpu::forward_tiles<T, 32, 12, kD>(pr, b0, b1, ws, saved);
 }
 template <typename T, int kD>
 DAGFM_TARGET_AVX2 void backward_range_avx2(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1,
                                            T* gp, T* gq, T* ws, const T* saved) {
-  backward_range<T, 32, 12, kD>(pr, b0, b1, gp, gq, ws, saved);
+  cpu::backward_tiles<T, 32, 12, kD>(pr, b0, b1, gp, gq, ws, saved);
 }
 template <typename T, int kD>
 DAGFM_TARGET_AVX512 void forward_range_avx512(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws,
                                               T* saved) {
-  forward_range<T, 64, 24, kD>(pr, b0, b1, ws, saved);
+  cpu::forward_tiles<T, 64, 24, kD>(pr, b0, b1, ws, saved);
 }
 template <typename T, int kD>
 DAGFM_TARGET_AVX512 void backward_range_avx512(const PropagateBackwardParams<T>& pr, int64_t b0, int64_t b1,
                                                T* gp, T* gq, T* ws, const T* saved) {
-  backward_range<T, 64, 24, kD>(pr, b0, b1, gp, gq, ws, saved);
+  cpu::backward_tiles<T, 64, 24, kD>(pr, b0, b1, gp, gq, ws, saved);
 }
 #endif
 
@@ -262,7 +243,7 @@ void backward_rows(const PropagateBackwardParams<T>& pr, const T* saved = nullpt
   T* partial_q = extra == 0 ? nullptr : partial_p + extra * wnum;
   const int64_t grain = grain_for(3 * per_row_flops(pr) * plan.chunk_rows);
   at::parallel_for(0, plan.num_chunks, grain, [&](int64_t c0, int64_t c1) {
-    T* ws = thread_workspace<T>(tile_workspace_numel(F, D, L, kBackwardRowTile) + cpu::outer_lanes_scratch_numel(F, D));
+    T* ws = thread_workspace<T>(cpu::backward_tiles_numel(F, D, L));
     for (int64_t c = c0; c < c1; ++c) {
       T* gp = c == 0 ? pr.grad_p : partial_p + (c - 1) * wnum;
       T* gq = qnum == 0 ? nullptr : c == 0 ? pr.grad_q : partial_q + (c - 1) * qnum;

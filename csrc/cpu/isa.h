@@ -5,35 +5,16 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
-// The tile loops are compiled three times: portable, AVX2+FMA and AVX-512; cpu_isa() picks one.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DAGFM_X86_DISPATCH 1
-#define DAGFM_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-#define DAGFM_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
-#else
-#define DAGFM_X86_DISPATCH 0
-#endif
+#include "cpu_features.h"
 
 namespace dagfm {
 
-enum class CpuIsa : int { Generic = 0, Avx2 = 1, Avx512 = 2 };
-
-inline const char* isa_name(CpuIsa isa) {
-  return isa == CpuIsa::Avx512 ? "avx512" : isa == CpuIsa::Avx2 ? "avx2" : "generic";
-}
-
 inline CpuIsa detect_isa() {
-  CpuIsa best = CpuIsa::Generic;
-#if DAGFM_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::Avx2;
-  if (best == CpuIsa::Avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    best = CpuIsa::Avx512;
-#endif
+  CpuIsa best = supported_isa();
   // DAGFM_CPU_ISA may lower the choice (never raise it above what the CPU has).
   if (const char* env = std::getenv("DAGFM_CPU_ISA")) {
     const std::string want(env);

@@ -274,5 +274,15 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
   }
 }
 
+// Forward of samples [b0, b1), kForwardTileRows at a time, in the workspace of one thread.
+template <typename T, int kBytes, int kRegs, int kD>
+DAGFM_HD void forward_tiles(const PropagateParams<T>& pr, int64_t b0, int64_t b1, T* ws, T* saved) {
+  for (int64_t b = b0; b < b1; b += kForwardTileRows)
+    forward_tile<T, kBytes, kRegs, kD>(pr, b, int(std::min<int64_t>(kForwardTileRows, b1 - b)), ws, saved);
+#ifdef DAGFM_CPU_VECTORS
+  stream_fence();  // the tiles stream saved messages and z (vstream)
+#endif
+}
+
 }  // namespace cpu
 }  // namespace dagfm
