@@ -70,13 +70,11 @@ void forward_generic(const PropagateParams<T>& pr, T* ws, T* saved) {
   dagfm::cpu::forward_tiles<T, 0, 0, 0>(pr, 0, pr.batch, ws, saved);
 }
 template <typename T>
-DAGFM_TARGET_AVX512 void backward_avx512(const PropagateBackwardParams<T>& pr, T* ws,
-                                                               const T* saved) {
+DAGFM_TARGET_AVX512 void backward_avx512(const PropagateBackwardParams<T>& pr, T* ws, const T* saved) {
   dagfm::cpu::backward_tiles<T, 64, 24, kD>(pr, 0, pr.batch, pr.grad_p, pr.grad_q, ws, saved);
 }
 template <typename T>
-DAGFM_TARGET_AVX2 void backward_avx2(const PropagateBackwardParams<T>& pr, T* ws,
-                                                             const T* saved) {
+DAGFM_TARGET_AVX2 void backward_avx2(const PropagateBackwardParams<T>& pr, T* ws, const T* saved) {
   dagfm::cpu::backward_tiles<T, 32, 12, kD>(pr, 0, pr.batch, pr.grad_p, pr.grad_q, ws, saved);
 }
 template <typename T>

@@ -12,12 +12,12 @@
 namespace dagfm {
 namespace cpu {
 
+struct LinePrefetcher;
+
 // Where one layer's forward writes for a tile: h (rows of F*D per sample) and, when given, the
 // messages a (rows a_row elements apart), the running sum z of the h^t (rows of F*D):
 // z = h0 + h on the first layer, z += h on the others, and the layer's states (F per sample, rows
 // states_row apart; only the register blocks write them, from their accumulators).
-struct LinePrefetcher;
-
 template <typename T>
 struct LayerOut {
   T* h = nullptr;
