@@ -6,7 +6,8 @@
 // builds it as the target cpu_kernels and ctest runs its check:
 //
 //   g++ -O3 -std=c++20 -fopenmp-simd -Wno-psabi -I csrc benchmarks/cpu_kernels.cpp -o cpu_kernels
-//   ./cpu_kernels [--isa avx512|avx2|generic] [--batch 4096] [--fields 39] [--depth 3] [--reps 9]
+//   ./cpu_kernels [--isa avx512|avx2|generic] [--interaction inner|outer|kernel] [--batch 4096]
+//                 [--fields 39] [--depth 3] [--reps 9]
 //   ./cpu_kernels --check     (vector loops against the portable ones, float64 and float32; exit 1 on a mismatch)
 //
 // The embedding size is 16 (the tile loops are compiled for fixed sizes). Useful FLOPs are counted as
@@ -249,7 +250,8 @@ double best_ms(int reps, Fn&& fn) {
   return best * 1e3;
 }
 
-int bench(CpuIsa isa, int64_t B, int F, int L, int reps) {
+// only: the interaction to time, or -1 for all three.
+int bench(CpuIsa isa, int64_t B, int F, int L, int reps, int only) {
   const double peak = isa == CpuIsa::Avx512 ? fma_peak_avx512() : isa == CpuIsa::Avx2 ? fma_peak_avx2() : 0.0;
   std::printf("isa %s, 1 thread, B=%lld F=%d D=%d L=%d float32, best of %d calls in CPU time; FMA peak %.1f GFLOP/s\n\n",
               dagfm::isa_name(isa), (long long)B, F, kD, L, reps, peak);
@@ -258,6 +260,7 @@ int bench(CpuIsa isa, int64_t B, int F, int L, int reps) {
   // tile loops it runs at small ones.)
   const char* names[] = {"inner", "outer", "kernel"};
   for (Interaction kind : {Interaction::Inner, Interaction::Outer, Interaction::Kernel}) {
+    if (only >= 0 && int(kind) != only) continue;
     Problem<float> pb(B, F, L, kind, 1);
     double fwd_flops, bwd_flops;
     useful_flops(kind, B, F, kD, L, &fwd_flops, &bwd_flops);
@@ -285,7 +288,7 @@ int main(int argc, char** argv) {
   const CpuIsa best = dagfm::supported_isa();
   CpuIsa isa = best;
   int64_t B = 4096;
-  int F = 39, L = 3, reps = 9;
+  int F = 39, L = 3, reps = 9, only = -1;
   bool do_check = false;
   for (int k = 1; k < argc; ++k) {
     const std::string a = argv[k];
@@ -301,6 +304,15 @@ int main(int argc, char** argv) {
     else if (a == "--fields") F = std::atoi(value());
     else if (a == "--depth") L = std::atoi(value());
     else if (a == "--reps") reps = std::atoi(value());
+    else if (a == "--interaction") {
+      const std::string v = value();
+      only = v == "inner" ? int(Interaction::Inner) : v == "outer" ? int(Interaction::Outer)
+             : v == "kernel" ? int(Interaction::Kernel) : -2;
+      if (only == -2) {
+        std::fprintf(stderr, "--interaction: expected inner, outer or kernel, got '%s'\n", v.c_str());
+        return 2;
+      }
+    }
     else if (a == "--isa") {
       const std::string v = value();
       isa = v == "avx512" ? CpuIsa::Avx512 : v == "avx2" ? CpuIsa::Avx2 : v == "generic" ? CpuIsa::Generic : best;
@@ -328,5 +340,5 @@ int main(int argc, char** argv) {
       if (int(i) <= int(best)) rc |= check(i);
     return rc;
   }
-  return bench(isa, B, F, L, reps);
+  return bench(isa, B, F, L, reps, only);
 }
