@@ -1,16 +1,65 @@
 // What a CPU backward tile reads next from memory, fetched into L2 while its register blocks run:
-// the plan of what the line prefetcher fetches after each layer.
+// the line prefetcher the blocks step, and the plan of what it fetches after each layer.
 #pragma once
 
 #include <cstdint>
 
 #include "../dagfm_params.h"
-#include "line_prefetcher.h"
 #include "vec.h"
 
 #ifdef DAGFM_CPU_VECTORS
 namespace dagfm {
 namespace cpu {
+
+// Cache lines a tile reads next from memory (the kept messages, h0, grad_h0 to be written),
+// fetched into L2 a few at a time between register blocks: their first reads then overlap the
+// blocks' FMAs instead of stalling a pass of few operations per value. Regions are rows of
+// row_bytes, stride bytes apart; prefetching never faults, so a row past the batch is harmless.
+struct LinePrefetcher {
+  struct Rows {
+    const char* base;
+    int64_t rows, row_bytes, stride;
+    bool write;
+  };
+  static constexpr int kMaxRegions = 8;
+  static constexpr int64_t kLine = 64;
+  Rows regions[kMaxRegions];
+  int count = 0, region = 0;
+  int64_t row = 0, offset = 0;
+  // Lines owed, in units of 1/work lines: each unit of work adds `lines`.
+  int64_t lines = 0, work = 1, owed = 0;
+
+  DAGFM_HD void add(const void* base, int64_t rows, int64_t row_bytes, int64_t stride, bool write) {
+    if (base != nullptr && rows > 0 && count < kMaxRegions)
+      regions[count++] = Rows{static_cast<const char*>(base), rows, row_bytes, stride, write};
+  }
+  // Spreads what was added over calls of step() whose weights add up to total_work.
+  DAGFM_HD void pace(int64_t total_work) {
+    lines = 0;
+    for (int r = 0; r < count; ++r) lines += regions[r].rows * ((regions[r].row_bytes + kLine - 1) / kLine);
+    work = total_work > 0 ? total_work : 1;
+  }
+  DAGFM_HD void step(int64_t weight) {
+    owed += lines * weight;
+    for (; owed >= work && region < count; owed -= work) {
+      const Rows& r = regions[region];
+      const char* line = r.base + row * r.stride + offset;
+      if (r.write)
+        __builtin_prefetch(line, 1, 2);
+      else
+        __builtin_prefetch(line, 0, 2);
+      offset += kLine;
+      if (offset >= r.row_bytes) {
+        offset = 0;
+        if (++row == r.rows) {
+          row = 0;
+          ++region;
+        }
+      }
+    }
+  }
+  DAGFM_HD void clear() { count = region = 0, row = offset = owed = lines = 0, work = 1; }
+};
 
 // What a backward tile first reads from memory after layer t's register blocks, for `prefetch`
 // to fetch while they run: a^{t-2} of this tile (read by layer t-1); in layers 2 and 1, the next

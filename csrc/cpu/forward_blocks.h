@@ -12,8 +12,6 @@
 namespace dagfm {
 namespace cpu {
 
-struct LinePrefetcher;
-
 // Where one layer's forward writes for a tile: h (rows of F*D per sample) and, when given, the
 // messages a (rows a_row elements apart), the running sum z of the h^t (rows of F*D):
 // z = h0 + h on the first layer, z += h on the others, and the layer's states (F per sample, rows
@@ -31,9 +29,6 @@ struct LayerOut {
   T* z_out = nullptr;
   T* states = nullptr;
   int64_t states_row = 0;
-  // Stepped by each register block with its edges times samples (what the next tile reads first is
-  // fetched meanwhile), or nullptr.
-  LinePrefetcher* prefetch = nullptr;
 };
 
 // Whether the register blocks sum the states themselves (store_messages) on kBytes vectors: on
@@ -50,7 +45,6 @@ DAGFM_HD int64_t outer_lane_group_numel(int F, int D, int kW) {
 }  // namespace cpu
 }  // namespace dagfm
 
-#include "line_prefetcher.h"
 #include "vec.h"
 
 #ifdef DAGFM_CPU_VECTORS
@@ -244,12 +238,10 @@ DAGFM_HD void outer_messages_block(const T* DAGFM_RESTRICT q, const T* DAGFM_RES
 // Each broadcast weight feeds kG FMAs, and there are no horizontal sums.
 // h0: the samples' rows (F*kD apart); states, saved (rows L*F*kD apart, layer 0's messages) and z
 // (rows F*kD apart) likewise from the first sample; saved and z may be nullptr.
-// ws: kG lane groups' buffers, outer_lane_group_numel apart. prefetch (or nullptr) is stepped by
-// kD * n per edge of each pass: 2 * L * kD * n * F(F+1)/2 in all.
+// ws: kG lane groups' buffers, outer_lane_group_numel apart.
 template <typename T, int kBytes, int kD, int kG, int kE, int kAcc>
 DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_RESTRICT q, const T* h0, int n,
-                                  int F, int L, T* ws, T* states, int64_t states_row, T* saved, T* z,
-                                  LinePrefetcher* prefetch) {
+                                  int F, int L, T* ws, T* states, int64_t states_row, T* saved, T* z) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int kW = Vec<T, kBytes>::lanes;
   const int64_t FD = int64_t(F) * kD, VFD = FD * kW, GS = outer_lane_group_numel(F, kD, kW);
@@ -321,7 +313,6 @@ DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
       if constexpr (kE > 4)
         for (; j + 4 <= F; j += 4) dots.template operator()<4>(i, j);
       for (; j < F; ++j) dots.template operator()<1>(i, j);
-      if (prefetch != nullptr) prefetch->step(int64_t(F - i) * n * kD);
     }
     // a_j, kAcc of its kD vectors of every group at a time in registers.
     for (int j = 0; j < F; ++j)
@@ -351,7 +342,6 @@ DAGFM_HD void outer_forward_lanes(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
             if (saved != nullptr) vstore(aT + o, acc[e][g]);
             if (z != nullptr) vstore(zT + o, (t == 1 ? x : vload<V>(zT + o)) + hv);
           }
-        if (prefetch != nullptr) prefetch->step(int64_t(j + 1) * n * kAcc);
       }
     if (saved != nullptr) to_rows(aT, FD, saved + (t - 1) * FD, L * FD, true);
     write_states(h, t);

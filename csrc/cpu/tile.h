@@ -52,22 +52,6 @@ DAGFM_HD void over_samples(int S, Block&& block) {
 template <typename T, int kBytes, int kD>
 constexpr bool kernel_columns_vectorized() { return row_vector_bytes<T, kBytes, kD>() > 0; }
 
-// Edges (i <= j) into the target fields [j0, j0 + nj): what a register block's prefetch step counts.
-DAGFM_HD int64_t block_edges(int j0, int nj) { return int64_t(nj) * j0 + int64_t(nj) * (nj + 1) / 2; }
-
-#ifdef DAGFM_CPU_VECTORS
-// What the next tile (samples [b, b + S)) reads first from memory: its rows of h0, and its rows of
-// the states, which it writes (fetched for writing, so that the stores find their lines in L2).
-template <typename T>
-DAGFM_HD void plan_next_tile(LinePrefetcher& prefetch, const PropagateParams<T>& pr, int64_t b, int S) {
-  const int64_t rows = std::min<int64_t>(S, pr.batch - b);
-  if (rows <= 0) return;
-  const int64_t FD = int64_t(pr.num_fields) * pr.embed_dim, states_row = int64_t(pr.depth + 1) * pr.num_fields;
-  prefetch.add(pr.h0 + b * FD, 1, rows * FD * int64_t(sizeof(T)), 0, false);
-  prefetch.add(pr.states + b * states_row, 1, rows * states_row * int64_t(sizeof(T)), 0, true);
-}
-#endif
-
 // Kernel interaction, one layer for the target fields [j_begin, j_end) of S samples into `out`
 // (h_j = h0_j * a_j; a_j and z_j when asked; only where kernel_columns_vectorized). Each a_j sums
 // over (i, d) in the same order whatever the block shape, the column range or the batch.
@@ -126,10 +110,7 @@ DAGFM_HD void layer_forward_out(Interaction kind, const T* p, const T* q, const 
         // The odd fields first: the first fields have the fewest sources.
         int j0 = 0;
         for (; j0 < F % kJ; ++j0) inner_forward_block<T, kVB, kD, kMb, 1>(p, h0, h_prev, out, F, j0, s0);
-        for (; j0 < F; j0 += kJ) {
-          inner_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, out, F, j0, s0);
-          if (out.prefetch != nullptr) out.prefetch->step(kMb * block_edges(j0, kJ));
-        }
+        for (; j0 < F; j0 += kJ) inner_forward_block<T, kVB, kD, kMb, kJ>(p, h0, h_prev, out, F, j0, s0);
       });
       return;
     }
@@ -219,22 +200,16 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
   T* states = pr.states + b * states_row;
   T* z = pr.sum_out == nullptr ? nullptr : pr.sum_out + b * FD;
 #ifdef DAGFM_CPU_VECTORS
-  // The register blocks fetch the next tile's first reads while they run: at B = 4096 on one
-  // thread the inner forward waited on them for about a sixth of its time.
-  LinePrefetcher next_tile;
-  plan_next_tile(next_tile, pr, b + S, S);
-  const int64_t edge_samples = int64_t(L) * S * F * (F + 1) / 2;
   if constexpr (outer_forward_in_lanes<T, kBytes, kRegs, kD>()) {
     constexpr int kW = Vec<T, kBytes>::lanes, kMaxG = outer_lane_groups<kBytes>(), kAccRegs = kBytes == 64 ? 24 : 8;
     // Half a vector of samples or more: lanes beat horizontal sums despite the padding.
     if (pr.interaction == Interaction::Outer && 2 * S >= kW) {
-      next_tile.pace(2 * kD * edge_samples);
       // kG groups of kW samples from sample g: kE edges (dots) or kAcc of a_j's vectors per block.
       auto run = [&]<int kG>(int g, int n) __attribute__((always_inline)) {
         constexpr int kE = kAccRegs / kG < 16 ? kAccRegs / kG : 16, kAcc = divisor_at_most<kD>(kAccRegs / kG);
         outer_forward_lanes<T, kBytes, kD, kG, kE, kAcc>(
             pr.p, pr.q, h0 + g * FD, n, F, L, ws, states + g * states_row, states_row,
-            saved == nullptr ? nullptr : saved + (b + g) * L * FD, z == nullptr ? nullptr : z + g * FD, &next_tile);
+            saved == nullptr ? nullptr : saved + (b + g) * L * FD, z == nullptr ? nullptr : z + g * FD);
       };
       int g = 0;
       for (; S - g > (kMaxG - 1) * kW; g += kMaxG * kW) run.template operator()<kMaxG>(g, std::min(S - g, kMaxG * kW));
@@ -278,17 +253,8 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
   if (z != nullptr && L == 0)
     for (int64_t k = 0; k < SFD; ++k) z[k] = h0[k];
   const T* h_prev = h0;
-#ifdef DAGFM_CPU_VECTORS
-  // Not the kernel interaction's blocks: a tile's FMAs outlast its reads some thirty times over, and
-  // its layer's weights need the room in L2.
-  const bool prefetch_next = pr.interaction == Interaction::Inner;
-  next_tile.pace(edge_samples);
-#endif
   for (int t = 1; t <= L; ++t) {
     LayerOut<T> out;
-#ifdef DAGFM_CPU_VECTORS
-    out.prefetch = prefetch_next ? &next_tile : nullptr;
-#endif
     out.h = hbuf[t & 1];
     out.a = saved == nullptr ? nullptr : saved + (b * L + t - 1) * FD;
     out.a_row = L * FD;
