@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <vector>
 
@@ -37,7 +38,9 @@ inline ChunkPlan plan_gradient_chunks(int64_t batch, int64_t partial_bytes) {
   int64_t by_rows = (batch + kMinChunkRows - 1) / kMinChunkRows;
   if (by_rows < 2 && batch >= 2 * kMinSplitRows && partial_bytes <= kMaxSplitPartialBytes) by_rows = 2;
   const int64_t by_memory = std::max<int64_t>(1, kMaxPartialBytes / std::max<int64_t>(1, partial_bytes));
-  plan.num_chunks = std::max<int64_t>(1, std::min({by_rows, kMaxChunks, by_memory}));
+  // A power of two: two, four or eight threads then take equal shares of the chunks (seven chunks
+  // on two threads would leave one thread a chunk longer than the other).
+  plan.num_chunks = int64_t(std::bit_floor(uint64_t(std::max<int64_t>(1, std::min({by_rows, kMaxChunks, by_memory})))));
   plan.chunk_rows = (batch + plan.num_chunks - 1) / plan.num_chunks;
   plan.num_chunks = (batch + plan.chunk_rows - 1) / plan.chunk_rows;
   return plan;
