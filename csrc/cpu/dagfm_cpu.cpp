@@ -34,6 +34,7 @@
 #include "../ops.h"
 #include "backward_tile.h"
 #include "isa.h"
+#include "buffer_pool.h"
 #include "kernel_blas.h"
 #include "tile.h"
 #include "work_split.h"
@@ -294,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   at::Tensor states = empty_states(args);
   // Flat (B*L*F*D,): a 1-D buffer keeps its layout through torch.compile's graph partitioning.
-  at::Tensor saved = at::empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
+  at::Tensor saved = pooled_empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
   if (args.batch == 0) return {states, saved};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_train_cpu", [&] {
     forward(make_params<scalar_t>(args, states), saved.data_ptr<scalar_t>());
@@ -325,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_sum_fwd_train_cpu(const
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
   at::Tensor states = empty_states(args);
   at::Tensor z = at::empty_like(args.h0);
-  at::Tensor saved = at::empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
+  at::Tensor saved = pooled_empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
   if (args.batch == 0) return {states, z, saved};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_train_cpu", [&] {
     auto params = make_params<scalar_t>(args, states);
@@ -343,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
   const at::Tensor gs = check_grad_states(grad_states, args);
   at::Tensor saved = check_saved_messages(saved_in, args);
   const at::Tensor grad_sum = check_grad_sum(grad_sum_in, args);
-  at::Tensor grad_h0 = at::empty_like(args.h0);
+  at::Tensor grad_h0 = pooled_empty(args.h0.sizes(), args.h0.options());
   // Zeroed below except where the BLAS path writes every element of it.
   at::Tensor grad_p = at::empty_like(args.p);
   at::Tensor grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
@@ -355,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
       // The BLAS backward reads the messages; without them, one forward recomputes them all.
       if (!saved.defined()) {
         at::Tensor no_states = empty_states(args);
-        saved = at::empty({args.batch * args.depth * args.num_fields * int64_t(args.embed_dim)}, args.h0.options());
+        saved = pooled_empty({args.batch * args.depth * args.num_fields * int64_t(args.embed_dim)}, args.h0.options());
         forward(make_params<scalar_t>(args, no_states), saved.data_ptr<scalar_t>());
       }
       backward_kernel_blas(params, saved.data_ptr<scalar_t>());
