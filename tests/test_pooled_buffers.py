@@ -1,6 +1,7 @@
-"""The CPU op's large per-step buffers (the training forward's kept messages, the backward's
-grad_h0) are reused between steps: a freed step's buffer serves the next request of its size, a
-live one never does, and reuse changes no value."""
+"""The CPU op's large outputs (from 256 KB: the training forward's kept messages, the states, the
+field mixing's output, the backward's gradients) come from buffers reused between calls: a freed
+call's buffer serves the next request of its size, a live one never does, and reuse changes no
+value."""
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ from dagfm_ext.testing import make_inputs
 
 from conftest import INTERACTIONS
 
-# Shapes no other test uses, so that no other test's freed buffer has this size.
-B, F, D, L = 37, 5, 3, 2
+# float64 shapes whose messages (1.4 MB), h0-sized tensors (0.7 MB) and states (269 KB) are all past
+# the pool's 256 KB, and that no other test uses.
+B, F, D, L = 1400, 8, 8, 2
 
 
 def _train_forward(kind, seed=0, batch=B):
@@ -21,30 +23,32 @@ def _train_forward(kind, seed=0, batch=B):
 
 @pytest.mark.parametrize("kind", INTERACTIONS)
 def test_a_freed_buffer_serves_the_next_forward_of_its_size(kind):
-    _, (_, saved) = _train_forward(kind, seed=1)
-    address = saved.data_ptr()
-    del saved
-    # An allocation in between, of the same size, that plain malloc would serve from the freed block.
-    blocker = torch.empty(B * L * F * D, dtype=torch.float64)
+    _, (states, saved) = _train_forward(kind, seed=1)
+    addresses = (states.data_ptr(), saved.data_ptr())
+    del states, saved
+    # Allocations in between, of the same sizes, that plain malloc could serve from the freed blocks.
+    blockers = [torch.empty(B, L + 1, F, dtype=torch.float64), torch.empty(B * L * F * D, dtype=torch.float64)]
     (h0, p, q), (states, saved) = _train_forward(kind, seed=2)
-    assert saved.data_ptr() == address != blocker.data_ptr()
-    # The reused buffer holds this call's messages: h^t = h0 * a^t sums to the states.
+    assert (states.data_ptr(), saved.data_ptr()) == addresses
+    assert not {b.data_ptr() for b in blockers} & set(addresses)
+    # The reused buffers hold this call's values: h^t = h0 * a^t sums to the states.
     torch.testing.assert_close((h0[:, None] * saved.view(B, L, F, D)).sum(-1), states[:, 1:])
     torch.testing.assert_close(states, reference.dagfm_propagate(h0, p, q, kind))
 
 
 @pytest.mark.parametrize("kind", INTERACTIONS)
 def test_a_live_buffer_is_never_handed_out_again(kind):
-    _, (_, first) = _train_forward(kind, seed=3)
-    kept = first.clone()
-    _, (_, second) = _train_forward(kind, seed=4)
+    _, (first_states, first) = _train_forward(kind, seed=3)
+    kept = first.clone(), first_states.clone()
+    _, (second_states, second) = _train_forward(kind, seed=4)
     _, (_, other_size) = _train_forward(kind, seed=4, batch=B + 1)
     assert len({first.data_ptr(), second.data_ptr(), other_size.data_ptr()}) == 3
-    assert torch.equal(first, kept)
+    assert first_states.data_ptr() != second_states.data_ptr()
+    assert torch.equal(first, kept[0]) and torch.equal(first_states, kept[1])
 
 
 @pytest.mark.parametrize("kind", INTERACTIONS)
-def test_a_freed_grad_h0_serves_the_next_backward(kind):
+def test_a_freed_gradient_serves_the_next_backward(kind):
     (h0, p, q), (states, saved) = _train_forward(kind, seed=5)
     grad = torch.randn_like(states)
     grad_h0 = torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, kind, saved)[0]
@@ -53,8 +57,35 @@ def test_a_freed_grad_h0_serves_the_next_backward(kind):
     del grad_h0
     blocker = torch.empty_like(h0)
     again = torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, kind, saved)[0]
-    assert again.data_ptr() == address != blocker.data_ptr() and again.shape == h0.shape and again.is_contiguous()
+    assert again.data_ptr() == address != blocker.data_ptr()
+    assert again.shape == h0.shape and again.is_contiguous()
     assert torch.equal(again, want)
+
+
+def test_a_reused_weight_gradient_starts_from_zero():
+    """The outer interaction's grad_q is accumulated into: a reused buffer must be zeroed first;
+    the kernel interaction's grad_p (1 MB here) is written whole."""
+    for kind, (b, f, d) in (("outer", (6, 48, 16)), ("kernel", (6, 16, 16))):
+        h0, p, q = make_inputs(kind, b, f, d, L, seed=6)
+        states, saved = torch.ops.dagfm_ext.propagate_fwd_train(h0, p, q, kind)
+        grad = torch.randn_like(states)
+        first = [g.clone() for g in torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, kind, saved)]
+        for _ in range(2):
+            again = torch.ops.dagfm_ext.propagate_bwd(grad, h0, p, q, kind, saved)
+            for a, w in zip(again, first):
+                assert torch.equal(a, w)
+
+
+def test_field_mixing_output_is_reused():
+    x = torch.randn(B, F, D, dtype=torch.float64)
+    connect = torch.randn(F, F, dtype=torch.float64)
+    out = torch.ops.dagfm_ext.field_mix(x, connect)
+    address, want = out.data_ptr(), out.clone()
+    del out
+    blocker = torch.empty_like(x)
+    out = torch.ops.dagfm_ext.field_mix(x, connect)
+    assert out.data_ptr() == address != blocker.data_ptr()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", INTERACTIONS)

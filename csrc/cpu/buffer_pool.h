@@ -1,9 +1,9 @@
-// The CPU op's large per-step buffers, reused from step to step: the training forward's kept
-// messages (B*L*F*D values: 30 MB at B=4096, F=39, D=16, L=3) and the backward's grad_h0 (10 MB).
-// Freed, a block that large goes back to the system, and the next step's first writes then fault
-// in every page again: 7,500 page faults for the messages, 10-18 ms on one thread on the VMs we
-// measure, several times the forward itself. Here a freed buffer waits for the next request of its
-// size.
+// The CPU op's large outputs in buffers reused from call to call: the training forward's kept
+// messages (B*L*F*D values: 30 MB at B=4096, F=39, D=16, L=3), h0 from the field mixing, the
+// states, DAGFM+'s z, and the backward's gradients. A training step frees them, and glibc gives a
+// block that large back to the system, so that the next step's first writes fault in every page
+// again: 7,500 page faults for the messages alone, 10-18 ms on one thread on the VMs we measure,
+// several times the forward itself. Here a freed buffer waits for the next request of its size.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,9 +20,11 @@ namespace dagfm {
 
 class BufferPool {
  public:
-  // Freed buffers kept at most: a training step frees one of each size, gradient accumulation or
-  // a second model a few more; past this the oldest goes back to the system.
-  static constexpr size_t kMaxFreeBuffers = 4;
+  // Freed buffers kept at most: a training step frees one of each of its sizes (five or six),
+  // gradient accumulation or a second model a few more; past this the oldest goes back to the system.
+  static constexpr size_t kMaxFreeBuffers = 8;
+  // Smaller blocks glibc keeps in its heap, which costs no page faults: they take at::empty.
+  static constexpr size_t kMinPooledBytes = size_t(256) << 10;
 
   // Never destroyed: a tensor released during interpreter shutdown still finds its pool.
   static BufferPool& instance() {
@@ -30,10 +32,11 @@ class BufferPool {
     return *pool;
   }
 
-  // An uninitialised contiguous CPU tensor whose memory returns here when it is freed.
+  // An uninitialised contiguous CPU tensor; from kMinPooledBytes on, its memory returns here when it
+  // is freed.
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    const int64_t numel = c10::multiply_integers(sizes);
-    const size_t bytes = size_t(numel > 0 ? numel : 1) * options.dtype().itemsize();
+    const size_t bytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+    if (bytes < kMinPooledBytes) return at::empty(sizes, options.device(at::kCPU));
     auto owner = std::make_shared<c10::DataPtr>(take(bytes));
     if (owner->get() == nullptr) *owner = c10::GetCPUAllocator()->allocate(bytes);
     return at::from_blob(

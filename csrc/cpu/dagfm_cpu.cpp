@@ -49,6 +49,11 @@ using cpu::kForwardTileRows;
 constexpr int64_t kColumnSplitMaxBatch = 2 * kForwardTileRows - 1;
 constexpr int64_t kMinColumnBytesPerThread = int64_t(128) << 10;
 
+// The states (B, L+1, F) of a CPU call, from the buffer pool as the op's other outputs.
+at::Tensor pooled_states(const PropagateArgs& args) {
+  return pooled_empty({args.batch, int64_t(args.depth) + 1, int64_t(args.num_fields)}, args.h0.options());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile ranges, one entry per instruction set
 
@@ -279,7 +284,7 @@ void forward(const PropagateParams<T>& pr, T* saved = nullptr) {
 at::Tensor propagate_fwd_cpu(const at::Tensor& h0, const at::Tensor& p,
                              const std::optional<at::Tensor>& q, c10::string_view interaction) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
-  at::Tensor states = empty_states(args);
+  at::Tensor states = pooled_states(args);
   if (args.batch == 0) return states;
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_fwd_cpu", [&] {
     forward(make_params<scalar_t>(args, states));
@@ -293,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_fwd_train_cpu(const at::Tensor& h0,
                                                            const std::optional<at::Tensor>& q,
                                                            c10::string_view interaction) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
-  at::Tensor states = empty_states(args);
+  at::Tensor states = pooled_states(args);
   // Flat (B*L*F*D,): a 1-D buffer keeps its layout through torch.compile's graph partitioning.
   at::Tensor saved = pooled_empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
   if (args.batch == 0) return {states, saved};
@@ -309,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor> propagate_sum_fwd_cpu(const at::Tensor& h0, c
                                                          const std::optional<at::Tensor>& q,
                                                          c10::string_view interaction) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
-  at::Tensor states = empty_states(args);
-  at::Tensor z = at::empty_like(args.h0);
+  at::Tensor states = pooled_states(args);
+  at::Tensor z = pooled_empty(args.h0.sizes(), args.h0.options());
   if (args.batch == 0) return {states, z};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_cpu", [&] {
     auto params = make_params<scalar_t>(args, states);
@@ -324,8 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_sum_fwd_train_cpu(const
                                                                            const std::optional<at::Tensor>& q,
                                                                            c10::string_view interaction) {
   const PropagateArgs args = check_propagate_args(h0, p, q, std::string_view(interaction.data(), interaction.size()));
-  at::Tensor states = empty_states(args);
-  at::Tensor z = at::empty_like(args.h0);
+  at::Tensor states = pooled_states(args);
+  at::Tensor z = pooled_empty(args.h0.sizes(), args.h0.options());
   at::Tensor saved = pooled_empty({args.batch * args.depth * args.num_fields * args.embed_dim}, args.h0.options());
   if (args.batch == 0) return {states, z, saved};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_sum_fwd_train_cpu", [&] {
@@ -346,8 +351,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
   const at::Tensor grad_sum = check_grad_sum(grad_sum_in, args);
   at::Tensor grad_h0 = pooled_empty(args.h0.sizes(), args.h0.options());
   // Zeroed below except where the BLAS path writes every element of it.
-  at::Tensor grad_p = at::empty_like(args.p);
-  at::Tensor grad_q = args.q.defined() ? at::zeros_like(args.q) : at::empty({0}, args.p.options());
+  at::Tensor grad_p = pooled_empty(args.p.sizes(), args.p.options());
+  at::Tensor grad_q =
+      args.q.defined() ? pooled_empty(args.q.sizes(), args.q.options()).zero_() : at::empty({0}, args.p.options());
   if (args.batch == 0) return {grad_h0, grad_p.zero_(), grad_q};
   AT_DISPATCH_FLOATING_TYPES(args.h0.scalar_type(), "propagate_bwd_cpu", [&] {
     auto params = make_backward_params<scalar_t>(args, gs, grad_h0, grad_p, grad_q);
@@ -355,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> propagate_bwd_cpu(
     if (use_kernel_blas(params) && args.batch >= kBlasBackwardMinBatch) {
       // The BLAS backward reads the messages; without them, one forward recomputes them all.
       if (!saved.defined()) {
-        at::Tensor no_states = empty_states(args);
+        at::Tensor no_states = pooled_states(args);
         saved = pooled_empty({args.batch * args.depth * args.num_fields * int64_t(args.embed_dim)}, args.h0.options());
         forward(make_params<scalar_t>(args, no_states), saved.data_ptr<scalar_t>());
       }

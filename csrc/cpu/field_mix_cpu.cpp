@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../field_mix_ops.h"
+#include "buffer_pool.h"
 #include "field_mix.h"
 #include "isa.h"
 #include "work_split.h"
@@ -218,7 +219,7 @@ bool has_kernels(const at::Tensor& x) {
 at::Tensor field_mix_cpu(const at::Tensor& x, const at::Tensor& connect) {
   const FieldMixArgs args = check_field_mix_args(x, connect);
   if (!has_kernels(args.x)) return field_mix_composite(args);
-  at::Tensor out = at::empty_like(args.x);
+  at::Tensor out = pooled_empty(args.x.sizes(), args.x.options());
   if (args.batch == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(args.x.scalar_type(), "field_mix_cpu", [&] { mix_forward<scalar_t>(args, out); });
   return out;
@@ -229,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> field_mix_bwd_cpu(const at::Tensor& grad, con
   const FieldMixArgs args = check_field_mix_args(x, connect);
   const at::Tensor g = check_field_mix_grad(grad, args);
   if (!has_kernels(args.x)) return field_mix_bwd_composite(g, args);
-  at::Tensor grad_x = at::empty_like(args.x);
+  at::Tensor grad_x = pooled_empty(args.x.sizes(), args.x.options());
   at::Tensor grad_c = at::zeros_like(args.connect);
   if (args.batch == 0) return {grad_x, grad_c};
   const at::Tensor connect_t = args.connect.t().contiguous();
