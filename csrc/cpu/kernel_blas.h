@@ -28,8 +28,8 @@ constexpr int64_t kBlasBackwardMinBatch = 4;
 // Forward rows per tile: long products, while the tile's h, a and h0 stay in cache next to a layer's weight.
 constexpr int64_t kBlasTileRows = 128;
 // Rows per backward BLAS tile: long enough an inner dimension for the dW products (128 rows took
-// 1.1x the time of 256), short enough that the tile's alpha and h^{t-1} (1.25 MB at F*D = 624) stay
-// in L2 next to a layer's weight and its gradient.
+// 1.03-1.09x the time of 256), short enough that the tile's alpha and h^{t-1} (1.25 MB at
+// F*D = 624) stay in L2 next to a layer's weight and its gradient.
 constexpr int64_t kBackwardTileRows = 256;
 // Tiles that go down the layers together (their delta waits between the layers: a bounded buffer).
 constexpr int64_t kBackwardGroupTiles = 8;
