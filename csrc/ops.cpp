@@ -146,10 +146,11 @@ at::Tensor check_grad_sum(const std::optional<at::Tensor>& grad_sum, const Propa
   return grad_sum->contiguous();
 }
 
-at::Tensor empty_states(const PropagateArgs& args) {
-  return at::empty({args.batch, int64_t(args.depth) + 1, int64_t(args.num_fields)},
-                   args.h0.options());
+std::array<int64_t, 3> states_sizes(const PropagateArgs& args) {
+  return {args.batch, int64_t(args.depth) + 1, int64_t(args.num_fields)};
 }
+
+at::Tensor empty_states(const PropagateArgs& args) { return at::empty(states_sizes(args), args.h0.options()); }
 
 template <typename T>
 PropagateParams<T> make_params(const PropagateArgs& args, at::Tensor& states) {

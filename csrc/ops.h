@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <cstdint>
 #include <optional>
 #include <string_view>
 
@@ -41,7 +43,8 @@ at::Tensor check_saved_messages(const std::optional<at::Tensor>& saved, const Pr
 // validated contiguous tensor.
 at::Tensor check_grad_sum(const std::optional<at::Tensor>& grad_sum, const PropagateArgs& args);
 
-// Outputs allocated with the inputs' options.
+// The states' shape (B, L+1, F), and the states allocated with the inputs' options.
+std::array<int64_t, 3> states_sizes(const PropagateArgs& args);
 at::Tensor empty_states(const PropagateArgs& args);
 
 template <typename T>

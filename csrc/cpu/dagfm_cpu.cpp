@@ -51,7 +51,7 @@ constexpr int64_t kMinColumnBytesPerThread = int64_t(128) << 10;
 
 // The states (B, L+1, F) of a CPU call, from the buffer pool as the op's other outputs.
 at::Tensor pooled_states(const PropagateArgs& args) {
-  return pooled_empty({args.batch, int64_t(args.depth) + 1, int64_t(args.num_fields)}, args.h0.options());
+  return pooled_empty(states_sizes(args), args.h0.options());
 }
 
 // ---------------------------------------------------------------------------------------------
