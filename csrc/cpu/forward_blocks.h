@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "../dagfm_math.h"
 
@@ -65,68 +66,105 @@ DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
 }
 
 // Writes h_j = h0_j * a_j (and a_j, z_j, the states s_j as `out` asks) for the kM samples at s0 and
-// fields [j0, j0 + kJ). The states are summed here while h is in registers (not re-read from the
-// tile), in the same bits as row_sums over the stored rows: h is stored, so it is rounded before
-// the sum (never contracted into an FMA with it).
+// fields [j0, j0 + kJ). Each output is one branch-free pass over the block (not one test per vector
+// and output: those branches and their address arithmetic cost the inner forward ~6%); h replaces
+// a in acc once a is stored. The states are summed here while h is in registers (not re-read from
+// the tile), in the same bits as row_sums over the stored rows: h is stored, so it is rounded
+// before the sum (never contracted into an FMA with it).
 template <typename T, int kBytes, int kD, int kM, int kJ, typename V>
 DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const T* DAGFM_RESTRICT h0,
                              const LayerOut<T>& out, int64_t FD, int j0, int s0) {
   constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
-  T* DAGFM_RESTRICT h_next = out.h;
-  T* DAGFM_RESTRICT a = out.a;
-  T* DAGFM_RESTRICT z = out.z;
-  const int64_t a_row = out.a_row;
-  T* DAGFM_RESTRICT z_out = out.z_out;
-  const bool z_first = out.z_first, a_stream = out.a_stream;
-  V row_total[kM * kJ];
-  DAGFM_UNROLL
-  for (int m = 0; m < kM; ++m)
-    DAGFM_UNROLL
-    for (int jj = 0; jj < kJ; ++jj) {
-      row_total[m * kJ + jj] = V{};
-      DAGFM_UNROLL
-      for (int v = 0; v < kV; ++v) {
-        const int64_t col = int64_t(j0 + jj) * kD + v * kW, o = (s0 + m) * FD + col;
-        const V x = vload<V>(h0 + o), h = x * acc[m][jj][v];
-        vstore(h_next + o, h);
-        if (a != nullptr) {
-          if (a_stream) vstream<T, kBytes>(a + (s0 + m) * a_row + col, acc[m][jj][v]);
-          else vstore(a + (s0 + m) * a_row + col, acc[m][jj][v]);
-        }
-        if (z != nullptr) {
-          const V zv = (z_first ? x : vload<V>(z + o)) + h;
-          if (z_out != nullptr) vstream<T, kBytes>(z_out + o, zv);
-          else vstore(z + o, zv);
-        }
-        if constexpr (states_in_blocks<kBytes>()) row_total[m * kJ + jj] += h;
-      }
-    }
-  if (states_in_blocks<kBytes>() && out.states != nullptr) {
-    T s[kM * kJ];
-    lane_totals<T, kBytes>(row_total, s);
+  // f(m, jj, v, offset of the vector in its sample's row) for every vector of the block.
+  auto each = [&](auto&& f) __attribute__((always_inline)) {
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
-      for (int jj = 0; jj < kJ; ++jj) out.states[(s0 + m) * out.states_row + j0 + jj] = s[m * kJ + jj];
+      for (int jj = 0; jj < kJ; ++jj)
+        DAGFM_UNROLL
+        for (int v = 0; v < kV; ++v) f(m, jj, v, int64_t(j0 + jj) * kD + v * kW);
+  };
+  if (out.a != nullptr) {
+    T* DAGFM_RESTRICT a = out.a + s0 * out.a_row;
+    const int64_t a_row = out.a_row;
+    if (out.a_stream)
+      each([&](int m, int jj, int v, int64_t col) __attribute__((always_inline)) {
+        vstream<T, kBytes>(a + m * a_row + col, acc[m][jj][v]);
+      });
+    else
+      each([&](int m, int jj, int v, int64_t col) __attribute__((always_inline)) {
+        vstore(a + m * a_row + col, acc[m][jj][v]);
+      });
+  }
+  const T* DAGFM_RESTRICT x = h0 + s0 * FD;
+  T* DAGFM_RESTRICT h = out.h + s0 * FD;
+  each([&](int m, int jj, int v, int64_t col) __attribute__((always_inline)) {
+    acc[m][jj][v] = vload<V>(x + m * FD + col) * acc[m][jj][v];
+    vstore(h + m * FD + col, acc[m][jj][v]);
+  });
+  if (out.z != nullptr) {
+    // z = h0 + h on the first layer, z + h after; the last layer's streamed into z_out.
+    const T* z_in = out.z_first ? x : out.z + s0 * FD;
+    T* DAGFM_RESTRICT z = (out.z_out != nullptr ? out.z_out : out.z) + s0 * FD;
+    if (out.z_out != nullptr)
+      each([&](int m, int jj, int v, int64_t col) __attribute__((always_inline)) {
+        vstream<T, kBytes>(z + m * FD + col, vload<V>(z_in + m * FD + col) + acc[m][jj][v]);
+      });
+    else
+      each([&](int m, int jj, int v, int64_t col) __attribute__((always_inline)) {
+        vstore(z + m * FD + col, vload<V>(z_in + m * FD + col) + acc[m][jj][v]);
+      });
+  }
+  if constexpr (states_in_blocks<kBytes>()) {
+    if (out.states == nullptr) return;
+    V row_total[kM * kJ];
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int jj = 0; jj < kJ; ++jj) {
+        row_total[m * kJ + jj] = acc[m][jj][0];
+        DAGFM_UNROLL
+        for (int v = 1; v < kV; ++v) row_total[m * kJ + jj] += acc[m][jj][v];
+      }
+    T sums[kM * kJ];
+    lane_totals<T, kBytes>(row_total, sums);
+    T* DAGFM_RESTRICT states = out.states + s0 * out.states_row + j0;
+    DAGFM_UNROLL
+    for (int m = 0; m < kM; ++m)
+      DAGFM_UNROLL
+      for (int jj = 0; jj < kJ; ++jj) states[m * out.states_row + jj] = sums[m * kJ + jj];
   }
 }
 
+// Runs step.template operator()<f>(j0 + f) for f = 1 .. kJ-1: the sources inside a block of kJ
+// target fields from j0, source j0 + f reaching only the fields j0 + f and after. With the mask a
+// constant, each such step is straight-line code with exactly its FMAs (a mask tested per FMA
+// branched through the whole step and cost the inner forward ~3%).
+template <int kJ, typename Step>
+DAGFM_HD void diagonal_sources(int j0, Step&& step) {
+  [&]<int... kF>(std::integer_sequence<int, kF...>) __attribute__((always_inline)) {
+    (step.template operator()<kF + 1>(j0 + kF + 1), ...);
+  }(std::make_integer_sequence<int, kJ - 1>{});
+}
+
 // The weight vectors of edges (i, j0 + jj), jj < kJ, of one layer's (F, F, kD) weights w: zero
-// for jj < first (edges i > j, never read).
-template <typename T, int kBytes, int kD, int kJ, typename V>
-DAGFM_HD void load_edge_columns(const T* DAGFM_RESTRICT w, int F, int i, int j0, int first,
+// for jj < kFirst (edges i > j, never read).
+template <typename T, int kBytes, int kD, int kJ, int kFirst, typename V>
+DAGFM_HD void load_edge_columns(const T* DAGFM_RESTRICT w, int F, int i, int j0,
                                 V (&out)[kJ][kD / Vec<T, kBytes>::lanes]) {
   constexpr int kW = Vec<T, kBytes>::lanes, kV = kD / kW;
   const T* row = w + (int64_t(i) * F + j0) * kD;
   // The rows two sources ahead (a row is F*kD values apart): the hardware prefetcher does not
-  // follow that stride early enough. Prefetching never faults, past the end included.
-  DAGFM_UNROLL
-  for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(row + 2 * int64_t(F) * kD) + c);
+  // follow that stride early enough. Prefetching never faults, past the end included. Not from the
+  // diagonal sources (kFirst > 0): the rows after them are past the block's last source.
+  if constexpr (kFirst == 0)
+    DAGFM_UNROLL
+    for (int c = 0; c < kJ * kD * int(sizeof(T)); c += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(row + 2 * int64_t(F) * kD) + c);
   DAGFM_UNROLL
   for (int jj = 0; jj < kJ; ++jj)
     DAGFM_UNROLL
-    for (int v = 0; v < kV; ++v) out[jj][v] = jj >= first ? vload<V>(row + jj * kD + v * kW) : V{};
+    for (int v = 0; v < kV; ++v) out[jj][v] = jj >= kFirst ? vload<V>(row + jj * kD + v * kW) : V{};
 }
 
 // Inner interaction, a_j = sum_{i<=j} p_ij * h_i for kM samples and kJ fields: per source field i,
@@ -140,10 +178,10 @@ DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
   const int64_t FD = int64_t(F) * kD;
   V acc[kM][kJ][kV];
   zero_all(acc);
-  auto step = [&](int i, int first) __attribute__((always_inline)) {
+  auto step = [&]<int kFirst>(int i) __attribute__((always_inline)) {
     const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
     V wv[kJ][kV];
-    load_edge_columns<T, kBytes, kD, kJ>(p, F, i, j0, first, wv);
+    load_edge_columns<T, kBytes, kD, kJ, kFirst>(p, F, i, j0, wv);
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
@@ -151,13 +189,13 @@ DAGFM_HD void inner_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_REST
         const V h = vload<V>(hi + m * FD + v * kW);
         DAGFM_UNROLL
         for (int jj = 0; jj < kJ; ++jj)
-          if (jj >= first) acc[m][jj][v] += wv[jj][v] * h;
+          if (jj >= kFirst) acc[m][jj][v] += wv[jj][v] * h;
       }
   };
   // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
   // (j0, j0 + kJ) only the fields >= i (never multiplied by a missing edge: Inf * 0 is NaN).
-  for (int i = 0; i <= j0; ++i) step(i, 0);
-  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  for (int i = 0; i <= j0; ++i) step.template operator()<0>(i);
+  diagonal_sources<kJ>(j0, step);
   store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
 }
 
@@ -211,14 +249,14 @@ DAGFM_HD void outer_messages_block(const T* DAGFM_RESTRICT q, const T* DAGFM_RES
   const int64_t FD = int64_t(F) * kD, row = outer_dots_row<T, kBytes>(F);
   V acc[kM][kJ][kV];
   zero_all(acc);
-  auto step = [&](int i, int first) __attribute__((always_inline)) {
+  auto step = [&]<int kFirst>(int i) __attribute__((always_inline)) {
     V qv[kJ][kV];
-    load_edge_columns<T, kBytes, kD, kJ>(q, F, i, j0, first, qv);
+    load_edge_columns<T, kBytes, kD, kJ, kFirst>(q, F, i, j0, qv);
     DAGFM_UNROLL
     for (int m = 0; m < kM; ++m)
       DAGFM_UNROLL
       for (int jj = 0; jj < kJ; ++jj)
-        if (jj >= first) {
+        if (jj >= kFirst) {
           const T cij = c[(m * int64_t(F) + i) * row + j0 + jj];
           DAGFM_UNROLL
           for (int v = 0; v < kV; ++v) acc[m][jj][v] += cij * qv[jj][v];
@@ -226,8 +264,8 @@ DAGFM_HD void outer_messages_block(const T* DAGFM_RESTRICT q, const T* DAGFM_RES
   };
   // As in inner_forward_block: sources i <= j0 reach every field of the block, the next ones only
   // the fields >= i.
-  for (int i = 0; i <= j0; ++i) step(i, 0);
-  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  for (int i = 0; i <= j0; ++i) step.template operator()<0>(i);
+  diagonal_sources<kJ>(j0, step);
   store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
 }
 
@@ -363,7 +401,7 @@ DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
   const int64_t FD = int64_t(F) * kD;
   V acc[kM][kJ][kV];
   zero_all(acc);
-  auto step = [&](int i, int first) __attribute__((always_inline)) {
+  auto step = [&]<int kFirst>(int i) __attribute__((always_inline)) {
     const T* w = p + (int64_t(i) * F + j0) * kDD;
     const T* hi = h_prev + s0 * FD + int64_t(i) * kD;
     for (int d = 0; d < kD; ++d) {
@@ -371,7 +409,7 @@ DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
       DAGFM_UNROLL
       for (int jj = 0; jj < kJ; ++jj)
         DAGFM_UNROLL
-        for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= first ? vload<V>(w + jj * kDD + d * kD + v * kW) : V{};
+        for (int v = 0; v < kV; ++v) wv[jj][v] = jj >= kFirst ? vload<V>(w + jj * kDD + d * kD + v * kW) : V{};
       DAGFM_UNROLL
       for (int m = 0; m < kM; ++m) {
         const T h = hi[m * FD + d];
@@ -379,14 +417,14 @@ DAGFM_HD void kernel_forward_block(const T* DAGFM_RESTRICT p, const T* DAGFM_RES
         for (int jj = 0; jj < kJ; ++jj)
           DAGFM_UNROLL
           for (int v = 0; v < kV; ++v)
-            if (jj >= first) acc[m][jj][v] += h * wv[jj][v];
+            if (jj >= kFirst) acc[m][jj][v] += h * wv[jj][v];
       }
     }
   };
   // Sources i <= j0 reach every field of the block (the hot loop, no masking); i in
   // (j0, j0 + kJ) only the fields >= i.
-  for (int i = 0; i <= j0; ++i) step(i, 0);
-  for (int i = j0 + 1; i < j0 + kJ; ++i) step(i, i - j0);
+  for (int i = 0; i <= j0; ++i) step.template operator()<0>(i);
+  diagonal_sources<kJ>(j0, step);
   store_messages<T, kBytes, kD, kM, kJ>(acc, h0, out, FD, j0, s0);
 }
 
