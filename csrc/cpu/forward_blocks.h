@@ -16,7 +16,8 @@ namespace cpu {
 // Where one layer's forward writes for a tile: h (rows of F*D per sample) and, when given, the
 // messages a (rows a_row elements apart), the running sum z of the h^t (rows of F*D):
 // z = h0 + h on the first layer, z += h on the others, and the layer's states (F per sample, rows
-// states_row apart; only the register blocks write them, from their accumulators).
+// states_row apart; only the register blocks write them, from their accumulators). states0: layer
+// 0's states, which the first layer's register blocks sum from the h0 they load (same rows).
 template <typename T>
 struct LayerOut {
   T* h = nullptr;
@@ -30,6 +31,7 @@ struct LayerOut {
   T* z_out = nullptr;
   T* states = nullptr;
   int64_t states_row = 0;
+  T* states0 = nullptr;
 };
 
 // Whether the register blocks sum the states themselves (store_messages) on kBytes vectors: on
@@ -63,6 +65,30 @@ DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
     for (int jj = 0; jj < kJ; ++jj)
       DAGFM_UNROLL
       for (int v = 0; v < kV; ++v) acc[m][jj][v] = V{};
+}
+
+// The sums of the kM x kJ rows of a block, row(m, jj, v) giving vector v of row (m, jj), into
+// states[m * states_row + jj]: the same tree over the lanes, and so the same bits, as row_sums
+// over the stored rows.
+template <typename T, int kBytes, int kD, int kM, int kJ, typename Row>
+DAGFM_HD void block_states(Row&& row, T* DAGFM_RESTRICT states, int64_t states_row) {
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kV = kD / Vec<T, kBytes>::lanes;
+  V totals[kM * kJ];
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj) {
+      totals[m * kJ + jj] = row(m, jj, 0);
+      DAGFM_UNROLL
+      for (int v = 1; v < kV; ++v) totals[m * kJ + jj] += row(m, jj, v);
+    }
+  T sums[kM * kJ];
+  lane_totals<T, kBytes>(totals, sums);
+  DAGFM_UNROLL
+  for (int m = 0; m < kM; ++m)
+    DAGFM_UNROLL
+    for (int jj = 0; jj < kJ; ++jj) states[m * states_row + jj] = sums[m * kJ + jj];
 }
 
 // Writes h_j = h0_j * a_j (and a_j, z_j, the states s_j as `out` asks) for the kM samples at s0 and
@@ -116,23 +142,19 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
       });
   }
   if constexpr (states_in_blocks<kBytes>()) {
-    if (out.states == nullptr) return;
-    V row_total[kM * kJ];
-    DAGFM_UNROLL
-    for (int m = 0; m < kM; ++m)
-      DAGFM_UNROLL
-      for (int jj = 0; jj < kJ; ++jj) {
-        row_total[m * kJ + jj] = acc[m][jj][0];
-        DAGFM_UNROLL
-        for (int v = 1; v < kV; ++v) row_total[m * kJ + jj] += acc[m][jj][v];
-      }
-    T sums[kM * kJ];
-    lane_totals<T, kBytes>(row_total, sums);
-    T* DAGFM_RESTRICT states = out.states + s0 * out.states_row + j0;
-    DAGFM_UNROLL
-    for (int m = 0; m < kM; ++m)
-      DAGFM_UNROLL
-      for (int jj = 0; jj < kJ; ++jj) states[m * out.states_row + jj] = sums[m * kJ + jj];
+    const int64_t first = s0 * out.states_row + j0;
+    // Layer 0's from h0, loaded here anyway: a pass of its own waited on h0's first reads from
+    // memory with nothing to overlap them (a tenth of the inner forward's time).
+    if (out.states0 != nullptr)
+      block_states<T, kBytes, kD, kM, kJ>(
+          [&](int m, int jj, int v) __attribute__((always_inline)) {
+            return vload<V>(x + m * FD + int64_t(j0 + jj) * kD + v * kW);
+          },
+          out.states0 + first, out.states_row);
+    if (out.states != nullptr)
+      block_states<T, kBytes, kD, kM, kJ>(
+          [&](int m, int jj, int v) __attribute__((always_inline)) { return acc[m][jj][v]; },
+          out.states + first, out.states_row);
   }
 }
 
