@@ -16,8 +16,9 @@ namespace cpu {
 // Where one layer's forward writes for a tile: h (rows of F*D per sample) and, when given, the
 // messages a (rows a_row elements apart), the running sum z of the h^t (rows of F*D):
 // z = h0 + h on the first layer, z += h on the others, and the layer's states (F per sample, rows
-// states_row apart; only the register blocks write them, from their accumulators). states0: layer
-// 0's states, which the first layer's register blocks sum from the h0 they load (same rows).
+// states_row apart; only the register blocks write them, from their accumulators, where
+// states_in_blocks). states0: layer 0's states, which the first layer's register blocks sum from
+// the h0 they load (same rows), on every vector width.
 template <typename T>
 struct LayerOut {
   T* h = nullptr;
@@ -141,7 +142,7 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
         vstore(z + m * FD + col, vload<V>(z_in + m * FD + col) + acc[m][jj][v]);
       });
   }
-  if constexpr (states_in_blocks<kBytes>()) {
+  {
     const int64_t first = s0 * out.states_row + j0;
     // Layer 0's from h0, loaded here anyway: a pass of its own waited on h0's first reads from
     // memory with nothing to overlap them (a tenth of the inner forward's time).
@@ -151,7 +152,7 @@ DAGFM_HD void store_messages(V (&acc)[kM][kJ][kD / Vec<T, kBytes>::lanes], const
             return vload<V>(x + m * FD + int64_t(j0 + jj) * kD + v * kW);
           },
           out.states0 + first, out.states_row);
-    if (out.states != nullptr)
+    if (states_in_blocks<kBytes>() && out.states != nullptr)
       block_states<T, kBytes, kD, kM, kJ>(
           [&](int m, int jj, int v) __attribute__((always_inline)) { return acc[m][jj][v]; },
           out.states + first, out.states_row);

@@ -243,13 +243,16 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
     for (int s = 0; s < S; ++s)
       for (int j = 0; j < F; ++j) states[s * states_row + int64_t(t) * F + j] = sum(h + s * FD + int64_t(j) * D, D);
   };
-  // The inner and outer register blocks write the states of layers 0..L themselves where
-  // states_in_blocks (layer 0's in the first layer); elsewhere, and for the kernel interaction
-  // (whose blocks the FMAs dominate), they are summed from the stored rows. The same bits either way.
+  // The inner and outer register blocks write the states of layers 1..L themselves where
+  // states_in_blocks; elsewhere, and for the kernel interaction (whose blocks the FMAs dominate),
+  // they are summed from the stored rows. Layer 0's come from the first layer's blocks wherever
+  // those run (on h0's first read from memory, which a pass of its own could not overlap). The
+  // same bits either way.
   constexpr int kRowBytes = row_vector_bytes<T, kBytes, kD>();
   const bool blocks_write_states =
       kRowBytes > 0 && states_in_blocks<kRowBytes>() && pr.interaction != Interaction::Kernel;
-  if (!blocks_write_states || L == 0) write_states(h0, 0);
+  const bool blocks_sum_h0 = kRowBytes > 0 && L > 0;
+  if (!blocks_sum_h0) write_states(h0, 0);
   if (z != nullptr && L == 0)
     for (int64_t k = 0; k < SFD; ++k) z[k] = h0[k];
   const T* h_prev = h0;
@@ -262,11 +265,9 @@ DAGFM_HD void forward_tile(const PropagateParams<T>& pr, int64_t b, int S, T* ws
     out.z_first = t == 1;
     out.z_out = streams && t == L ? z : nullptr;
     out.a_stream = streams;
-    if (blocks_write_states) {
-      out.states = states + int64_t(t) * F;
-      out.states_row = states_row;
-      if (t == 1) out.states0 = states;
-    }
+    out.states_row = states_row;
+    if (blocks_write_states) out.states = states + int64_t(t) * F;
+    if (blocks_sum_h0 && t == 1) out.states0 = states;
     layer_forward_out<T, kBytes, kRegs, kD>(pr.interaction, pr.p + (t - 1) * layer_numel,
                                             pr.q == nullptr ? nullptr : pr.q + (t - 1) * q_layer_numel, h0,
                                             h_prev, out, F, D, S, a);
