@@ -69,8 +69,8 @@ DAGFM_HD void zero_all(V (&acc)[kM][kJ][kV]) {
 }
 
 // The sums of the kM x kJ rows of a block, row(m, jj, v) giving vector v of row (m, jj), into
-// states[m * states_row + jj]: the same tree over the lanes, and so the same bits, as row_sums
-// over the stored rows.
+// states[m * states_row + jj]: the same additions, and so the same bits, as row_sums over the
+// stored rows (from zero, which gives +0 for a row of -0, then the same tree over the lanes).
 template <typename T, int kBytes, int kD, int kM, int kJ, typename Row>
 DAGFM_HD void block_states(Row&& row, T* DAGFM_RESTRICT states, int64_t states_row) {
   using V = typename Vec<T, kBytes>::type;
@@ -80,9 +80,9 @@ DAGFM_HD void block_states(Row&& row, T* DAGFM_RESTRICT states, int64_t states_r
   for (int m = 0; m < kM; ++m)
     DAGFM_UNROLL
     for (int jj = 0; jj < kJ; ++jj) {
-      totals[m * kJ + jj] = row(m, jj, 0);
+      totals[m * kJ + jj] = V{};
       DAGFM_UNROLL
-      for (int v = 1; v < kV; ++v) totals[m * kJ + jj] += row(m, jj, v);
+      for (int v = 0; v < kV; ++v) totals[m * kJ + jj] += row(m, jj, v);
     }
   T sums[kM * kJ];
   lane_totals<T, kBytes>(totals, sums);
