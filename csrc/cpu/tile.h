@@ -14,6 +14,7 @@
 #include "../dagfm_math.h"
 #include "../dagfm_params.h"
 #include "forward_blocks.h"
+#include "forward_lanes.h"
 
 namespace dagfm {
 namespace cpu {
